@@ -1,0 +1,1 @@
+"""ilm_jax: the Item-Language Model (ILM) in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""ilm_jax.data."""
