@@ -1,0 +1,85 @@
+"""Helpers shared by the experiment configs."""
+
+import ml_collections
+
+# Config sizes: `full` is the accelerator run, `cpu` finishes on a 2-core
+# machine within an hour, `tiny` is for tests (seconds).
+MODES = ("full", "cpu", "tiny")
+
+
+def parse_mode(arg: str | None) -> str:
+  """Returns the size mode named by a config argument (`configs/x.py:cpu`)."""
+  mode = arg or "full"
+  if mode not in MODES:
+    raise ValueError(
+      f"Unknown config argument {mode!r}; expected one of {MODES}."
+    )
+  return mode
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, model: int = 1):
+  """A named device mesh; -1 takes the devices the other axes leave."""
+  return ml_collections.ConfigDict(
+    dict(
+      # Axis sizes in mesh order. The batch is split over (data, fsdp);
+      # parameters are split over fsdp (largest divisible dim) and model.
+      shape=dict(data=data, fsdp=fsdp, model=model),
+      # Logical axis name -> mesh axis (or None), for modules that annotate
+      # their params with flax logical partitioning (the LLM).
+      logical_axis_rules=[
+        ("batch", ("data", "fsdp")),
+        ("vocab", "model"),
+        ("embed", "fsdp"),
+        ("heads", "model"),
+        ("kv_heads", None),
+        ("mlp", "model"),
+        ("head_dim", None),
+      ],
+    )
+  )
+
+
+def optim_config(
+  lr: float,
+  steps: int,
+  warmup_steps: int = 0,
+  weight_decay: float = 0.0,
+  frozen=(),
+):
+  """An optax AdamW with warmup + cosine decay and regex freezing."""
+  return ml_collections.ConfigDict(
+    dict(
+      learning_rate=lr,
+      warmup_steps=warmup_steps,
+      schedule="cosine",  # or "constant"
+      weight_decay=weight_decay,
+      b1=0.9,
+      b2=0.999,
+      grad_clip_norm=1.0,  # 0 disables clipping
+      # Regexes over '/'-joined param paths: matching leaves are frozen
+      # (no optimizer state, never updated; gradients still flow through).
+      frozen=list(frozen),
+    )
+  )
+
+
+def train_config(
+  steps: int,
+  batch_size: int,
+  log_every: int = 50,
+  checkpoint_every: int = 500,
+  eval_every: int = 0,
+):
+  return ml_collections.ConfigDict(
+    dict(
+      steps=steps,
+      batch_size=batch_size,  # global, across all processes and devices
+      log_every=log_every,
+      checkpoint_every=checkpoint_every,
+      keep_checkpoints=2,
+      eval_every=eval_every,  # 0: evaluate once at the end
+      # Validation metric that selects the exported ("best") params;
+      # empty: the last step is exported. Never a test metric.
+      best_metric="",
+    )
+  )

@@ -1,0 +1,488 @@
+"""Batched, jitted decoding with a KV cache: greedy, sampling, beam search,
+and beam search constrained to a prefix trie of token sequences.
+
+Every entry point takes the prompt either as token ids or as input
+embeddings (the ILM's prompts hold soft item tokens), with a mask for a
+left-padded batch. The prompt is run once (prefill) into a cache sized for
+prompt plus generation; generation then continues one token id at a time.
+
+`model` is an `llm.Llama` or any linen module with the same contract:
+`model.apply({'params': p}, input_ids=..., input_embeds=..., attention_mask=
+..., cache=...) -> (logits, cache)`, `model.init_cache(batch, max_len)`,
+and caches whose non-scalar leaves have the batch on axis 0. Params are jit
+arguments, never closed over (XLA would constant-fold them).
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_STATIC = ("model", "max_new_tokens", "eos_id", "pad_id")
+
+
+def _as_tuple(ids) -> tuple[int, ...]:
+  return (int(ids),) if np.ndim(ids) == 0 else tuple(int(i) for i in ids)
+
+
+def _prefill(model, params, prompt_ids, prompt_embeds, prompt_mask, extra):
+  """Runs the prompt into a fresh cache; returns last logits and the cache."""
+  prompt = prompt_ids if prompt_embeds is None else prompt_embeds
+  batch, length = prompt.shape[:2]
+  if prompt_mask is None:
+    prompt_mask = jnp.ones((batch, length), jnp.int32)
+  cache = model.init_cache(batch, length + extra)
+  logits, cache = model.apply(
+    {"params": params},
+    input_ids=prompt_ids,
+    input_embeds=prompt_embeds,
+    attention_mask=prompt_mask,
+    cache=cache,
+  )
+  # Left padding puts every row's last real token in the last column.
+  return logits[:, -1], cache
+
+
+def _step(model, params, tokens, cache):
+  logits, cache = model.apply(
+    {"params": params},
+    input_ids=tokens[:, None],
+    attention_mask=jnp.ones_like(tokens[:, None]),
+    cache=cache,
+  )
+  return logits[:, -1], cache
+
+
+def _top_p_filter(logits, top_p):
+  """Keeps the smallest set of top tokens whose probability reaches top_p."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # A token is kept when the mass strictly before it is below top_p.
+  keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1)
+  threshold = jnp.take_along_axis(sorted_logits, keep[:, None] - 1, axis=-1)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _generate(
+  model,
+  params,
+  rng,
+  prompt_ids,
+  prompt_embeds,
+  prompt_mask,
+  temperature,
+  top_p,
+  *,
+  max_new_tokens,
+  eos_id,
+  pad_id,
+  top_k,
+  greedy,
+):
+  logits, cache = _prefill(
+    model, params, prompt_ids, prompt_embeds, prompt_mask, max_new_tokens
+  )
+  batch = logits.shape[0]
+  eos = jnp.asarray(_as_tuple(eos_id))
+
+  def choose(logits, key):
+    if greedy:
+      return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k:
+      kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    logits = _top_p_filter(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1)
+
+  def cond(state):
+    step, _, done, *_ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, done, logits, cache = state
+    token = choose(logits, jax.random.fold_in(rng, step)).astype(jnp.int32)
+    token = jnp.where(done, pad_id, token)
+    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+    done = done | jnp.isin(token, eos)
+    logits, cache = _step(model, params, token, cache)
+    return step + 1, tokens, done, logits, cache
+
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  state = (0, tokens, jnp.zeros((batch,), bool), logits, cache)
+  return jax.lax.while_loop(cond, body, state)[1]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def greedy(
+  model,
+  params,
+  *,
+  prompt_ids=None,
+  prompt_embeds=None,
+  prompt_mask=None,
+  max_new_tokens: int,
+  eos_id,
+  pad_id: int,
+):
+  """Greedy decoding.
+
+  Args:
+    model: the LLM module (static).
+    params: its params (the `params` collection).
+    prompt_ids: [batch, length] left-padded token ids, or None.
+    prompt_embeds: [batch, length, hidden] input embeddings instead of ids.
+    prompt_mask: [batch, length] 1 on real prompt tokens; None: all real.
+    max_new_tokens: tokens to generate at most.
+    eos_id: an id or tuple of ids that end a row.
+    pad_id: written after a row's eos.
+
+  Returns:
+    [batch, max_new_tokens] int32 generated ids (eos included, then pad).
+  """
+  return _generate(
+    model,
+    params,
+    None,
+    prompt_ids,
+    prompt_embeds,
+    prompt_mask,
+    1.0,
+    1.0,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    top_k=0,
+    greedy=True,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("top_k",))
+def sample(
+  model,
+  params,
+  rng,
+  *,
+  prompt_ids=None,
+  prompt_embeds=None,
+  prompt_mask=None,
+  max_new_tokens: int,
+  eos_id,
+  pad_id: int,
+  temperature=1.0,
+  top_p=1.0,
+  top_k: int = 0,
+):
+  """Ancestral sampling with temperature, top-k and nucleus (top-p) filters.
+
+  Args:
+    model, params, prompt_*, max_new_tokens, eos_id, pad_id: as in `greedy`.
+    rng: a PRNG key; step t uses fold_in(rng, t).
+    temperature: divides the logits.
+    top_p: keep the most likely tokens whose mass reaches top_p (1: all).
+    top_k: keep the k most likely tokens first (0: off; static).
+
+  Returns:
+    [batch, max_new_tokens] int32 sampled ids (eos included, then pad).
+  """
+  return _generate(
+    model,
+    params,
+    rng,
+    prompt_ids,
+    prompt_embeds,
+    prompt_mask,
+    temperature,
+    top_p,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    top_k=top_k,
+    greedy=False,
+  )
+
+
+class BeamResult(NamedTuple):
+  """Beams sorted best first.
+
+  Attributes:
+    tokens: [batch, beams, steps] int32 ids, pad after the end.
+    scores: [batch, beams] summed log-probabilities (-inf: no such beam).
+    sequence_ids: [batch, beams] index into the trie's sequences (-1: none);
+      None for unconstrained beam search.
+  """
+
+  tokens: jax.Array
+  scores: jax.Array
+  sequence_ids: jax.Array | None
+
+
+def _beam_core(
+  model,
+  params,
+  prompt_ids,
+  prompt_embeds,
+  prompt_mask,
+  expand,
+  *,
+  num_beams,
+  num_steps,
+  pad_id,
+):
+  """Beam search; `expand(logp [B,K,V], node [B,K])` lists the candidates.
+
+  Finished beams compete as candidates that append nothing, so the result
+  is the best `num_beams` finished sequences the search met. Log-probs are
+  never positive, so a finished beam can only be overtaken by a better one.
+  """
+  logits, cache = _prefill(
+    model, params, prompt_ids, prompt_embeds, prompt_mask, num_steps
+  )
+  b, k = logits.shape[0], num_beams
+  cache = jax.tree.map(lambda x: jnp.repeat(x, k, 0) if x.ndim else x, cache)
+  logits = jnp.repeat(logits, k, 0)
+  rows = jnp.arange(b)[:, None]
+
+  def cond(state):
+    step, _, scores, _, done, *_ = state
+    return (step < num_steps) & ~jnp.all(done | (scores == -jnp.inf))
+
+  def body(state):
+    step, tokens, scores, node, done, logits, cache = state
+    logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, -1)
+    tok, lp, next_node, ends = expand(logp, node)  # each [B, K, C]
+    c = tok.shape[-1]
+    extend = jnp.where(done[..., None], -jnp.inf, scores[..., None] + lp)
+    stay = jnp.where(done, scores, -jnp.inf)
+    scores, pick = jax.lax.top_k(
+      jnp.concatenate([extend.reshape(b, k * c), stay], axis=1), k
+    )
+    is_stay = pick >= k * c
+    flat = jnp.minimum(pick, k * c - 1)
+    parent = jnp.where(is_stay, pick - k * c, flat // c)
+
+    def take(x):
+      return jnp.take_along_axis(x.reshape(b, k * c), flat, axis=1)
+
+    new_tok = jnp.where(is_stay, pad_id, take(tok)).astype(jnp.int32)
+    node = jnp.where(is_stay, node[rows, parent], take(next_node))
+    done = jnp.where(is_stay, True, take(ends))
+    tokens = tokens[rows, parent].at[:, :, step].set(new_tok)
+    order = (rows * k + parent).reshape(-1)
+    cache = jax.tree.map(lambda x: x[order] if x.ndim else x, cache)
+    logits, cache = _step(model, params, new_tok.reshape(-1), cache)
+    return step + 1, tokens, scores, node, done, logits, cache
+
+  scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))
+  state = (
+    0,
+    jnp.full((b, k, num_steps), pad_id, jnp.int32),
+    scores,
+    jnp.zeros((b, k), jnp.int32),
+    jnp.zeros((b, k), bool),
+    logits,
+    cache,
+  )
+  _, tokens, scores, node, *_ = jax.lax.while_loop(cond, body, state)
+  return tokens, scores, node
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("num_beams",))
+def beam_search(
+  model,
+  params,
+  *,
+  prompt_ids=None,
+  prompt_embeds=None,
+  prompt_mask=None,
+  num_beams: int,
+  max_new_tokens: int,
+  eos_id,
+  pad_id: int,
+) -> BeamResult:
+  """Beam search by summed log-probability (no length normalisation).
+
+  Args:
+    model, params, prompt_*, max_new_tokens, eos_id, pad_id: as in `greedy`.
+    num_beams: beams kept per row (static), also the number returned.
+
+  Returns:
+    A BeamResult; beams that did not emit eos within max_new_tokens are
+    returned as they stand (truncated).
+  """
+  eos = jnp.asarray(_as_tuple(eos_id))
+
+  def expand(logp, node):
+    tok = jnp.broadcast_to(jnp.arange(logp.shape[-1]), logp.shape)
+    return tok, logp, jnp.zeros_like(tok), jnp.isin(tok, eos)
+
+  tokens, scores, _ = _beam_core(
+    model,
+    params,
+    prompt_ids,
+    prompt_embeds,
+    prompt_mask,
+    expand,
+    num_beams=num_beams,
+    num_steps=max_new_tokens,
+    pad_id=pad_id,
+  )
+  return BeamResult(tokens, scores, None)
+
+
+class TokenTrie:
+  """A prefix trie over token sequences, as flat arrays for jitted search.
+
+  Children of node n are edges offsets[n] .. offsets[n + 1] - 1, sorted by
+  token. Node 0 is the root. A sequence ends at a leaf, so no sequence may
+  be a proper prefix of another; appending an end token (`eos_id`, which
+  also lets the LLM score the ending) guarantees that.
+
+  Attributes:
+    offsets: [num_nodes + 1] int32 edge offsets.
+    edge_tokens: [num_edges] int32 token of each edge.
+    edge_targets: [num_edges] int32 child node of each edge.
+    sequence_ids: [num_nodes] int32 index of the sequence ending at a leaf
+      (the first one for duplicates), -1 elsewhere.
+    max_children: the largest number of children of a node.
+    max_depth: the longest sequence (end token included).
+  """
+
+  def __init__(
+    self, sequences: Sequence[Sequence[int]], eos_id: int | None = None
+  ):
+    children = [{}]  # node -> {token: child}
+    ends = {}
+    for index, seq in enumerate(sequences):
+      seq = [int(t) for t in seq] + ([] if eos_id is None else [int(eos_id)])
+      if not seq:
+        raise ValueError(f"Sequence {index} is empty.")
+      node = 0
+      for token in seq:
+        if node in ends:
+          raise ValueError(
+            f"Sequence {ends[node]} is a prefix of sequence "
+            f"{index}; pass eos_id to end every sequence."
+          )
+        if token not in children[node]:
+          children[node][token] = len(children)
+          children.append({})
+        node = children[node][token]
+      if children[node]:
+        raise ValueError(
+          f"Sequence {index} is a prefix of another; pass "
+          "eos_id to end every sequence."
+        )
+      ends.setdefault(node, index)
+    degree = [len(c) for c in children]
+    self.offsets = np.concatenate([[0], np.cumsum(degree)]).astype(np.int32)
+    edges = [sorted(c.items()) for c in children]
+    self.edge_tokens = np.array([t for e in edges for t, _ in e], np.int32)
+    self.edge_targets = np.array([n for e in edges for _, n in e], np.int32)
+    self.sequence_ids = np.full(len(children), -1, np.int32)
+    for node, index in ends.items():
+      self.sequence_ids[node] = index
+    self.max_children = max(degree)
+    self.max_depth = max(len(s) for s in sequences) + (eos_id is not None)
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.sequence_ids)
+
+  def arrays(self) -> dict:
+    """The trie as a dict of arrays (a jit-friendly pytree)."""
+    return dict(
+      offsets=self.offsets,
+      edge_tokens=self.edge_tokens,
+      edge_targets=self.edge_targets,
+      sequence_ids=self.sequence_ids,
+    )
+
+
+def constrained_beam_search(
+  model,
+  params,
+  trie: TokenTrie,
+  *,
+  prompt_ids=None,
+  prompt_embeds=None,
+  prompt_mask=None,
+  num_beams: int,
+  pad_id: int,
+) -> BeamResult:
+  """Beam search that can only emit a complete sequence of `trie`.
+
+  At each step a beam may only continue with a child of its trie node;
+  every other token scores -inf. Scores are the LLM's summed (unnormalised
+  over the allowed set) log-probabilities of the whole sequence.
+
+  Args:
+    model, params, prompt_*, pad_id: as in `greedy`.
+    trie: the allowed sequences (e.g. tokenized item titles plus eos).
+    num_beams: beams kept per row, also the number returned (static).
+
+  Returns:
+    A BeamResult with sequence_ids; rows with fewer than num_beams
+    reachable sequences pad with score -inf and sequence id -1.
+  """
+  return _constrained(
+    model,
+    params,
+    trie.arrays(),
+    prompt_ids,
+    prompt_embeds,
+    prompt_mask,
+    num_beams=num_beams,
+    pad_id=pad_id,
+    max_children=trie.max_children,
+    max_depth=trie.max_depth,
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("model", "num_beams", "pad_id", "max_children", "max_depth"),
+)
+def _constrained(
+  model,
+  params,
+  trie,
+  prompt_ids,
+  prompt_embeds,
+  prompt_mask,
+  *,
+  num_beams,
+  pad_id,
+  max_children,
+  max_depth,
+):
+  offsets, targets = trie["offsets"], trie["edge_targets"]
+  num_edges = targets.shape[0]
+
+  def expand(logp, node):
+    edge = offsets[node][..., None] + jnp.arange(max_children)
+    valid = edge < offsets[node + 1][..., None]
+    edge = jnp.minimum(edge, num_edges - 1)
+    tok = trie["edge_tokens"][edge]
+    lp = jnp.take_along_axis(logp, tok, axis=-1)
+    child = targets[edge]
+    is_leaf = offsets[child + 1] == offsets[child]
+    return tok, jnp.where(valid, lp, -jnp.inf), child, is_leaf
+
+  tokens, scores, node = _beam_core(
+    model,
+    params,
+    prompt_ids,
+    prompt_embeds,
+    prompt_mask,
+    expand,
+    num_beams=num_beams,
+    num_steps=max_depth,
+    pad_id=pad_id,
+  )
+  found = scores > -jnp.inf
+  sequence_ids = jnp.where(found, trie["sequence_ids"][node], -1)
+  return BeamResult(tokens, scores, sequence_ids)

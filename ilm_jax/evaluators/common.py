@@ -1,0 +1,54 @@
+"""Evaluator plugins: named in config, built from a registry, run on params.
+
+A phase's config holds `evals`, a dict of name -> dict(type=..., split=...,
+...). `from_config` looks each `type` up in the registry and builds the
+evaluator with the config and the phase's context (dataset, model functions,
+mesh). An evaluator's `run(params)` yields `(metric_name, value)` pairs; the
+trainer prefixes them with the evaluator's split and writes
+`WORKDIR/metrics/<phase>_<split>.json`.
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import ml_collections
+
+
+class Evaluator(Protocol):
+  """What the trainer needs from an evaluator."""
+
+  name: str
+  split: str  # "valid" runs during training; every split runs at the end
+
+  def run(self, params: Any) -> Iterator[tuple[str, float]]: ...
+
+
+_REGISTRY: dict[str, Callable[..., Evaluator]] = {}
+
+
+def register(type_name: str):
+  """Class decorator adding an evaluator under `type_name`."""
+
+  def decorator(cls):
+    if type_name in _REGISTRY:
+      raise ValueError(f"Evaluator type {type_name!r} registered twice.")
+    _REGISTRY[type_name] = cls
+    return cls
+
+  return decorator
+
+
+def from_config(
+  evals_config: ml_collections.ConfigDict | Mapping, **context: Any
+) -> list[Evaluator]:
+  """Builds every evaluator listed in a phase's `evals` config."""
+  evaluators = []
+  for name, cfg in evals_config.items():
+    type_name = cfg["type"]
+    if type_name not in _REGISTRY:
+      raise ValueError(
+        f"evals.{name}.type={type_name!r} is not a known evaluator; "
+        f"registered: {sorted(_REGISTRY)}."
+      )
+    evaluators.append(_REGISTRY[type_name](name=name, config=cfg, **context))
+  return evaluators

@@ -1,0 +1,267 @@
+"""Phase-1 (Q-Former pretraining) losses and attention-mask builders.
+
+Pure functions of arrays. Losses return `(scalar_loss, metrics_dict)`.
+
+In-batch negatives across a data-parallel mesh: the trainer jits the step
+with the batch sharded over the mesh's data axes, so every array here is the
+*global* batch and the `[B, B]` similarity matrices below are global too; XLA
+inserts the all-gathers that LAVIS writes by hand (`concat_all_gather`).
+Hence there is no rank offset in the targets and no `axis_name` argument.
+
+Attention masks are boolean `[B, L_query, L_key]`, True where a position may
+attend. In joint sequences the Q-Former's queries come first (`num_queries`
+positions), then the text.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def unimodal_text_mask(text_mask):
+  """Text-only pass (ITC's text encoder): every token sees the valid text."""
+  valid = text_mask.astype(bool)
+  return jnp.broadcast_to(valid[:, None, :], valid.shape + valid.shape[-1:])
+
+
+def query_only_mask(batch_size: int, num_queries: int):
+  """Queries-only pass (item representation): queries see all queries."""
+  return jnp.ones((batch_size, num_queries, num_queries), bool)
+
+
+def bidirectional_mask(num_queries: int, text_mask):
+  """ITM: queries and text see every query and every valid text token."""
+  keys = jnp.concatenate(
+    [jnp.ones((text_mask.shape[0], num_queries), bool), text_mask.astype(bool)],
+    axis=1,
+  )
+  length = keys.shape[1]
+  return jnp.broadcast_to(keys[:, None, :], (keys.shape[0], length, length))
+
+
+def multimodal_causal_mask(num_queries: int, text_mask):
+  """ITG: queries see queries only; text sees all queries and earlier text."""
+  batch, text_len = text_mask.shape
+  length = num_queries + text_len
+  row = jnp.arange(length)[:, None]
+  col = jnp.arange(length)[None, :]
+  query_rows = (row < num_queries) & (col < num_queries)
+  # Text rows see every query column and text columns up to themselves.
+  text_rows = (row >= num_queries) & ((col < num_queries) | (col <= row))
+  structure = query_rows | text_rows
+  keys = jnp.concatenate(
+    [jnp.ones((batch, num_queries), bool), text_mask.astype(bool)], axis=1
+  )
+  return structure[None] & keys[:, None, :]
+
+
+def duplicate_mask(embeddings, rel_tol: float = 1e-5):
+  """`[B, B]` True where two rows hold the same (frozen) CF embedding.
+
+  Identical items in one batch are not negatives of each other; frozen CF
+  vectors identify items, so equality of vectors is equality of items. The
+  squared distance comes from one matmul (O(B^2) memory, fine for a large
+  global batch) at full precision; the tolerance covers its rounding.
+
+  Args:
+    embeddings: `[B, D]` float.
+    rel_tol: rows count as equal when |a-b|^2 <= rel_tol * (|a|^2 + |b|^2).
+
+  Returns:
+    `[B, B]` bool, True on the diagonal.
+  """
+  x = embeddings.astype(jnp.float32)
+  sq = jnp.sum(x * x, axis=-1)
+  dot = jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
+  dist = sq[:, None] + sq[None, :] - 2.0 * dot
+  same = dist <= rel_tol * (sq[:, None] + sq[None, :])
+  return same | jnp.eye(x.shape[0], dtype=bool)
+
+
+def item_text_similarity(item_features, text_features):
+  """BLIP-2's ITC similarity: max over queries of query . text [CLS].
+
+  Args:
+    item_features: `[B_i, Q, E]` normalised projected query outputs.
+    text_features: `[B_t, E]` normalised projected text [CLS] outputs.
+
+  Returns:
+    `[B_i, B_t]` cosine similarities.
+  """
+  return jnp.einsum("iqe,te->itq", item_features, text_features).max(-1)
+
+
+def pooled_similarity(features_a, features_b):
+  """Similarity of two query sets: cosine of their mean-pooled features.
+
+  Used for item-item and user-item. Phase 2 hands the LLM all query outputs,
+  so the whole set should carry the CF structure, not one query picked by a
+  max; every query gets gradient, and it costs O(B^2 E) instead of the
+  O(B^2 Q^2 E) of a max over query pairs.
+
+  Args:
+    features_a: `[B_a, Q, E]`.
+    features_b: `[B_b, Q, E]`.
+
+  Returns:
+    `[B_a, B_b]` cosine similarities.
+  """
+
+  def pool(features):
+    mean = features.mean(axis=1)
+    return mean / jnp.maximum(
+      jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12
+    )
+
+  return pool(features_a) @ pool(features_b).T
+
+
+def _soft_cross_entropy(logits, targets):
+  return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def symmetric_contrastive_loss(
+  similarity, temperature, positive_mask=None, label_smoothing: float = 0.0
+):
+  """InfoNCE in both directions with in-batch negatives.
+
+  Args:
+    similarity: `[B, B]`; row i's positive is column i.
+    temperature: scalar; logits are similarity / temperature.
+    positive_mask: optional `[B, B]` bool, symmetric, True for pairs that are
+      positives too (duplicates); their target mass is shared equally.
+    label_smoothing: mass spread uniformly over all columns (torch's
+      `cross_entropy(label_smoothing=...)` convention).
+
+  Returns:
+    (mean of the two directions' losses, {"a2b_loss", "b2a_loss", "accuracy"}).
+  """
+  batch = similarity.shape[0]
+  if positive_mask is None:
+    positive_mask = jnp.eye(batch, dtype=bool)
+  targets = positive_mask / positive_mask.sum(-1, keepdims=True)
+  targets = (1.0 - label_smoothing) * targets + label_smoothing / batch
+  logits = similarity / temperature
+  a2b = _soft_cross_entropy(logits, targets).mean()
+  b2a = _soft_cross_entropy(logits.T, targets.T).mean()
+  hit = jnp.take_along_axis(
+    positive_mask, jnp.argmax(logits, axis=-1)[:, None], axis=-1
+  )
+  return (a2b + b2a) / 2, {
+    "a2b_loss": a2b,
+    "b2a_loss": b2a,
+    "accuracy": hit.mean(),
+  }
+
+
+def item_text_contrastive_loss(
+  item_features,
+  text_features,
+  temperature,
+  positive_mask=None,
+  label_smoothing: float = 0.1,
+):
+  """ITC: symmetric item<->text InfoNCE on the max-over-queries similarity.
+
+  Args:
+    item_features: `[B, Q, E]` normalised projected query outputs.
+    text_features: `[B, E]` normalised projected text [CLS] outputs.
+    temperature: scalar.
+    positive_mask: optional `[B, B]` bool (duplicate items).
+    label_smoothing: BLIP-2 uses 0.1.
+
+  Returns:
+    (loss, metrics) as in `symmetric_contrastive_loss`.
+  """
+  return symmetric_contrastive_loss(
+    item_text_similarity(item_features, text_features),
+    temperature,
+    positive_mask,
+    label_smoothing,
+  )
+
+
+def query_set_contrastive_loss(
+  features_a, features_b, temperature, positive_mask=None
+):
+  """II / UI: symmetric InfoNCE between two sets of Q-Former outputs.
+
+  Item-item: `a` the item, `b` a co-occurring item. User-item: `a` the user
+  (the same Q-Former on the user's CF vector), `b` an item the user liked.
+  """
+  return symmetric_contrastive_loss(
+    pooled_similarity(features_a, features_b), temperature, positive_mask
+  )
+
+
+def sample_hard_negatives(rng, logits, positive_mask):
+  """ITM hard negatives: one per row and per column, drawn from softmax(logits).
+
+  Positives (the diagonal and duplicates) are excluded. A row with no
+  negative at all (every item in the batch identical) draws uniformly among
+  its positives; that only happens in degenerate batches.
+
+  Args:
+    rng: PRNG key.
+    logits: `[B, B]` item-to-text ITC logits (no gradient is taken).
+    positive_mask: `[B, B]` bool.
+
+  Returns:
+    (negative text index per item `[B]`, negative item index per text `[B]`).
+  """
+  logits = jax.lax.stop_gradient(logits)
+  masked = jnp.where(positive_mask, -1e9, logits)
+  rng_text, rng_item = jax.random.split(rng)
+  text_for_item = jax.random.categorical(rng_text, masked, axis=-1)
+  item_for_text = jax.random.categorical(rng_item, masked.T, axis=-1)
+  return text_for_item, item_for_text
+
+
+def item_text_matching_loss(logits, labels):
+  """ITM: 2-way cross-entropy (1 = matched pair).
+
+  Args:
+    logits: `[N, 2]` match logits (already averaged over queries).
+    labels: `[N]` int in {0, 1}.
+
+  Returns:
+    (mean cross-entropy, {"accuracy"}).
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  loss = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1).mean()
+  accuracy = (jnp.argmax(logits, axis=-1) == labels).mean()
+  return loss, {"accuracy": accuracy}
+
+
+def text_generation_loss(
+  logits, token_ids, token_mask, label_smoothing: float = 0.1
+):
+  """ITG: next-token cross-entropy over the text, padding ignored.
+
+  Position t predicts token t+1, so the BOS is never a target and the final
+  [SEP] is. Averaged over all target tokens of the batch (not per sequence),
+  as LAVIS' BertLMHeadModel does, with its label smoothing of 0.1.
+
+  Args:
+    logits: `[B, T, V]` LM logits at the text positions.
+    token_ids: `[B, T]` the text (its first token is replaced by BOS in the
+      decoder input; only tokens 1.. are targets).
+    token_mask: `[B, T]`, 1 for real tokens.
+    label_smoothing: as in `symmetric_contrastive_loss`.
+
+  Returns:
+    (loss, {"token_accuracy", "num_tokens"}).
+  """
+  logits, targets = logits[:, :-1], token_ids[:, 1:]
+  weights = token_mask[:, 1:].astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  per_token = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(
+    axis=-1
+  )
+  num_tokens = jnp.maximum(weights.sum(), 1.0)
+  loss = (per_token * weights).sum() / num_tokens
+  correct = (jnp.argmax(logits, axis=-1) == targets) * weights
+  return loss, {
+    "token_accuracy": correct.sum() / num_tokens,
+    "num_tokens": weights.sum(),
+  }

@@ -1,0 +1,361 @@
+"""The trainer core that every phase uses (CF encoder, Q-Former, ILM).
+
+A phase describes itself as a `Task` (how to initialise params, the loss, the
+training iterator, its evaluators); `train` does the rest: mesh shardings,
+optimizer with freezing, jit-compiled step with donated state, restore,
+logging, checkpoints and evaluation.
+
+Restore order (first that applies wins):
+  1. the latest checkpoint in `WORKDIR/<phase>/checkpoints` (a preempted or
+     killed run continues where it stopped, data iterator included);
+  2. an explicit `train.resume_from` path (a checkpoints dir or a step dir);
+  3. the pretrained init inside `Task.init_params` (e.g. MiniLM weights, the
+     phase-1 Q-Former, the frozen LLM);
+  4. scratch (the rest of `Task.init_params`).
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from ilm_jax import checkpoint, metric_writer, optim, sharding, tree_utils
+
+Params = Any
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Task:
+  """What a phase hands to the trainer.
+
+  Attributes:
+    name: phase name; outputs go to `WORKDIR/<name>/`.
+    init_params: rng -> params (arrays or flax logically-partitioned boxes).
+      Loads pretrained parts itself; runs on the host, once.
+    loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics).
+      Traced under jit with the global batch.
+    train_iterator: a grain DatasetIterator (next/get_state/set_state) that
+      yields this process's slice of each global batch as numpy arrays.
+    evaluators: plugins from `ilm_jax.evaluators.common`.
+  """
+
+  name: str
+  init_params: Callable[[jax.Array], Params]
+  loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
+  train_iterator: Any
+  evaluators: Sequence[Any] = ()
+
+
+@dataclasses.dataclass
+class TrainResult:
+  params: Params  # the best params if `train.best_metric` is set, else last
+  step: int
+  metrics: dict[str, float]  # final evaluation, "<split>/<name>" keys
+  wall_time_s: float
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+def check_writable(directory: pathlib.Path) -> None:
+  """Fails early, naming the directory, if outputs cannot be written there."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".write_probe"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(
+      f"--workdir: cannot write to {directory} ({e.strerror}). Choose a "
+      "writable directory."
+    ) from e
+
+
+def _log_parameter_overview(params: Params, frozen: Any) -> None:
+  groups: dict[str, list[int]] = {}
+  for (path, leaf), is_frozen in zip(
+    jax.tree_util.tree_leaves_with_path(params),
+    jax.tree.leaves(frozen),
+    strict=True,
+  ):
+    group = tree_utils.path_str(path[:1]) if path else "<root>"
+    counts = groups.setdefault(group, [0, 0])
+    counts[int(is_frozen)] += int(np.prod(leaf.shape))
+  lines = [f"{'group':<24}{'trainable':>14}{'frozen':>14}"]
+  for group, (trainable, frozen_count) in sorted(groups.items()):
+    lines.append(f"{group:<24}{trainable:>14,}{frozen_count:>14,}")
+  total_t = sum(c[0] for c in groups.values())
+  total_f = sum(c[1] for c in groups.values())
+  lines.append(f"{'total':<24}{total_t:>14,}{total_f:>14,}")
+  logging.info("Parameter overview:\n%s", "\n".join(lines))
+
+
+def _make_train_step(task: Task, tx, frozen_mask, schedule):
+  """The jitted step's body: grads only for trainable leaves."""
+
+  def train_step(state, batch, base_rng):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    params = state["params"]
+    trainable = tree_utils.select(params, frozen_mask, keep=False)
+    frozen = tree_utils.select(params, frozen_mask, keep=True)
+
+    def loss_of_trainable(trainable_params):
+      return task.loss_fn(
+        tree_utils.merge(trainable_params, frozen), batch, rng
+      )
+
+    (loss, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
+      trainable
+    )
+    # Frozen leaves get zero "gradients" that set_to_zero ignores; XLA drops
+    # them since nothing reads them.
+    full_grads = tree_utils.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = tx.update(full_grads, state["opt_state"], params)
+    trainable_updates = tree_utils.select(updates, frozen_mask, keep=False)
+    new_trainable = jax.tree.map(
+      lambda p, u: (p + u).astype(p.dtype), trainable, trainable_updates
+    )
+    new_state = dict(
+      step=state["step"] + 1,
+      params=tree_utils.merge(new_trainable, frozen),
+      opt_state=opt_state,
+    )
+    metrics = dict(aux)
+    metrics.update(
+      loss=loss,
+      learning_rate=schedule(state["step"]),
+      grad_norm=tree_utils.global_norm(grads),
+      param_norm=tree_utils.global_norm(new_trainable),
+      update_norm=tree_utils.global_norm(trainable_updates),
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def _restore(ckpt, phase_config, abstract_state):
+  """Steps 1 and 2 of the restore order; None if neither applies."""
+  if ckpt.latest_step() is not None:
+    logging.info(
+      "Resuming from %s (step %d).", ckpt.directory, ckpt.latest_step()
+    )
+    return ckpt.restore(abstract_state)
+  resume_from = phase_config.train.get("resume_from", "")
+  if resume_from:
+    logging.info("Resuming from train.resume_from=%s.", resume_from)
+    return checkpoint.restore_from_path(resume_from, abstract_state)
+  return None
+
+
+def evaluate(evaluators, params, splits=None) -> dict[str, float]:
+  """Runs evaluators (those of `splits`, or all) -> {"split/name": value}."""
+  results = {}
+  for evaluator in evaluators:
+    if splits is not None and evaluator.split not in splits:
+      continue
+    start = time.perf_counter()
+    for name, value in evaluator.run(params):
+      results[f"{evaluator.split}/{name}"] = float(value)
+    logging.info(
+      "Evaluator %s (%s) took %.1f s.",
+      evaluator.name,
+      evaluator.split,
+      time.perf_counter() - start,
+    )
+  return results
+
+
+def write_split_metrics(
+  workdir: pathlib.Path, phase: str, results: dict[str, float]
+) -> None:
+  """Writes `WORKDIR/metrics/<phase>_<split>.json` for each split present."""
+  by_split: dict[str, dict] = {}
+  for key, value in results.items():
+    split, name = key.split("/", 1)
+    by_split.setdefault(split, {})[name] = value
+  for split, values in by_split.items():
+    metric_writer.write_json(
+      workdir / "metrics" / f"{phase}_{split}.json", values
+    )
+
+
+def train(
+  task: Task,
+  phase_config: ml_collections.ConfigDict,
+  *,
+  mesh: Mesh,
+  mesh_config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  seed: int = 0,
+) -> TrainResult:
+  """Trains one phase and returns its (best or final) params and metrics."""
+  # --- Setup.
+  start_time = time.perf_counter()
+  workdir = pathlib.Path(workdir).absolute()
+  phase_dir = workdir / task.name
+  check_writable(phase_dir)
+  train_cfg = phase_config.train
+  total_steps = int(train_cfg.steps)
+  num_shards = sharding.num_batch_shards(mesh)
+  if train_cfg.batch_size % num_shards or (
+    train_cfg.batch_size % jax.process_count()
+  ):
+    raise ValueError(
+      f"{task.name}.train.batch_size={train_cfg.batch_size} must be "
+      f"divisible by the {num_shards} data-parallel shards of the mesh and "
+      f"the {jax.process_count()} processes."
+    )
+  writer = metric_writer.MetricWriter(phase_dir / "logs")
+  init_rng, step_rng = jax.random.split(jax.random.key(seed))
+
+  # --- Model and optimizer.
+  boxed_params = task.init_params(init_rng)
+  param_shardings = sharding.param_shardings(boxed_params, mesh, mesh_config)
+  params = jax.device_put(tree_utils.unbox(boxed_params), param_shardings)
+  del boxed_params
+  tx, frozen_mask, schedule = optim.make(
+    phase_config.optim, params, total_steps
+  )
+  _log_parameter_overview(params, frozen_mask)
+  opt_state = sharding.on_mesh(jax.jit(tx.init)(params), mesh)
+  state = dict(
+    step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+    params=params,
+    opt_state=opt_state,
+  )
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+  # --- Step.
+  step_fn = jax.jit(
+    _make_train_step(task, tx, frozen_mask, schedule),
+    in_shardings=(
+      state_shardings,
+      sharding.batch_sharding(mesh),
+      sharding.replicated(mesh),
+    ),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+  # --- Restore.
+  ckpt = checkpoint.TrainCheckpointer(
+    phase_dir / "checkpoints", max_to_keep=train_cfg.keep_checkpoints
+  )
+  restored = _restore(ckpt, phase_config, checkpoint.abstract_like(state))
+  if restored is not None:
+    state, data_state = restored
+    task.train_iterator.set_state(data_state)
+  step = int(state["step"])
+
+  # --- Evals: best-params bookkeeping survives restarts via a JSON file.
+  best_path, best_record = phase_dir / "best_params", phase_dir / "best.json"
+  best = json.loads(best_record.read_text()) if best_record.exists() else None
+
+  def maybe_update_best(results, params_now, at_step):
+    nonlocal best
+    metric = train_cfg.best_metric
+    if not metric:
+      return
+    if metric not in results:
+      raise KeyError(
+        f"{task.name}.train.best_metric={metric!r} is not among "
+        f"the validation metrics {sorted(results)}."
+      )
+    if best is None or results[metric] > best["value"]:
+      checkpoint.save_params(best_path, params_now)
+      best = dict(metric=metric, value=results[metric], step=at_step)
+      metric_writer.write_json(best_record, best)
+
+  # --- Loop.
+  if step < total_steps:
+    logging.info(
+      "Training %s from step %d to %d.", task.name, step, total_steps
+    )
+  pending, interval = None, []
+  interval_start, interval_step = time.perf_counter(), step
+  while step < total_steps:
+    batch = sharding.put_global_batch(next(task.train_iterator), mesh)
+    state, metrics = step_fn(state, batch, step_rng)
+    # Reading the previous step's metrics keeps one step in flight.
+    if pending is not None:
+      interval.append(
+        _checked(jax.device_get(pending[1]), pending[0], task.name)
+      )
+    pending = (step, metrics)
+    step += 1
+    last = step == total_steps
+    if step % train_cfg.log_every == 0 or last:
+      interval.append(
+        _checked(jax.device_get(pending[1]), pending[0], task.name)
+      )
+      pending = None
+      now = time.perf_counter()
+      rate = (step - interval_step) / max(now - interval_start, 1e-9)
+      means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+      means["steps_per_sec"] = rate
+      writer.write_scalars(step, means)
+      logging.info(
+        "[%s] step %d/%d  loss %.4f  lr %.2e  |g| %.3g  %.2f steps/s  "
+        "ETA %.0f s",
+        task.name,
+        step,
+        total_steps,
+        means["loss"],
+        means["learning_rate"],
+        means["grad_norm"],
+        rate,
+        (total_steps - step) / max(rate, 1e-9),
+      )
+      interval, interval_start, interval_step = [], now, step
+    if step % train_cfg.checkpoint_every == 0 or last:
+      ckpt.save(step, state, task.train_iterator.get_state())
+    if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last):
+      results = evaluate(task.evaluators, state["params"], splits=("valid",))
+      writer.write_scalars(step, results)
+      maybe_update_best(results, state["params"], step)
+  ckpt.wait()
+  ckpt.close()
+
+  # --- Final evaluation with the selected params.
+  params = state["params"]
+  if train_cfg.best_metric and best is not None:
+    logging.info(
+      "Using the best params (%s=%.4f at step %d).",
+      best["metric"],
+      best["value"],
+      best["step"],
+    )
+    params = checkpoint.load_params(best_path, checkpoint.abstract_like(params))
+  results = evaluate(task.evaluators, params)
+  if results:
+    writer.write_scalars(step, {f"final/{k}": v for k, v in results.items()})
+    write_split_metrics(workdir, task.name, results)
+  writer.close()
+  return TrainResult(
+    params=params,
+    step=step,
+    metrics=results,
+    wall_time_s=time.perf_counter() - start_time,
+  )
+
+
+def _checked(metrics: dict, step: int, phase: str) -> dict:
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(
+      f"[{phase}] loss is {loss} at step {step + 1}. Lower the learning "
+      "rate or check the inputs; training resumes from the last "
+      "checkpoint in the workdir."
+    )
+  return {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,170 @@
+"""Trainer core: mesh equivalence, kill/resume, freezing, clear errors."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common
+from ilm_jax import checkpoint, optim, sharding, train, tree_utils
+from tests import toy_task
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _loss_curve(workdir: pathlib.Path) -> np.ndarray:
+  lines = (workdir / "toy" / "logs" / "metrics.jsonl").read_text().split("\n")
+  import json  # noqa: PLC0415
+
+  return np.array([json.loads(line)["loss"] for line in lines if line])
+
+
+@pytest.mark.parametrize(
+  "mesh_shape",
+  [dict(data=8, fsdp=1), dict(data=4, fsdp=2), dict(data=2, fsdp=4)],
+)
+def test_multi_device_meshes_follow_single_device_trajectory(
+  tmp_path, mesh_shape
+):
+  assert jax.device_count() == 8, "conftest sets 8 host devices"
+  single = toy_task.run(toy_task.config(), tmp_path / "one", jax.devices()[:1])
+  multi = toy_task.run(
+    toy_task.config(mesh_shape=mesh_shape), tmp_path / "many"
+  )
+  # Same data order, same rng per step: only the reduction order differs
+  # across shards, so float32 sums agree to ~1e-6 relative.
+  np.testing.assert_allclose(
+    _loss_curve(tmp_path / "many"), _loss_curve(tmp_path / "one"), rtol=1e-5
+  )
+  for a, b in zip(
+    jax.tree.leaves(multi.params), jax.tree.leaves(single.params), strict=True
+  ):
+    np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+    )
+  # The parameters really were split over fsdp when that axis exists.
+  if mesh_shape["fsdp"] > 1:
+    spec = multi.params["embed"]["w"].sharding.spec
+    assert "fsdp" in tuple(spec)
+
+
+def _run_script(workdir, params_out, step_delay, steps=60):
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO))
+  # The log goes to a file: a pipe nobody reads would fill up and block.
+  log = open(f"{workdir}.log", "w")
+  return subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "tests.toy_task",
+      f"--workdir={workdir}",
+      f"--steps={steps}",
+      f"--step_delay={step_delay}",
+      f"--params_out={params_out}",
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+  reference = _run_script(tmp_path / "ref", tmp_path / "ref.npz", 0.0)
+  assert reference.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()
+
+  victim = _run_script(tmp_path / "run", tmp_path / "run.npz", 0.5)
+  checkpoints = tmp_path / "run" / "toy" / "checkpoints"
+  deadline = time.time() + 180
+  while time.time() < deadline:
+    steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+    if steps and max(steps) >= 20:
+      break
+    time.sleep(0.1)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait(timeout=30)
+  assert victim.returncode == -signal.SIGKILL
+  assert not (tmp_path / "run.npz").exists(), "killed before it finished"
+
+  resumed = _run_script(tmp_path / "run", tmp_path / "run.npz", 0.0)
+  resumed.wait(timeout=240)
+  log = (tmp_path / "run.log").read_text()
+  assert resumed.returncode == 0, log
+  assert "Resuming from" in log
+  ref, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+  assert sorted(ref) == sorted(got)
+  for name in ref:
+    # Same program, same data order and rng: bitwise equal on CPU.
+    np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+
+
+def test_frozen_params_unchanged_and_have_no_optimizer_state(tmp_path):
+  cfg = toy_task.config(steps=10)
+  initial = toy_task.init_params(jax.random.split(jax.random.key(0))[0])
+  result = toy_task.run(cfg, tmp_path, jax.devices()[:1])
+  np.testing.assert_array_equal(
+    np.asarray(result.params["embed"]["w"]), np.asarray(initial["embed"]["w"])
+  )
+  assert not np.array_equal(
+    np.asarray(result.params["head"]["w"]), np.asarray(initial["head"]["w"])
+  )
+
+  tx, mask, _ = optim.make(cfg.toy.optim, initial, 10)
+  opt_shapes = jax.eval_shape(tx.init, initial)
+  paths = tree_utils.leaf_paths(opt_shapes)
+  assert any("head" in p and "mu" in p for p in paths), paths
+  assert not any("embed" in p for p in paths), paths
+  assert (
+    tree_utils.count_params(initial, mask) == toy_task.IN_DIM * toy_task.HIDDEN
+  )
+
+
+def test_mesh_that_does_not_fit_devices_is_rejected():
+  with pytest.raises(sharding.MeshConfigError, match=r"config.mesh.shape.*16"):
+    sharding.make_mesh(common.mesh_config(data=16))
+  with pytest.raises(sharding.MeshConfigError, match="does not divide"):
+    sharding.make_mesh(common.mesh_config(data=-1, fsdp=3))
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(PermissionError, match=str(blocker)):
+    toy_task.run(toy_task.config(), blocker / "workdir", jax.devices()[:1])
+
+
+def test_corrupted_checkpoint_is_reported(tmp_path):
+  toy_task.run(toy_task.config(steps=5), tmp_path, jax.devices()[:1])
+  step_dir = tmp_path / "toy" / "checkpoints" / "5" / "state"
+  for path in step_dir.rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="corrupted"):
+    toy_task.run(toy_task.config(steps=10), tmp_path, jax.devices()[:1])
+
+
+def test_incompatible_checkpoint_is_reported(tmp_path, monkeypatch):
+  toy_task.run(toy_task.config(steps=5), tmp_path, jax.devices()[:1])
+  monkeypatch.setattr(toy_task, "HIDDEN", toy_task.HIDDEN * 2)
+  with pytest.raises(checkpoint.CheckpointError, match="different model"):
+    toy_task.run(toy_task.config(steps=10), tmp_path, jax.devices()[:1])
+
+
+def test_nonfinite_loss_fails_loudly(tmp_path):
+  cfg = toy_task.config(steps=10)
+  cfg.toy.optim.learning_rate = 1e30
+  cfg.toy.optim.grad_clip_norm = 0.0
+  with pytest.raises(train.NonFiniteLossError, match="loss is (nan|inf)"):
+    toy_task.run(cfg, tmp_path, jax.devices()[:1])
+
+
+def test_batch_size_must_split_over_data_shards(tmp_path):
+  cfg = toy_task.config(batch_size=12)  # 8 data shards
+  with pytest.raises(ValueError, match="toy.train.batch_size=12"):
+    toy_task.run(cfg, tmp_path)
