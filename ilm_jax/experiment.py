@@ -1,0 +1,47 @@
+"""Runs the selected phases of an experiment, in order, with timings.
+
+CF encoder -> Q-Former pretraining -> ILM (frozen LLM) -> evaluation ->
+adapter export. Every phase resumes from its own checkpoints in the workdir,
+so rerunning the same command after an interruption continues the work.
+"""
+
+import importlib
+import pathlib
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from ilm_jax import config_validation, metric_writer, sharding, train
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validates the config, then runs each selected phase.
+
+  Args:
+    config: an experiment config (configs/<name>.py:get_config()).
+    workdir: output directory (checkpoints, logs, metrics, exports).
+
+  Returns:
+    phase name -> that phase's summary dict (with `wall_time_s`).
+  """
+  config_validation.validate(config)
+  workdir = pathlib.Path(workdir).absolute()
+  train.check_writable(workdir)
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape),
+               mesh.devices.size, jax.devices()[0].platform)
+  summaries = {}
+  for phase in config_validation.selected_phases(config.phases):
+    module = importlib.import_module(f"ilm_jax.phases.{phase}")
+    logging.info("=== Phase %s ===", phase)
+    start = time.perf_counter()
+    summary = dict(module.run(config, workdir, mesh) or {})
+    summary["wall_time_s"] = time.perf_counter() - start
+    summaries[phase] = summary
+    logging.info("Phase %s done in %.1f s.", phase, summary["wall_time_s"])
+    metric_writer.write_json(workdir / "phases.json", summaries)
+  return summaries
