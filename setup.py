@@ -15,7 +15,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "safetensors==0.8.0",  # HF checkpoints (MiniLM, larger Llama-family LLMs)
     "gguf==0.19.0",  # the packaged SmolLM2 weights and tokenizer
-    "tokenizers==0.23.3",  # fast tokenizers without transformers or torch
+    "tokenizers==0.22.2",  # fast tokenizers; the newest that transformers 4.57.6 (tests) accepts
     "tensorboardX==2.6.4",  # TensorBoard event files without TensorFlow
 ]
 
