@@ -20,35 +20,38 @@ class ConfigError(ValueError):
 
 
 def _int_at_least(low: int) -> tuple[Callable, str]:
-  return (lambda v: isinstance(v, int) and not isinstance(v, bool)
-          and v >= low), f"an integer >= {low}"
+  return (
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+  ), f"an integer >= {low}"
 
 
 def _positive_float() -> tuple[Callable, str]:
-  return (lambda v: isinstance(v, int | float) and math.isfinite(v)
-          and v > 0), "a finite number > 0"
+  return (
+    lambda v: isinstance(v, int | float) and math.isfinite(v) and v > 0
+  ), "a finite number > 0"
 
 
 def _float_in(low: float, high: float) -> tuple[Callable, str]:
-  return (lambda v: isinstance(v, int | float) and low <= v <= high,
-          f"a number in [{low}, {high}]")
+  return (
+    lambda v: isinstance(v, int | float) and low <= v <= high,
+    f"a number in [{low}, {high}]",
+  )
 
 
 # (regex over dotted field names, check, description of the allowed range)
 _RULES = [
-    (r"(.*\.)?optim\.learning_rate", *_positive_float()),
-    (r"(.*\.)?optim\.warmup_steps", *_int_at_least(0)),
-    (r"(.*\.)?optim\.weight_decay", *_float_in(0.0, 1.0)),
-    (r"(.*\.)?optim\.b[12]", *_float_in(0.0, 0.999999)),
-    (r"(.*\.)?optim\.grad_clip_norm", *_float_in(0.0, math.inf)),
-    (r"(.*\.)?train\.steps", *_int_at_least(0)),
-    (r"(.*\.)?train\.(batch_size|log_every|checkpoint_every)",
-     *_int_at_least(1)),
-    (r"(.*\.)?train\.keep_checkpoints", *_int_at_least(1)),
-    (r"(.*\.)?train\.eval_every", *_int_at_least(0)),
-    (r"data\.min_interactions", *_int_at_least(1)),
-    (r"data\.max_history", *_int_at_least(1)),
-    (r"seed", *_int_at_least(0)),
+  (r"(.*\.)?optim\.learning_rate", *_positive_float()),
+  (r"(.*\.)?optim\.warmup_steps", *_int_at_least(0)),
+  (r"(.*\.)?optim\.weight_decay", *_float_in(0.0, 1.0)),
+  (r"(.*\.)?optim\.b[12]", *_float_in(0.0, 0.999999)),
+  (r"(.*\.)?optim\.grad_clip_norm", *_float_in(0.0, math.inf)),
+  (r"(.*\.)?train\.steps", *_int_at_least(0)),
+  (r"(.*\.)?train\.(batch_size|log_every|checkpoint_every)", *_int_at_least(1)),
+  (r"(.*\.)?train\.keep_checkpoints", *_int_at_least(1)),
+  (r"(.*\.)?train\.eval_every", *_int_at_least(0)),
+  (r"data\.min_interactions", *_int_at_least(1)),
+  (r"data\.max_history", *_int_at_least(1)),
+  (r"seed", *_int_at_least(0)),
 ]
 
 
@@ -78,13 +81,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       continue
     if phase.optim.warmup_steps > max(phase.train.steps, 0):
       errors.append(
-          f"config.{section}.optim.warmup_steps={phase.optim.warmup_steps}: "
-          f"must be <= {section}.train.steps={phase.train.steps}.")
+        f"config.{section}.optim.warmup_steps={phase.optim.warmup_steps}: "
+        f"must be <= {section}.train.steps={phase.train.steps}."
+      )
   if "phases" in config:
     unknown = set(selected_phases(config.phases, strict=False)) - set(PHASES)
     if unknown:
-      errors.append(f"config.phases={config.phases!r}: unknown "
-                    f"{sorted(unknown)}; allowed: {', '.join(PHASES)} or all.")
+      errors.append(
+        f"config.phases={config.phases!r}: unknown "
+        f"{sorted(unknown)}; allowed: {', '.join(PHASES)} or all."
+      )
   if errors:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
 
@@ -97,7 +103,9 @@ def selected_phases(spec: str, strict: bool = True) -> list[str]:
   if strict:
     unknown = [p for p in names if p not in PHASES]
     if unknown:
-      raise ConfigError(f"config.phases={spec!r}: unknown {unknown}; allowed: "
-                        f"{', '.join(PHASES)} or all.")
+      raise ConfigError(
+        f"config.phases={spec!r}: unknown {unknown}; allowed: "
+        f"{', '.join(PHASES)} or all."
+      )
     return [p for p in PHASES if p in names]
   return names

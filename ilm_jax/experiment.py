@@ -32,8 +32,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
-  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape),
-               mesh.devices.size, jax.devices()[0].platform)
+  logging.info(
+    "Mesh %s over %d devices (%s).",
+    dict(mesh.shape),
+    mesh.devices.size,
+    jax.devices()[0].platform,
+  )
   summaries = {}
   for phase in config_validation.selected_phases(config.phases):
     module = importlib.import_module(f"ilm_jax.phases.{phase}")

@@ -15,13 +15,19 @@ from ml_collections import config_flags
 from ilm_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/ml1m.py:cpu.",
-    lock_config=True)
+  "config",
+  None,
+  "Experiment config file, e.g. configs/ml1m.py:cpu.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs, metrics and exports go.")
+  "workdir", None, "Where checkpoints, logs, metrics and exports go."
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False,
-    "Call jax.distributed.initialize() first (one process per host).")
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() first (one process per host).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,7 +36,8 @@ class _QuietOrbax(py_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= py_logging.WARNING or (
-        "orbax" not in record.pathname)
+      "orbax" not in record.pathname
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -40,8 +47,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:
     # The locked config rejects `--config.<path>=...` for a missing field
     # with a bare KeyError; name the flag it came from.
-    overrides = [a.split("=", 1)[0][2:] for a in argv
-                 if a.startswith("--config.")]
+    overrides = [
+      a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")
+    ]
     missing = str(e).strip("\"'")
     culprit = next((o for o in overrides if missing in o.split(".")), None)
     message = f"Unknown config field {missing!r}"
@@ -58,9 +66,14 @@ def main(argv):
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  logging.info("JAX %s: process %d of %d, %d local / %d global devices.",
-               jax.__version__, jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "JAX %s: process %d of %d, %d local / %d global devices.",
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   experiment.run(_CONFIG.value, _WORKDIR.value)
 
 

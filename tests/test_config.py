@@ -33,14 +33,16 @@ def test_out_of_range_values_name_field_and_range():
     config_validation.validate(config)
   message = str(error.value)
   assert "config.cf.optim.learning_rate=0.0: must be a finite number > 0" in (
-      message)
+    message
+  )
   assert "config.cf.train.batch_size=-4: must be an integer >= 1" in message
   assert "config.data.max_history=0: must be an integer >= 1" in message
 
 
 def test_phase_selection():
   assert config_validation.selected_phases("all") == list(
-      config_validation.PHASES)
+    config_validation.PHASES
+  )
   # Order follows the pipeline, not the command line.
   assert config_validation.selected_phases("ilm, cf") == ["cf", "ilm"]
   with pytest.raises(config_validation.ConfigError, match="unknown.*'nope'"):
@@ -49,20 +51,31 @@ def test_phase_selection():
 
 def _main(*args):
   return subprocess.run(
-      [sys.executable, "-m", "ilm_jax.main", *args], cwd=REPO,
-      capture_output=True, text=True, timeout=120, check=False)
+    [sys.executable, "-m", "ilm_jax.main", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
 
 
 def test_cli_rejects_unknown_config_field(tmp_path):
-  proc = _main("--config=configs/ml1m.py:tiny", f"--workdir={tmp_path}",
-               "--config.cf.optim.lr=3")
+  proc = _main(
+    "--config=configs/ml1m.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.cf.optim.lr=3",
+  )
   assert proc.returncode != 0
   assert "Unknown config field 'lr' in --config.cf.optim.lr" in proc.stderr
 
 
 def test_cli_rejects_bad_value_before_any_work(tmp_path):
-  proc = _main("--config=configs/ml1m.py:tiny", f"--workdir={tmp_path}",
-               "--config.cf.train.steps=-1")
+  proc = _main(
+    "--config=configs/ml1m.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.cf.train.steps=-1",
+  )
   assert proc.returncode != 0
   assert "config.cf.train.steps=-1: must be an integer >= 0" in proc.stderr
   assert not (tmp_path / "cf").exists()
