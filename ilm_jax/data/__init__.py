@@ -1,1 +1,11 @@
-"""ilm_jax.data."""
+"""ilm_jax.data: real and synthetic recommendation data under the OpenP5 protocol.
+
+`load_dataset(config.data)` returns a processing.ProcessedDataset (cached on
+disk); `pipeline` turns it into grain datasets and training iterators;
+`python -m ilm_jax.data.prepare` builds one from the command line.
+"""
+
+from ilm_jax.data import sources
+
+load_dataset = sources.load_dataset
+DATASETS = sources.DATASETS

@@ -1,0 +1,323 @@
+"""The OpenP5 protocol: k-core filtering, chronological sequences, leave-one-out.
+
+`process` turns a source's RawInteractions into a ProcessedDataset:
+
+1. k-core (default 5): drop items, then users, with fewer than k
+   interactions, and repeat until nothing changes. The surviving set is the
+   unique maximal k-core whatever the order; the order only decides which
+   reason a dropped row is counted under.
+2. Indices: users and items get 0-based indices by the natural sort of their
+   raw ids ("u2" < "u10"; digit runs compare as numbers, the rest as text).
+   They depend on the set of ids only, never on the order or time in which
+   ids appear, so an index says nothing about any user's held-out items
+   (sequential ids in order of appearance do; P5 PR #3).
+3. Each user's interactions are sorted by timestamp with a stable sort, so
+   equal timestamps keep their file order (sorting ties by item id inflates
+   ML-1M NDCG by about 20%).
+4. Leave-one-out: items[-1] is the test target, items[-2] the validation
+   target, items[:-2] the training part.
+5. Derived sets from the training part only: item-item pairs of consecutive
+   items of a user, and user-item positive pairs (rating >= threshold, or
+   every interaction for sources without ratings).
+"""
+
+import dataclasses
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+from ilm_jax.data import files, raw
+
+# The split needs a training item, a validation target and a test target.
+MIN_SEQUENCE_LENGTH = 3
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(raw_id: str) -> tuple:
+  """Sort key comparing digit runs as numbers: "1m_2" < "1m_10".
+
+  Split on digits, text chunks sit at even positions and numbers at odd
+  ones, so keys of any two ids compare chunk by chunk without mixing types.
+  """
+  return tuple(
+    int(chunk) if i % 2 else chunk
+    for i, chunk in enumerate(_DIGITS.split(raw_id))
+  )
+
+
+def natural_order(raw_ids: Iterable[str]) -> list[str]:
+  """Returns the ids in natural sort order; ties (e.g. "01" vs "1") by text."""
+  return sorted(raw_ids, key=lambda s: (natural_key(s), s))
+
+
+@dataclasses.dataclass
+class ProcessedDataset:
+  """A dataset under the OpenP5 protocol, with 0-based user and item indices.
+
+  Per-user sequences are stored CSR-style: user u's items, in time order, are
+  `sequence_items[sequence_offsets[u]:sequence_offsets[u + 1]]`; ratings and
+  timestamps are aligned with sequence_items.
+
+  Attributes:
+    name: dataset name ("ml1m", ...).
+    user_ids: index -> raw user id.
+    item_ids: index -> raw item id.
+    item_titles: index -> readable title (what phase 2 decodes).
+    item_texts: index -> full description text.
+    item_attributes: field -> per-item values ("" where unknown), e.g. year,
+      genres, director, brand.
+    sequence_offsets: int64 [num_users + 1].
+    sequence_items: int32 [num_interactions].
+    ratings: float32 [num_interactions]; NaN for sources without ratings.
+    timestamps: int64 [num_interactions]; positions for OpenP5 data.
+    item_item_pairs: int32 [P, 2], (item, next item) from training parts.
+    user_item_pairs: int32 [Q, 2], (user, positive item) from training parts.
+    stats: figures reported by `prepare` (counts, drops and why).
+  """
+
+  name: str
+  user_ids: list[str]
+  item_ids: list[str]
+  item_titles: list[str]
+  item_texts: list[str]
+  item_attributes: dict[str, list[str]]
+  sequence_offsets: np.ndarray
+  sequence_items: np.ndarray
+  ratings: np.ndarray
+  timestamps: np.ndarray
+  item_item_pairs: np.ndarray
+  user_item_pairs: np.ndarray
+  stats: dict
+
+  @property
+  def num_users(self) -> int:
+    return len(self.user_ids)
+
+  @property
+  def num_items(self) -> int:
+    return len(self.item_ids)
+
+  @property
+  def num_interactions(self) -> int:
+    return len(self.sequence_items)
+
+  @property
+  def sequence_lengths(self) -> np.ndarray:
+    return np.diff(self.sequence_offsets)
+
+  def sequence(self, user: int) -> np.ndarray:
+    """The user's full chronological item sequence (int32)."""
+    return self.sequence_items[
+      self.sequence_offsets[user] : self.sequence_offsets[user + 1]
+    ]
+
+  @property
+  def sequences(self) -> list[np.ndarray]:
+    """All users' sequences as views into sequence_items."""
+    return np.split(self.sequence_items, self.sequence_offsets[1:-1])
+
+  def train_sequence(self, user: int) -> np.ndarray:
+    """items[:-2]: what training may see of this user."""
+    return self.sequence(user)[:-2]
+
+  def valid_target(self, user: int) -> int:
+    """items[-2]."""
+    return int(self.sequence_items[self.sequence_offsets[user + 1] - 2])
+
+  def test_target(self, user: int) -> int:
+    """items[-1]."""
+    return int(self.sequence_items[self.sequence_offsets[user + 1] - 1])
+
+
+def kcore(
+  users: np.ndarray, items: np.ndarray, k: int
+) -> tuple[np.ndarray, dict[str, int]]:
+  """Repeated k-core filtering until stable.
+
+  Args:
+    users: int [N] user codes.
+    items: int [N] item codes.
+    k: minimum interactions per user and per item.
+
+  Returns:
+    (keep mask [N], counts: rows dropped by the item rule, by the user rule,
+    and the number of rounds until stable).
+  """
+  keep = np.ones(len(users), dtype=bool)
+  dropped = {"kcore_item": 0, "kcore_user": 0}
+  rounds = 0
+  while True:
+    rounds += 1
+    changed = False
+    for codes, reason in ((items, "kcore_item"), (users, "kcore_user")):
+      counts = np.bincount(codes[keep], minlength=codes.max() + 1)
+      drop = keep & (counts[codes] < k)
+      if drop.any():
+        dropped[reason] += int(drop.sum())
+        keep &= ~drop
+        changed = True
+    if not changed:
+      return keep, dropped | {"kcore_rounds": rounds}
+
+
+def _ranks(codes: np.ndarray, vocab: list[str]) -> tuple[np.ndarray, list[str]]:
+  """Maps surviving codes to natural-sort ranks of their raw ids."""
+  # bincount instead of np.unique: numpy 2's hash-based unique takes ~1 s
+  # on ML-1M's million codes.
+  present = np.flatnonzero(np.bincount(codes, minlength=len(vocab)))
+  ordered = natural_order(vocab[c] for c in present)
+  rank_of = {raw_id: rank for rank, raw_id in enumerate(ordered)}
+  lookup = np.full(len(vocab), -1, dtype=np.int64)
+  lookup[present] = [rank_of[vocab[c]] for c in present]
+  return lookup[codes], ordered
+
+
+def process(
+  data: raw.RawInteractions,
+  min_interactions: int = 5,
+  positive_rating: float = 4.0,
+) -> ProcessedDataset:
+  """Applies the OpenP5 protocol (see the module docstring).
+
+  Args:
+    data: rows from a reader, in file order.
+    min_interactions: k of the k-core; at least MIN_SEQUENCE_LENGTH.
+    positive_rating: user-item positives need rating >= this (ignored for
+      sources without ratings, where every interaction is positive).
+
+  Returns:
+    The ProcessedDataset, with `stats` filled in.
+
+  Raises:
+    ValueError: min_interactions below MIN_SEQUENCE_LENGTH.
+    EmptyDatasetError: nothing survives the k-core.
+  """
+  if min_interactions < MIN_SEQUENCE_LENGTH:
+    raise ValueError(
+      f"min_interactions must be >= {MIN_SEQUENCE_LENGTH} (training, "
+      f"validation and test need one item each); got {min_interactions}."
+    )
+  keep, kcore_counts = kcore(data.users, data.items, min_interactions)
+  rounds = kcore_counts.pop("kcore_rounds")
+  if not keep.any():
+    raise files.EmptyDatasetError(
+      f"{data.name}: no interactions left after {min_interactions}-core "
+      f"filtering of {len(data)} rows from {len(data.user_vocab)} users and "
+      f"{len(data.item_vocab)} items (dropped: {kcore_counts}). Lower "
+      "min_interactions or use more data."
+    )
+  rows = np.flatnonzero(keep)
+  user_index, user_ids = _ranks(data.users[rows], data.user_vocab)
+  item_index, item_ids = _ranks(data.items[rows], data.item_vocab)
+
+  # Two stable sorts: by time, then by user. Rows of one user end up in time
+  # order, equal timestamps in file order.
+  order = np.argsort(data.timestamps[rows], kind="stable")
+  order = order[np.argsort(user_index[order], kind="stable")]
+  rows = rows[order]
+  user_index = user_index[order]
+  item_index = item_index[order]
+  timestamps = data.timestamps[rows]
+  has_ratings = data.ratings is not None
+  if has_ratings:
+    ratings = data.ratings[rows]
+  else:
+    ratings = np.full(len(rows), np.nan, np.float32)
+
+  lengths = np.bincount(user_index, minlength=len(user_ids))
+  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+  # Position of each row within its user's sequence; training part = [:-2].
+  position = np.arange(len(rows)) - offsets[user_index]
+  in_train = position < lengths[user_index] - 2
+  item_item_pairs, self_pairs = _item_item_pairs(
+    user_index, item_index, in_train
+  )
+  positive = (
+    in_train & (ratings >= positive_rating) if has_ratings else in_train
+  )
+  user_item_pairs = np.stack([user_index[positive], item_index[positive]], 1)
+
+  infos = [data.item_info.get(raw_id) for raw_id in item_ids]
+  titles, texts, attributes = _item_columns(infos, item_ids)
+  catalog = set(data.item_info)
+  pair_keys = np.sort(user_index * len(item_ids) + item_index)
+  stats = {
+    "dataset": data.name,
+    "users": len(user_ids),
+    "items": len(item_ids),
+    "interactions": len(rows),
+    "train_examples": int(np.maximum(lengths - 3, 0).sum()),
+    "valid": len(user_ids),
+    "test": len(user_ids),
+    "raw_interactions": len(data),
+    "raw_users": len(data.user_vocab),
+    "raw_items": len(data.item_vocab),
+    "dropped": dict(data.dropped) | kcore_counts,
+    "kcore": min_interactions,
+    "kcore_rounds": rounds,
+    "catalog_items": len(catalog),
+    "catalog_items_never_interacted": len(catalog - set(data.item_vocab)),
+    "items_without_metadata": sum(info is None for info in infos),
+    "item_item_pairs": len(item_item_pairs),
+    "item_item_self_pairs_skipped": self_pairs,
+    "user_item_pairs": len(user_item_pairs),
+    "positive_rule": (
+      f"rating >= {positive_rating}" if has_ratings else "every interaction"
+    ),
+    "mean_sequence_length": round(float(lengths.mean()), 2),
+    "max_sequence_length": int(lengths.max()),
+    "tied_timestamps": _count_ties(user_index, timestamps),
+    "duplicate_user_item": int((pair_keys[1:] == pair_keys[:-1]).sum()),
+  }
+  stats.update({k: v for k, v in data.notes.items() if k not in stats})
+  return ProcessedDataset(
+    name=data.name,
+    user_ids=user_ids,
+    item_ids=item_ids,
+    item_titles=titles,
+    item_texts=texts,
+    item_attributes=attributes,
+    sequence_offsets=offsets,
+    sequence_items=item_index.astype(np.int32),
+    ratings=ratings.astype(np.float32),
+    timestamps=timestamps.astype(np.int64),
+    item_item_pairs=item_item_pairs.astype(np.int32).reshape(-1, 2),
+    user_item_pairs=user_item_pairs.astype(np.int32).reshape(-1, 2),
+    stats=stats,
+  )
+
+
+def _item_item_pairs(
+  user_index: np.ndarray, item_index: np.ndarray, in_train: np.ndarray
+) -> tuple[np.ndarray, int]:
+  """(item, next item) of the same user within training parts.
+
+  Returns the pairs and how many self-pairs (a repeated item, possible in
+  review data) were left out: they carry no item-item signal.
+  """
+  consecutive = in_train[:-1] & in_train[1:]
+  consecutive &= user_index[:-1] == user_index[1:]
+  pairs = np.stack([item_index[:-1], item_index[1:]], axis=1)[consecutive]
+  self_pairs = pairs[:, 0] == pairs[:, 1]
+  return pairs[~self_pairs], int(self_pairs.sum())
+
+
+def _item_columns(infos: list[raw.ItemInfo | None], item_ids: list[str]):
+  """Titles, texts and attribute columns; items without info show their id."""
+  pairs = list(zip(infos, item_ids, strict=True))
+  titles = [info.title if info else item_id for info, item_id in pairs]
+  texts = [info.text if info else item_id for info, item_id in pairs]
+  fields = sorted({f for info in infos if info for f in info.attributes})
+  attributes = {
+    f: [info.attributes.get(f, "") if info else "" for info in infos]
+    for f in fields
+  }
+  return titles, texts, attributes
+
+
+def _count_ties(users: np.ndarray, timestamps: np.ndarray) -> int:
+  """Rows whose timestamp equals the previous row of the same user."""
+  same = (users[1:] == users[:-1]) & (timestamps[1:] == timestamps[:-1])
+  return int(same.sum())
