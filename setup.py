@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",  # the packaged SmolLM2 weights and tokenizer
     "tokenizers==0.22.2",  # fast tokenizers; the newest that transformers 4.57.6 (tests) accepts
     "tensorboardX==2.6.4",  # TensorBoard event files without TensorFlow
+    "jinja2==3.1.6",  # renders the chat template stored with the LLM
 ]
 
 EXTRAS = {

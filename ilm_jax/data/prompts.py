@@ -1,0 +1,278 @@
+"""Phase-2 prompts: templates with soft-token placeholders -> token arrays.
+
+A template such as "{user} has watched {history}. What next?" is rendered
+through the LLM's chat template; each placeholder becomes the soft tokens of
+its entities (a user, one item, or a list of items), optionally preceded by
+the item's title. The model later replaces the embedding at every soft
+position with the projected Q-Former output of that entity (slot k of its
+`tokens_per_entity` outputs). In text-only mode placeholders become plain
+text (titles; "the user").
+
+Layout of one encoded example (length L, up to E entities):
+  input_ids [L]      token ids; soft positions hold the pad id
+  soft_entity [L]    -1 for text, else the entity (0..E-1) whose token it is
+  soft_slot [L]      which of that entity's soft tokens
+  entity_kind [E]    ITEM or USER;  entity_index [E]: row in the CF table
+  entity_mask [E]    real entities
+  attention_mask [L] real tokens
+  targets [L]        the next token (training); loss_mask [L] where it counts
+Training examples are right-padded; generation prompts are left-padded.
+"""
+
+import dataclasses
+import json
+import pathlib
+import re
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+ITEM, USER = 0, 1
+PROMPT_PLACEHOLDERS = ("user", "history", "item", "liked")
+TARGET_FIELDS = ("title", "text", "reason")
+DEFAULT_TEMPLATES = pathlib.Path(__file__).parent / "templates" / "prompts.json"
+_MARKER = "\x00{}\x00"  # survives the chat template, never in real text
+
+
+class TemplateError(ValueError):
+  """A template names an unknown placeholder or is malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskTemplates:
+  target: str
+  seen: tuple[str, ...]
+  unseen: tuple[str, ...]
+
+
+def _fields(template: str) -> list[str]:
+  return [
+    name
+    for _, name, _, _ in string.Formatter().parse(template)
+    if name is not None
+  ]
+
+
+def load_templates(
+  path: str | pathlib.Path | None = None,
+) -> dict[str, TaskTemplates]:
+  """Reads and checks a templates file (default: the packaged one).
+
+  Raises:
+    TemplateError: naming the file, task, template and the bad placeholder.
+  """
+  path = pathlib.Path(path or DEFAULT_TEMPLATES)
+  raw = json.loads(path.read_text())
+  tasks = {}
+  for task, spec in raw.items():
+    if task.startswith("_"):
+      continue
+    for kind in ("seen", "unseen"):
+      for number, template in enumerate(spec[kind]):
+        where = f"{path}: task {task!r}, {kind} template {number}"
+        try:
+          names = _fields(template)
+        except ValueError as e:
+          raise TemplateError(f"{where}: {e}: {template!r}") from e
+        for name in names:
+          if name not in PROMPT_PLACEHOLDERS:
+            raise TemplateError(
+              f"{where}: unknown placeholder {{{name}}} in {template!r}; "
+              f"allowed: {', '.join('{' + p + '}' for p in PROMPT_PLACEHOLDERS)}"
+            )
+    for name in _fields(spec["target"]):
+      if name not in TARGET_FIELDS:
+        raise TemplateError(
+          f"{path}: task {task!r} target: unknown field "
+          f"{{{name}}}; allowed: {', '.join(TARGET_FIELDS)}"
+        )
+    if not spec["seen"] or len(spec["unseen"]) != 1:
+      raise TemplateError(
+        f"{path}: task {task!r} needs seen templates and "
+        "exactly one unseen template."
+      )
+    tasks[task] = TaskTemplates(
+      spec["target"], tuple(spec["seen"]), tuple(spec["unseen"])
+    )
+  return tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One prompt before tokenization (entities are CF-table rows)."""
+
+  task: str
+  template: str
+  user: int = -1
+  history: tuple[int, ...] = ()
+  item: int = -1
+  liked: tuple[int, ...] = ()
+  target_text: str = ""
+  target_item: int = -1
+
+
+@dataclasses.dataclass
+class EncodeStats:
+  """What encoding had to cut, so nothing is dropped silently."""
+
+  history_items_truncated: int = 0
+  target_tokens_truncated: int = 0
+
+
+class PromptEncoder:
+  """Turns `Request`s into fixed-length arrays for one tokenizer."""
+
+  def __init__(
+    self,
+    tokenizer,
+    item_titles: Sequence[str],
+    *,
+    tokens_per_entity: int,
+    max_len: int,
+    max_entities: int,
+    soft_tokens: bool = True,
+    titles_with_soft: bool = False,
+    system_prompt: str = "",
+  ):
+    """Args:
+    tokenizer: an `llm_tokenizer.LlmTokenizer`.
+    item_titles: title of every item (CF-table row order).
+    tokens_per_entity: soft tokens per user or item.
+    max_len: sequence length (prompt + target).
+    max_entities: entities per example (the user plus history items).
+    soft_tokens: False for the text-only baseline (titles, no soft tokens).
+    titles_with_soft: also write each item's title before its soft tokens.
+    system_prompt: a system message; "" keeps the chat template's default.
+    """
+    self.tokenizer = tokenizer
+    self.item_titles = list(item_titles)
+    self.tokens_per_entity = tokens_per_entity
+    self.max_len = max_len
+    self.max_entities = max_entities
+    self.soft_tokens = soft_tokens
+    self.titles_with_soft = titles_with_soft
+    self.system_prompt = system_prompt
+    self.stats = EncodeStats()
+    self._separator = tokenizer.encode(", ", add_special_tokens=False)
+
+  def _text(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  def _entity_tokens(self, kind, index, entities, ids, soft):
+    if kind == ITEM and (self.titles_with_soft or not self.soft_tokens):
+      title = self._text(
+        self.item_titles[index] + (" " if self.soft_tokens else "")
+      )
+      ids += title
+      soft += [(-1, 0)] * len(title)
+    if not self.soft_tokens:
+      if kind == USER:
+        words = self._text("the user")
+        ids += words
+        soft += [(-1, 0)] * len(words)
+      return
+    entities.append((kind, index))
+    for slot in range(self.tokens_per_entity):
+      ids.append(self.tokenizer.pad_id)
+      soft.append((len(entities) - 1, slot))
+
+  def _prompt(self, request: Request, history: Sequence[int]):
+    """Token ids and (entity, slot) pairs of the rendered prompt."""
+    names = _fields(request.template)
+    text = request.template.format(**{n: _MARKER.format(n) for n in names})
+    messages = [{"role": "user", "content": text}]
+    if self.system_prompt:
+      messages.insert(0, {"role": "system", "content": self.system_prompt})
+    rendered = self.tokenizer.apply_chat_template(
+      messages, add_generation_prompt=True
+    )
+    ids, soft, entities = [], [], []
+    if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:
+      ids.append(self.tokenizer.bos_id)
+      soft.append((-1, 0))
+    for number, part in enumerate(re.split("\x00", rendered)):
+      if number % 2 == 0:
+        tokens = self._text(part)
+        ids += tokens
+        soft += [(-1, 0)] * len(tokens)
+        continue
+      if part == "user":
+        group = [(USER, request.user)]
+      elif part == "item":
+        group = [(ITEM, request.item)]
+      else:
+        group = [
+          (ITEM, i) for i in (history if part == "history" else request.liked)
+        ]
+      for position, (kind, index) in enumerate(group):
+        if position:
+          ids += self._separator
+          soft += [(-1, 0)] * len(self._separator)
+        self._entity_tokens(kind, index, entities, ids, soft)
+    return ids, soft, entities
+
+  def encode(self, request: Request, with_target: bool = True) -> dict:
+    """Encodes one request; training layout if with_target else generation."""
+    history = list(request.history)
+    target = (
+      self._text(request.target_text) + [self.tokenizer.eos_id]
+      if with_target
+      else []
+    )
+    while True:
+      ids, soft, entities = self._prompt(request, history)
+      too_long = len(ids) + len(target) > self.max_len
+      if (too_long or len(entities) > self.max_entities) and history:
+        history.pop(0)  # drop the oldest item first
+        self.stats.history_items_truncated += 1
+        continue
+      break
+    if len(entities) > self.max_entities:
+      raise ValueError(
+        f"{len(entities)} entities > max_entities="
+        f"{self.max_entities} for task {request.task!r}."
+      )
+    room = self.max_len - len(ids)
+    if room < (1 if with_target else 0):
+      raise ValueError(
+        f"The prompt of task {request.task!r} needs "
+        f"{len(ids)} tokens; max_len={self.max_len}."
+      )
+    if len(target) > room:
+      self.stats.target_tokens_truncated += len(target) - room
+      target = target[:room]
+    return self._arrays(ids, soft, entities, target, request, with_target)
+
+  def _arrays(self, ids, soft, entities, target, request, with_target):
+    length, pad = self.max_len, self.tokenizer.pad_id
+    sequence = ids + target
+    n = len(sequence)
+    # Right-pad for training, left-pad for generation.
+    offset = 0 if with_target else length - n
+    out = dict(
+      input_ids=np.full(length, pad, np.int32),
+      soft_entity=np.full(length, -1, np.int32),
+      soft_slot=np.zeros(length, np.int32),
+      attention_mask=np.zeros(length, bool),
+      targets=np.full(length, pad, np.int32),
+      loss_mask=np.zeros(length, bool),
+      entity_kind=np.zeros(self.max_entities, np.int32),
+      entity_index=np.zeros(self.max_entities, np.int32),
+      entity_mask=np.zeros(self.max_entities, bool),
+      target_item=np.int32(request.target_item),
+    )
+    out["input_ids"][offset : offset + n] = sequence
+    out["attention_mask"][offset : offset + n] = True
+    for position, (entity, slot) in enumerate(soft):
+      out["soft_entity"][offset + position] = entity
+      out["soft_slot"][offset + position] = slot
+    for number, (kind, index) in enumerate(entities):
+      out["entity_kind"][number] = kind
+      out["entity_index"][number] = index
+      out["entity_mask"][number] = True
+    if with_target:
+      # Position t predicts token t+1: the loss covers the target tokens.
+      out["targets"][: n - 1] = sequence[1:]
+      out["loss_mask"][len(ids) - 1 : n - 1] = True
+    return out

@@ -1,0 +1,223 @@
+"""Phase-2 prompts: soft-token positions, truncation, templates, tasks."""
+
+import json
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import models, pre_tokenizers
+
+from ilm_jax.data import ilm_tasks, processing, prompts, synthetic
+from ilm_jax.models import llm_tokenizer
+
+_CHAT = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}"
+  "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+  "assistant {% endif %}"
+)
+_WORDS = [
+  "<pad>",
+  "<|im_start|>",
+  "<|im_end|>",
+  "user",
+  "assistant",
+  "watched",
+  ",",
+  ".",
+  "A",
+  "B",
+  "C",
+  "the",
+  "Describe",
+  "[UNK]",
+]
+
+
+def _tokenizer():
+  """A word-level tokenizer whose ids are easy to check by hand."""
+  vocab = {w: i for i, w in enumerate(_WORDS)}
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.add_special_tokens(
+    [
+      tokenizers.AddedToken(t, special=True)
+      for t in ("<pad>", "<|im_start|>", "<|im_end|>")
+    ]
+  )
+  return llm_tokenizer.LlmTokenizer(
+    tok, eos_id=2, pad_id=0, chat_template=_CHAT
+  )
+
+
+def _ids(*words):
+  return [_WORDS.index(w) for w in words]
+
+
+def _encoder(**kwargs):
+  options = dict(tokens_per_entity=2, max_len=20, max_entities=4)
+  options.update(kwargs)
+  return prompts.PromptEncoder(_tokenizer(), ["A", "B", "C"], **options)
+
+
+REQUEST = prompts.Request(
+  "sequential",
+  "{user} watched {history} .",
+  user=7,
+  history=(0, 1),
+  target_text="B",
+  target_item=1,
+)
+
+
+def test_soft_tokens_land_exactly_at_placeholders():
+  out = _encoder().encode(REQUEST)
+  pad = 0
+  expected_ids = (
+    _ids("<|im_start|>", "user")
+    + [pad, pad]
+    + _ids("watched")
+    + [pad, pad]
+    + _ids(",")
+    + [pad, pad]
+    + _ids(".", "<|im_end|>", "<|im_start|>", "assistant", "B", "<|im_end|>")
+  )
+  n = len(expected_ids)  # 16
+  np.testing.assert_array_equal(out["input_ids"][:n], expected_ids)
+  np.testing.assert_array_equal(
+    out["soft_entity"][:n],
+    [-1, -1, 0, 0, -1, 1, 1, -1, 2, 2, -1, -1, -1, -1, -1, -1],
+  )
+  np.testing.assert_array_equal(
+    out["soft_slot"][[2, 3, 5, 6, 8, 9]], [0, 1, 0, 1, 0, 1]
+  )
+  np.testing.assert_array_equal(
+    out["entity_kind"], [prompts.USER, prompts.ITEM, prompts.ITEM, 0]
+  )
+  np.testing.assert_array_equal(out["entity_index"], [7, 0, 1, 0])
+  np.testing.assert_array_equal(out["entity_mask"], [1, 1, 1, 0])
+  assert (
+    out["attention_mask"].sum() == n and not out["attention_mask"][n:].any()
+  )
+  # Loss only where the next token is the answer ("B", then eos).
+  assert list(np.flatnonzero(out["loss_mask"])) == [13, 14]
+  np.testing.assert_array_equal(
+    out["targets"][[13, 14]], _ids("B", "<|im_end|>")
+  )
+
+
+def test_generation_prompt_is_left_padded_without_target():
+  out = _encoder().encode(REQUEST, with_target=False)
+  n = 14  # the 16 tokens above minus the answer and eos
+  assert not out["attention_mask"][: 20 - n].any()
+  assert out["attention_mask"][20 - n :].all()
+  np.testing.assert_array_equal(
+    out["input_ids"][-2:], _ids("<|im_start|>", "assistant")
+  )
+  assert out["soft_entity"][20 - n + 2] == 0
+  assert not out["loss_mask"].any()
+  assert out["target_item"] == 1
+
+
+def test_history_longer_than_context_drops_oldest_and_counts():
+  encoder = _encoder(max_len=13)
+  out = encoder.encode(REQUEST)
+  # One history item (3 tokens with its separator) had to go: item 0.
+  assert encoder.stats.history_items_truncated == 1
+  np.testing.assert_array_equal(out["entity_index"][:2], [7, 1])
+  assert out["attention_mask"].sum() == 13
+
+
+def test_text_only_mode_writes_titles_and_no_soft_tokens():
+  out = _encoder(soft_tokens=False).encode(REQUEST)
+  n = int(out["attention_mask"].sum())
+  assert (out["soft_entity"] == -1).all() and not out["entity_mask"].any()
+  np.testing.assert_array_equal(
+    out["input_ids"][:n],
+    _ids(
+      "<|im_start|>",
+      "user",
+      "the",
+      "user",
+      "watched",
+      "A",
+      ",",
+      "B",
+      ".",
+      "<|im_end|>",
+      "<|im_start|>",
+      "assistant",
+      "B",
+      "<|im_end|>",
+    ),
+  )
+
+
+def test_unknown_placeholder_names_file_task_and_placeholder(tmp_path):
+  bad = json.loads(prompts.DEFAULT_TEMPLATES.read_text())
+  bad["description"]["seen"][3] = "Describe {film}."
+  path = tmp_path / "prompts.json"
+  path.write_text(json.dumps(bad))
+  with pytest.raises(
+    prompts.TemplateError,
+    match=r"task 'description', seen template 3: unknown "
+    r"placeholder \{film\}",
+  ):
+    prompts.load_templates(path)
+
+
+def test_packaged_templates_have_ten_seen_and_one_unseen_per_task():
+  templates = prompts.load_templates()
+  assert set(templates) == set(ilm_tasks.TASKS)
+  for task in templates.values():
+    assert len(task.seen) >= 10 and len(task.unseen) == 1
+    assert not set(task.unseen) & set(task.seen)
+
+
+def test_training_requests_use_train_part_only_and_are_deterministic():
+  dataset = processing.process(synthetic.generate())
+  sampler = ilm_tasks.TaskSampler(
+    dataset,
+    prompts.load_templates(),
+    max_history=5,
+    seed=3,
+    task_weights=dict(
+      sequential=1, straightforward=1, description=1, conversation=1
+    ),
+  )
+  seen_tasks = set()
+  for index in range(200):
+    request = sampler.training_request(index)
+    assert request == sampler.training_request(index)
+    seen_tasks.add(request.task)
+    if request.task == "description":
+      continue
+    user = request.user
+    if request.task == "conversation":
+      user = next(
+        u
+        for u in range(dataset.num_users)
+        if set(request.liked) <= set(dataset.train_sequence(u))
+        and request.target_item in dataset.train_sequence(u)
+      )
+    train_items = set(dataset.train_sequence(user).tolist())
+    assert request.target_item in train_items
+    assert set(request.history) <= train_items
+  assert seen_tasks == set(ilm_tasks.TASKS)
+
+
+def test_evaluation_request_targets_follow_the_split():
+  dataset = processing.process(synthetic.generate())
+  sampler = ilm_tasks.TaskSampler(
+    dataset,
+    prompts.load_templates(),
+    max_history=4,
+    task_weights={"sequential": 1},
+  )
+  sequence = dataset.sequence(3)
+  test = sampler.evaluation_request("sequential", 3, "test", unseen=True)
+  assert test.target_item == sequence[-1]
+  assert test.history == tuple(sequence[-5:-1])
+  assert test.template == prompts.load_templates()["sequential"].unseen[0]
+  valid = sampler.evaluation_request("sequential", 3, "valid", unseen=False)
+  assert valid.target_item == sequence[-2]
+  assert valid.history == tuple(sequence[-6:-2])
