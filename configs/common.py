@@ -77,6 +77,9 @@ def train_config(
       log_every=log_every,
       checkpoint_every=checkpoint_every,
       keep_checkpoints=2,
+      # A checkpoints dir or step dir to start from when the workdir has
+      # none of its own (restore order step 2; see ilm_jax/train.py).
+      resume_from="",
       eval_every=eval_every,  # 0: evaluate once at the end
       # Validation metric that selects the exported ("best") params;
       # empty: the last step is exported. Never a test metric.

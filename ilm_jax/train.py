@@ -144,17 +144,40 @@ def _make_train_step(task: Task, tx, frozen_mask, schedule):
   return train_step
 
 
-def _restore(ckpt, phase_config, abstract_state):
+def _saved_state(state, frozen_mask):
+  """What a checkpoint holds: step, optimizer state and trainable params.
+
+  Frozen params (the LLM, CF tables) are never written: they are recreated
+  by `Task.init_params` on every start, so checkpoints stay adapter-sized.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+  trainable = {tree_utils.path_str(path): leaf
+               for (path, leaf), frozen in zip(
+                   flat, jax.tree.leaves(frozen_mask), strict=True)
+               if not frozen}
+  return dict(step=state["step"], trainable=trainable,
+              opt_state=state["opt_state"])
+
+
+def _state_from_saved(saved, state):
+  """Puts restored trainable params back into the full params tree."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
+  leaves = [saved["trainable"].get(tree_utils.path_str(path), leaf)
+            for path, leaf in flat]
+  return dict(step=saved["step"], params=treedef.unflatten(leaves),
+              opt_state=saved["opt_state"])
+
+
+def _restore(ckpt, phase_config, abstract_saved):
   """Steps 1 and 2 of the restore order; None if neither applies."""
   if ckpt.latest_step() is not None:
-    logging.info(
-      "Resuming from %s (step %d).", ckpt.directory, ckpt.latest_step()
-    )
-    return ckpt.restore(abstract_state)
+    logging.info("Resuming from %s (step %d).", ckpt.directory,
+                 ckpt.latest_step())
+    return ckpt.restore(abstract_saved)
   resume_from = phase_config.train.get("resume_from", "")
   if resume_from:
     logging.info("Resuming from train.resume_from=%s.", resume_from)
-    return checkpoint.restore_from_path(resume_from, abstract_state)
+    return checkpoint.restore_from_path(resume_from, abstract_saved)
   return None
 
 
@@ -252,9 +275,11 @@ def train(
   ckpt = checkpoint.TrainCheckpointer(
     phase_dir / "checkpoints", max_to_keep=train_cfg.keep_checkpoints
   )
-  restored = _restore(ckpt, phase_config, checkpoint.abstract_like(state))
+  restored = _restore(ckpt, phase_config, checkpoint.abstract_like(
+      _saved_state(state, frozen_mask)))
   if restored is not None:
-    state, data_state = restored
+    saved, data_state = restored
+    state = _state_from_saved(saved, state)
     task.train_iterator.set_state(data_state)
   step = int(state["step"])
 
@@ -319,7 +344,8 @@ def train(
       )
       interval, interval_start, interval_step = [], now, step
     if step % train_cfg.checkpoint_every == 0 or last:
-      ckpt.save(step, state, task.train_iterator.get_state())
+      ckpt.save(step, _saved_state(state, frozen_mask),
+                task.train_iterator.get_state())
     if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last):
       results = evaluate(task.evaluators, state["params"], splits=("valid",))
       writer.write_scalars(step, results)

@@ -1,5 +1,6 @@
 """Trainer core: mesh equivalence, kill/resume, freezing, clear errors."""
 
+import json
 import os
 import pathlib
 import signal
@@ -20,7 +21,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _loss_curve(workdir: pathlib.Path) -> np.ndarray:
   lines = (workdir / "toy" / "logs" / "metrics.jsonl").read_text().split("\n")
-  import json  # noqa: PLC0415
 
   return np.array([json.loads(line)["loss"] for line in lines if line])
 
@@ -114,6 +114,15 @@ def test_frozen_params_unchanged_and_have_no_optimizer_state(tmp_path):
   assert not np.array_equal(
     np.asarray(result.params["head"]["w"]), np.asarray(initial["head"]["w"])
   )
+
+  # Checkpoints hold only what trains: frozen leaves come from init_params.
+  metadata = json.loads(
+      (tmp_path / "toy" / "checkpoints" / "10" / "state" / "_METADATA")
+      .read_text())["tree_metadata"]
+  saved_arrays = [key for key, value in metadata.items()
+                  if value["value_metadata"]["value_type"] == "jax.Array"]
+  assert any("head" in key for key in saved_arrays)
+  assert not any("embed" in key for key in saved_arrays), saved_arrays
 
   tx, mask, _ = optim.make(cfg.toy.optim, initial, 10)
   opt_shapes = jax.eval_shape(tx.init, initial)

@@ -8,6 +8,7 @@ trainer prefixes them with the evaluator's split and writes
 `WORKDIR/metrics/<phase>_<split>.json`.
 """
 
+import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -24,6 +25,18 @@ class Evaluator(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Evaluator]] = {}
+# Modules under ilm_jax/evaluators/ that register plugins; imported on first
+# use so that phases need not import them for their side effect.
+PLUGIN_MODULES = ("ranking", "generative", "retrieval")
+
+
+def _import_plugins() -> None:
+  for module in PLUGIN_MODULES:
+    try:
+      importlib.import_module(f"ilm_jax.evaluators.{module}")
+    except ModuleNotFoundError as e:
+      if e.name != f"ilm_jax.evaluators.{module}":
+        raise
 
 
 def register(type_name: str):
@@ -42,6 +55,7 @@ def from_config(
   evals_config: ml_collections.ConfigDict | Mapping, **context: Any
 ) -> list[Evaluator]:
   """Builds every evaluator listed in a phase's `evals` config."""
+  _import_plugins()
   evaluators = []
   for name, cfg in evals_config.items():
     type_name = cfg["type"]
