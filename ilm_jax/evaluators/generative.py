@@ -1,0 +1,270 @@
+"""Phase-2 evaluators: the LLM generates, we score what it generated.
+
+`generative_ranking`: recommendation prompts (sequential, straightforward)
+decoded by beam search constrained to the prefix trie of all item titles;
+the beams, best first, are a ranked top-k list -> HR@5/10, NDCG@5/10, on
+seen templates (cycled over users) and the unseen template separately.
+
+`description`: item-description prompts decoded greedily; semantic
+consistency is the share of items whose generated text, embedded with
+MiniLM, is nearest (cosine) to that item's own text among all items; the
+log-perplexity of the reference text is measured by teacher forcing.
+
+Both evaluate a fixed, seeded subset (`num_users` / `num_items`; 0 = all).
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ilm_jax import decoding, metrics
+from ilm_jax.evaluators import common
+from ilm_jax.models import bert
+
+
+def _subset(total: int, count: int, seed: int) -> np.ndarray:
+  if not count or count >= total:
+    return np.arange(total)
+  return np.sort(
+    np.random.default_rng(seed).choice(total, count, replace=False)
+  )
+
+
+def _stack(examples: list[dict]) -> dict:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def build_title_trie(tokenizer, titles) -> tuple[decoding.TokenTrie, dict]:
+  """The trie of every title's answer tokens (+ eos), with a report.
+
+  Titles whose tokens do not decode back to the same text, and titles that
+  tokenize identically to an earlier one, are reported (not dropped): the
+  search can still emit them, but they are worth knowing about.
+  """
+  sequences, not_round_trip, seen, duplicates = [], [], {}, []
+  for index, title in enumerate(titles):
+    tokens = tokenizer.encode(title, add_special_tokens=False)
+    if tokenizer.decode(tokens) != title:
+      not_round_trip.append(title)
+    key = tuple(tokens)
+    if key in seen:
+      duplicates.append((seen[key], index))
+    seen.setdefault(key, index)
+    sequences.append(tokens)
+  trie = decoding.TokenTrie(sequences, eos_id=tokenizer.eos_id)
+  report = dict(
+    titles=len(titles),
+    not_round_trip=len(not_round_trip),
+    duplicate_token_sequences=len(duplicates),
+  )
+  if not_round_trip:
+    logging.warning(
+      "%d titles do not round-trip through the tokenizer, e.g. %s",
+      len(not_round_trip),
+      not_round_trip[:5],
+    )
+  if duplicates:
+    logging.warning(
+      "%d titles share tokens with an earlier title: %s",
+      len(duplicates),
+      duplicates[:5],
+    )
+  return trie, report
+
+
+def ranked_list_metrics(
+  ranked: np.ndarray, targets: np.ndarray, num_items: int
+) -> dict[str, np.ndarray]:
+  """HR/NDCG@5/10 per row of a ranked top-k list of item ids (-1: empty)."""
+  k = ranked.shape[1]
+  scores = np.full((len(ranked), num_items + 1), -np.inf, np.float32)
+  rows = np.arange(len(ranked))[:, None]
+  # Position p scores k - p; empty slots go to a dummy column.
+  scores[rows, np.where(ranked >= 0, ranked, num_items)] = k - np.arange(k)
+  scores = scores[:, :num_items]
+  return jax.tree.map(
+    np.asarray,
+    metrics.ranking_metrics(jnp.asarray(scores), jnp.asarray(targets)),
+  )
+
+
+class _PromptEvaluator:
+  """Shared setup: model functions, the encoder, the subset, batching."""
+
+  def __init__(
+    self,
+    name,
+    config,
+    *,
+    model,
+    sampler,
+    encoder,
+    tokenizer,
+    dataset,
+    seed=0,
+    **unused,
+  ):
+    del unused
+    self.name, self.config, self.split = name, config, config["split"]
+    self.model, self.sampler, self.encoder = model, sampler, encoder
+    self.tokenizer, self.dataset = tokenizer, dataset
+    self.seed = seed
+    self.batch_size = config.get("batch_size", 8)
+    self._embed = jax.jit(model.input_embeddings)
+
+  def _batches(self, requests, with_target=False):
+    for start in range(0, len(requests), self.batch_size):
+      chunk = requests[start : start + self.batch_size]
+      real = len(chunk)
+      chunk = chunk + [chunk[-1]] * (self.batch_size - real)  # fixed shape
+      yield real, _stack([self.encoder.encode(r, with_target) for r in chunk])
+
+
+@common.register("generative_ranking")
+class GenerativeRankingEvaluator(_PromptEvaluator):
+  """HR/NDCG of trie-constrained beam search over all item titles."""
+
+  def __init__(self, name, config, **context):
+    super().__init__(name, config, **context)
+    self.users = _subset(
+      self.dataset.num_users, config.get("num_users", 0), self.seed
+    )
+    self.trie, self.trie_report = build_title_trie(
+      self.tokenizer, self.dataset.item_titles
+    )
+    self.num_beams = config.get("num_beams", 10)
+
+  def _rank(self, params, requests):
+    ranked = []
+    for real, batch in self._batches(requests):
+      embeds = self._embed(params, batch)
+      result = decoding.constrained_beam_search(
+        self.model.llm,
+        params["llm"],
+        self.trie,
+        prompt_embeds=embeds,
+        prompt_mask=batch["attention_mask"],
+        num_beams=self.num_beams,
+        pad_id=self.tokenizer.pad_id,
+      )
+      ranked.append(np.asarray(result.sequence_ids)[:real])
+    return np.concatenate(ranked)
+
+  def run(self, params):
+    start = time.perf_counter()
+    for task in self.config["tasks"]:
+      for unseen in (False, True):
+        requests = [
+          self.sampler.evaluation_request(
+            task, int(u), self.split, unseen, template_index=i
+          )
+          for i, u in enumerate(self.users)
+        ]
+        ranked = self._rank(params, requests)
+        targets = np.array([r.target_item for r in requests])
+        values = ranked_list_metrics(ranked, targets, self.dataset.num_items)
+        which = "unseen" if unseen else "seen"
+        for metric, per_user in values.items():
+          yield f"{task}/{which}/{metric}", float(per_user.mean())
+    yield "users", len(self.users)
+    yield (
+      "ranking_users_per_s",
+      (
+        2
+        * len(self.config["tasks"])
+        * len(self.users)
+        / (time.perf_counter() - start)
+      ),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_encoder():
+  model, params = bert.load_bert_model()
+  tokenizer = bert.WordPieceTokenizer.from_pretrained(max_length=128)
+  apply = jax.jit(
+    lambda p, ids, mask: bert.mean_pool(
+      model.apply({"params": p}, ids, mask), mask
+    )
+  )
+  return tokenizer, params, apply
+
+
+def sentence_embeddings(texts, batch_size: int = 64) -> np.ndarray:
+  """MiniLM sentence embeddings (mean-pooled, L2-normalised) [N, 384]."""
+  tokenizer, params, apply = _sentence_encoder()
+  out = []
+  for start in range(0, len(texts), batch_size):
+    chunk = list(texts[start : start + batch_size])
+    real = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - real)
+    encoded = tokenizer.encode([t if t.strip() else "." for t in chunk])
+    out.append(np.asarray(apply(params, encoded.ids, encoded.mask))[:real])
+  return np.concatenate(out)
+
+
+@common.register("description")
+class DescriptionEvaluator(_PromptEvaluator):
+  """Semantic consistency and log-perplexity of item descriptions."""
+
+  def __init__(self, name, config, **context):
+    super().__init__(name, config, **context)
+    self.items = _subset(
+      self.dataset.num_items, config.get("num_items", 0), self.seed
+    )
+    self.max_new_tokens = config.get("max_new_tokens", 48)
+    self._log_likelihood = jax.jit(self.model.answer_log_likelihood)
+    self._item_text_embeddings = None
+
+  def _generate(self, params, requests):
+    texts = []
+    for real, batch in self._batches(requests):
+      embeds = self._embed(params, batch)
+      tokens = decoding.greedy(
+        self.model.llm,
+        params["llm"],
+        prompt_embeds=embeds,
+        prompt_mask=batch["attention_mask"],
+        max_new_tokens=self.max_new_tokens,
+        eos_id=self.tokenizer.eos_id,
+        pad_id=self.tokenizer.pad_id,
+      )
+      texts += [self.tokenizer.decode(row) for row in np.asarray(tokens)[:real]]
+    return texts
+
+  def run(self, params):
+    if self._item_text_embeddings is None:
+      self._item_text_embeddings = sentence_embeddings(self.dataset.item_texts)
+    for unseen in (False, True):
+      requests = [
+        self.sampler.evaluation_request(
+          "description", int(i), self.split, unseen, template_index=n
+        )
+        for n, i in enumerate(self.items)
+      ]
+      generated = self._generate(params, requests)
+      similarity = sentence_embeddings(generated) @ self._item_text_embeddings.T
+      consistent = similarity.argmax(axis=1) == self.items
+      nll, tokens = 0.0, 0
+      for real, batch in self._batches(requests, with_target=True):
+        log_probs, mask, _, _ = self._log_likelihood(params, batch)
+        nll -= float(np.asarray(log_probs)[:real].sum())
+        tokens += int(np.asarray(mask)[:real].sum())
+      which = "unseen" if unseen else "seen"
+      yield (
+        f"description/{which}/semantic_consistency",
+        float(consistent.mean()),
+      )
+      yield f"description/{which}/log_perplexity", nll / max(tokens, 1)
+      logging.info(
+        "[%s] %s description of %r: %r",
+        self.name,
+        which,
+        self.dataset.item_titles[self.items[0]],
+        generated[0],
+      )
+    yield "items", len(self.items)

@@ -1,0 +1,171 @@
+"""The ILM composite: CF tables -> Q-Former -> projector -> frozen LLM.
+
+Params are one tree with stable top-level names, so freezing and sharding
+rules are plain regexes:
+  cf       frozen CF tables {"items": [I, d], "users": [U, d]}
+  qformer  the Q-Former (from phase 1, or random for ILM-rand)
+  proj     the projector into the LLM's embedding space
+  llm      the frozen pretrained LLM
+Adapters (config `adapter`): "qformer" (ILM: every query output becomes a
+soft token through a linear projector), "mlp" (CoLLM-style MLP from the raw
+CF vector to `tokens_per_entity` soft tokens), "none" (text-only prompts and
+the zero-shot LLM; no soft tokens).
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ilm_jax.data import prompts
+from ilm_jax.models import llm, projector, qformer
+
+ADAPTERS = ("qformer", "mlp", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class IlmModel:
+  """Functional composite: every method takes the full params tree."""
+
+  adapter: str
+  llm: llm.Llama
+  qformer: qformer.QFormer | None
+  projector: nn.Module | None
+  tokens_per_entity: int
+  max_target_tokens: int  # answer tokens scored per example (loss, ppl)
+
+  def soft_tokens(self, params, entity_kind, entity_index, rng=None):
+    """Soft tokens of entities: [B, E] -> [B, E, tokens_per_entity, D]."""
+    tables = params["cf"]
+    items = jnp.take(tables["items"], entity_index, axis=0, mode="clip")
+    users = jnp.take(tables["users"], entity_index, axis=0, mode="clip")
+    cf = jnp.where((entity_kind == prompts.USER)[..., None], users, items)
+    flat = cf.reshape(-1, cf.shape[-1]).astype(jnp.float32)
+    if self.adapter == "qformer":
+      queries = self.qformer.apply(
+        {"params": params["qformer"]},
+        flat,
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+        method=qformer.QFormer.encode_queries,
+      )
+      soft = self.projector.apply({"params": params["proj"]}, queries)
+    else:
+      soft = self.projector.apply({"params": params["proj"]}, flat)
+    return soft.reshape(entity_index.shape + soft.shape[-2:])
+
+  def input_embeddings(self, params, batch, rng=None):
+    """LLM input embeddings with soft tokens spliced in: [B, L, D]."""
+    embeds = self.llm.apply(
+      {"params": params["llm"]}, batch["input_ids"], method=llm.Llama.embed
+    )
+    if self.adapter == "none":
+      return embeds
+    soft = self.soft_tokens(
+      params, batch["entity_kind"], batch["entity_index"], rng
+    )
+    rows = jnp.arange(embeds.shape[0])[:, None]
+    entity = jnp.maximum(batch["soft_entity"], 0)
+    gathered = soft[rows, entity, batch["soft_slot"]].astype(embeds.dtype)
+    is_soft = (batch["soft_entity"] >= 0)[..., None]
+    return jnp.where(is_soft, gathered, embeds)
+
+  def answer_log_likelihood(self, params, batch, rng=None):
+    """Per-token log-likelihood of the answer tokens (teacher forcing).
+
+    Returns:
+      (log-probs [B, T] (0 off the mask), mask [B, T], answer tokens that
+      did not fit in max_target_tokens [B], greedy-correct [B, T]).
+    """
+    embeds = self.input_embeddings(params, batch, rng)
+    hidden, _ = self.llm.apply(
+      {"params": params["llm"]},
+      input_embeds=embeds,
+      attention_mask=batch["attention_mask"],
+      return_hidden=True,
+    )
+    # Vocabulary logits only where the answer is predicted: the first
+    # max_target_tokens loss positions of each row, in order.
+    order = jnp.argsort(~batch["loss_mask"], axis=1, stable=True)[
+      :, : self.max_target_tokens
+    ]
+    hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    targets = jnp.take_along_axis(batch["targets"], order, axis=1)
+    mask = jnp.take_along_axis(batch["loss_mask"], order, axis=1)
+    logits = self.llm.apply(
+      {"params": params["llm"]}, hidden, method=llm.Llama.logits
+    )
+    log_probs = -optax.softmax_cross_entropy_with_integer_labels(
+      logits, targets
+    )
+    dropped = batch["loss_mask"].sum(axis=1) - mask.sum(axis=1)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return log_probs * mask, mask, dropped, correct & mask
+
+  def loss(self, params, batch, rng):
+    """Mean answer-token cross-entropy, for the trainer."""
+    log_probs, mask, dropped, correct = self.answer_log_likelihood(
+      params, batch, rng
+    )
+    tokens = jnp.maximum(mask.sum(), 1)
+    loss = -log_probs.sum() / tokens
+    return loss, dict(
+      token_accuracy=correct.sum() / tokens,
+      answer_tokens=mask.sum(),
+      answer_tokens_dropped=dropped.sum(),
+    )
+
+
+def build(
+  model_config, llm_config: llm.LlamaConfig, qformer_config=None
+) -> IlmModel:
+  """The composite for `config.ilm.model`.
+
+  Args:
+    model_config: adapter, tokens_per_entity, max_target_tokens,
+      mlp_hidden_dim.
+    llm_config: the frozen LLM's architecture (from its checkpoint).
+    qformer_config: the Q-Former config (adapter "qformer" only).
+  """
+  adapter = model_config.adapter
+  if adapter not in ADAPTERS:
+    raise ValueError(
+      f"ilm.model.adapter={adapter!r}; expected one of {ADAPTERS}."
+    )
+  qformer_module, proj = None, None
+  if adapter == "qformer":
+    if model_config.tokens_per_entity != qformer_config.num_queries:
+      raise ValueError(
+        f"ilm.model.tokens_per_entity={model_config.tokens_per_entity} must "
+        f"equal qformer.model.num_queries={qformer_config.num_queries}: "
+        "every query output becomes one soft token."
+      )
+    qformer_module = qformer.make_model(qformer_config)
+    proj = projector.LinearProjector(llm_config.hidden_size)
+  elif adapter == "mlp":
+    proj = projector.MlpProjector(
+      llm_config.hidden_size,
+      model_config.tokens_per_entity,
+      model_config.mlp_hidden_dim,
+    )
+  return IlmModel(
+    adapter=adapter,
+    llm=llm.Llama(llm_config),
+    qformer=qformer_module,
+    projector=proj,
+    tokens_per_entity=model_config.tokens_per_entity,
+    max_target_tokens=model_config.max_target_tokens,
+  )
+
+
+def init_adapter(model: IlmModel, rng, cf_dim: int, qformer_hidden: int):
+  """Fresh projector params (the Q-Former comes from phase 1 or its init)."""
+  if model.adapter == "qformer":
+    x = jnp.zeros((1, 1, qformer_hidden), jnp.float32)
+  elif model.adapter == "mlp":
+    x = jnp.zeros((1, cf_dim), jnp.float32)
+  else:
+    return {}
+  return jax.jit(model.projector.init)(rng, x)["params"]

@@ -1,0 +1,198 @@
+"""Phase 2: the ILM — Q-Former adapter + frozen LLM on multi-task prompts.
+
+Inputs: the CF tables (`WORKDIR/cf/export`), the phase-1 Q-Former
+(`WORKDIR/qformer/export`, unless `ilm.model.qformer_init="random"`), the
+frozen LLM (`ilm.llm.checkpoint`). Only the Q-Former and the projector
+train; `ilm.optim.frozen` keeps `llm/` and `cf/` out of the optimizer.
+
+Baselines are config switches of this same code path, each writing to its
+own `WORKDIR/ilm_<variant>/` and `metrics/ilm_<variant>_<split>.json`:
+  mlp        adapter="mlp" (CoLLM-style MLP over the raw CF vector)
+  rand       qformer_init="random" (ILM-rand: no phase 1)
+  textonly   adapter="none" (titles as plain text)
+  zeroshot   adapter="none", train.steps=0 (the frozen LLM as is)
+Outputs: the trained adapter (Q-Former + projector) in `WORKDIR/<name>/
+adapter`, which the `export` phase bundles with the config and item index.
+"""
+
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh, PartitionSpec
+
+from ilm_jax import checkpoint, data, train
+from ilm_jax.data import ilm_tasks, pipeline, prompts
+from ilm_jax.evaluators import common
+from ilm_jax.models import cf_encoder, ilm, llm, llm_loading, qformer
+
+CF_EXPORT = ("cf", "export")
+QFORMER_EXPORT = ("qformer", "export")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def phase_name(ilm_config: ml_collections.ConfigDict) -> str:
+  """ "ilm" for the main run, "ilm_<variant>" for baselines."""
+  return f"ilm_{ilm_config.variant}" if ilm_config.variant else "ilm"
+
+
+def load_llm(llm_config: ml_collections.ConfigDict):
+  """(LlamaConfig, params, tokenizer) of the frozen LLM from config."""
+  for field in ("dtype", "param_dtype"):
+    if llm_config[field] not in _DTYPES:
+      raise ValueError(
+        f"ilm.llm.{field}={llm_config[field]!r}; expected one "
+        f"of {sorted(_DTYPES)}."
+      )
+  return llm_loading.load_pretrained(
+    llm_config.checkpoint,
+    dtype=_DTYPES[llm_config.dtype],
+    param_dtype=_DTYPES[llm_config.param_dtype],
+  )
+
+
+def _logically_partitioned(llm_config, llm_params):
+  """Boxes the LLM params with their logical axis names for sharding."""
+  specs = llm.logical_partition_specs(llm_config)
+  return jax.tree.map(
+    lambda p, s: nn.LogicallyPartitioned(p, tuple(s)),
+    llm_params,
+    specs,
+    is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )
+
+
+def load_qformer(config, workdir: pathlib.Path, rng):
+  """The Q-Former params: phase-1 export, or a fresh (MiniLM) init."""
+  qformer_config = config.qformer.model
+  init = config.ilm.model.qformer_init
+  if init == "phase1":
+    path = workdir.joinpath(*QFORMER_EXPORT)
+    logging.info("Q-Former from phase 1: %s.", path)
+    return checkpoint.load_params(path / "params")
+  if init == "random":
+    return qformer.load(
+      qformer.init_params(qformer_config, rng), qformer_config
+    )
+  raise ValueError(
+    f"ilm.model.qformer_init={init!r}; expected 'phase1' or 'random'."
+  )
+
+
+def build_prompting(config, dataset, tokenizer):
+  """(TaskSampler, PromptEncoder) for this run's prompt settings."""
+  data_config = config.ilm.data
+  templates = prompts.load_templates(data_config.templates or None)
+  sampler = ilm_tasks.TaskSampler(
+    dataset,
+    templates,
+    task_weights=data_config.task_weights.to_dict(),
+    max_history=data_config.max_history,
+    seed=config.seed,
+  )
+  encoder = prompts.PromptEncoder(
+    tokenizer,
+    dataset.item_titles,
+    tokens_per_entity=config.ilm.model.tokens_per_entity,
+    max_len=data_config.max_len,
+    max_entities=1 + max(data_config.max_history, 3),
+    soft_tokens=config.ilm.model.adapter != "none",
+    titles_with_soft=data_config.titles_with_soft,
+    system_prompt=data_config.system_prompt,
+  )
+  return sampler, encoder
+
+
+def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
+  """Trains and evaluates one ILM variant; returns its summary."""
+  workdir = pathlib.Path(workdir).absolute()
+  ilm_config = config.ilm
+  name = phase_name(ilm_config)
+  dataset = data.load_dataset(config.data)
+  llm_config, llm_params, tokenizer = load_llm(ilm_config.llm)
+  logging.info(
+    "Frozen LLM %s: %d layers, d=%d, vocab %d.",
+    ilm_config.llm.checkpoint,
+    llm_config.num_layers,
+    llm_config.hidden_size,
+    llm_config.vocab_size,
+  )
+  model = ilm.build(ilm_config.model, llm_config, config.qformer.model)
+  item_table, user_table, _ = cf_encoder.load_cf_tables(
+    workdir.joinpath(*CF_EXPORT)
+  )
+  if item_table.shape[0] != dataset.num_items or (
+    user_table.shape[0] != dataset.num_users
+  ):
+    raise ValueError(
+      f"The CF tables ({item_table.shape[0]} items, {user_table.shape[0]} "
+      f"users) do not match the dataset ({dataset.num_items} items, "
+      f"{dataset.num_users} users); rerun the cf phase for this data."
+    )
+  sampler, encoder = build_prompting(config, dataset, tokenizer)
+
+  def init_params(rng):
+    qformer_rng, proj_rng = jax.random.split(rng)
+    params = dict(
+      cf=dict(items=jnp.asarray(item_table), users=jnp.asarray(user_table)),
+      llm=_logically_partitioned(llm_config, llm_params),
+    )
+    if ilm_config.model.adapter == "qformer":
+      params["qformer"] = load_qformer(config, workdir, qformer_rng)
+    if ilm_config.model.adapter != "none":
+      params["proj"] = ilm.init_adapter(
+        model, proj_rng, item_table.shape[1], config.qformer.model.hidden_size
+      )
+    return params
+
+  train_examples = ilm_tasks.TrainingPrompts(
+    sampler, encoder, ilm_config.data.examples_per_epoch
+  )
+  iterator = pipeline.training_iterator(
+    train_examples,
+    ilm_config.train.batch_size // jax.process_count(),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  evaluators = common.from_config(
+    ilm_config.evals,
+    model=model,
+    sampler=sampler,
+    encoder=encoder,
+    tokenizer=tokenizer,
+    dataset=dataset,
+    seed=config.seed,
+  )
+  task = train.Task(
+    name=name,
+    init_params=init_params,
+    loss_fn=model.loss,
+    train_iterator=iterator,
+    evaluators=evaluators,
+  )
+  result = train.train(
+    task,
+    ilm_config,
+    mesh=mesh,
+    mesh_config=config.mesh,
+    workdir=workdir,
+    seed=config.seed,
+  )
+  adapter = {k: v for k, v in result.params.items() if k in ("qformer", "proj")}
+  if adapter:
+    checkpoint.save_params(workdir / name / "adapter", adapter)
+  summary = dict(result.metrics)
+  summary.update(
+    steps=result.step,
+    history_items_truncated=encoder.stats.history_items_truncated,
+    target_tokens_truncated=encoder.stats.target_tokens_truncated,
+  )
+  for evaluator in evaluators:
+    summary.update(
+      {f"trie/{k}": v for k, v in getattr(evaluator, "trie_report", {}).items()}
+    )
+  return summary

@@ -1,0 +1,163 @@
+"""The ILM composite on tiny random parts: splicing, loss, gradients."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ilm_jax import tree_utils
+from ilm_jax.data import prompts
+from ilm_jax.models import ilm, llm, qformer
+
+LLM = llm.LlamaConfig(
+  vocab_size=50,
+  hidden_size=16,
+  intermediate_size=32,
+  num_layers=2,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=8,
+)
+CF_DIM, NUM_ITEMS, NUM_USERS = 6, 5, 3
+
+
+def _qformer_config(num_queries=2):
+  config = qformer.default_qformer_config()
+  config.update(
+    cf_dim=CF_DIM,
+    num_queries=num_queries,
+    num_layers=2,
+    hidden_size=8,
+    num_heads=2,
+    intermediate_size=16,
+    vocab_size=40,
+    max_position_embeddings=16,
+    pretrained="",
+    dropout_rate=0.0,
+    embed_dim=4,
+  )
+  return config
+
+
+def _model(adapter, tokens=2):
+  model_config = ml_collections.ConfigDict(
+    dict(
+      adapter=adapter,
+      tokens_per_entity=tokens,
+      max_target_tokens=4,
+      mlp_hidden_dim=8,
+    )
+  )
+  return ilm.build(model_config, LLM, _qformer_config(tokens))
+
+
+def _params(model, rng=0):
+  keys = jax.random.split(jax.random.key(rng), 5)
+  params = dict(
+    cf=dict(
+      items=jax.random.normal(keys[0], (NUM_ITEMS, CF_DIM)),
+      users=jax.random.normal(keys[1], (NUM_USERS, CF_DIM)),
+    ),
+    llm=tree_utils.unbox(
+      model.llm.init(keys[2], jnp.zeros((1, 3), jnp.int32))["params"]
+    ),
+  )
+  if model.adapter == "qformer":
+    params["qformer"] = qformer.init_params(_qformer_config(), keys[3])
+  if model.adapter != "none":
+    params["proj"] = ilm.init_adapter(model, keys[4], CF_DIM, 8)
+  return params
+
+
+def _batch():
+  # Sequence: [5, soft(user 2: slots 0,1), 7, soft(item 4: 0,1), 9, 3, eos].
+  ids = np.array([[5, 0, 0, 7, 0, 0, 9, 3, 2, 0]], np.int32)
+  return dict(
+    input_ids=ids,
+    soft_entity=np.array([[-1, 0, 0, -1, 1, 1, -1, -1, -1, -1]], np.int32),
+    soft_slot=np.array([[0, 0, 1, 0, 0, 1, 0, 0, 0, 0]], np.int32),
+    entity_kind=np.array([[prompts.USER, prompts.ITEM]], np.int32),
+    entity_index=np.array([[2, 4]], np.int32),
+    entity_mask=np.ones((1, 2), bool),
+    attention_mask=np.array([[1] * 9 + [0]], bool),
+    targets=np.array([[0, 0, 0, 0, 0, 0, 3, 2, 0, 0]], np.int32),
+    loss_mask=np.array([[0, 0, 0, 0, 0, 0, 1, 1, 0, 0]], bool),
+  )
+
+
+@pytest.mark.parametrize("adapter", ["qformer", "mlp"])
+def test_soft_tokens_replace_exactly_the_placeholder_embeddings(adapter):
+  model = _model(adapter)
+  params = _params(model)
+  batch = _batch()
+  embeds = np.asarray(jax.jit(model.input_embeddings)(params, batch))
+  table = np.asarray(params["llm"]["embedding"])
+  soft_tokens = jax.jit(model.soft_tokens)
+  soft = np.asarray(
+    soft_tokens(params, batch["entity_kind"], batch["entity_index"])
+  )
+  assert soft.shape == (1, 2, 2, LLM.hidden_size)
+  for position in (0, 3, 6, 7, 8, 9):  # text positions keep their embedding
+    np.testing.assert_array_equal(
+      embeds[0, position], table[batch["input_ids"][0, position]]
+    )
+  expected = {1: (0, 0), 2: (0, 1), 4: (1, 0), 5: (1, 1)}
+  for position, (entity, slot) in expected.items():
+    np.testing.assert_array_equal(embeds[0, position], soft[0, entity, slot])
+  # The user's soft tokens come from the user table, the item's from items.
+  user_only = dict(
+    params, cf=dict(params["cf"], items=params["cf"]["items"] * 0)
+  )
+  changed = np.asarray(
+    soft_tokens(user_only, batch["entity_kind"], batch["entity_index"])
+  )
+  np.testing.assert_allclose(changed[0, 0], soft[0, 0], rtol=1e-6)
+  assert not np.allclose(changed[0, 1], soft[0, 1])
+
+
+def test_loss_is_answer_cross_entropy_and_grads_reach_the_adapter():
+  model = _model("qformer")
+  params = _params(model)
+  batch = _batch()
+  loss, metrics = jax.jit(model.loss)(params, batch, None)
+  logits = jax.jit(
+    lambda p, b: model.llm.apply(
+      {"params": p["llm"]},
+      input_embeds=model.input_embeddings(p, b),
+      attention_mask=b["attention_mask"],
+    )[0]
+  )(params, batch)
+  log_probs = jax.nn.log_softmax(np.asarray(logits[0]), axis=-1)
+  expected = -(log_probs[6, 3] + log_probs[7, 2]) / 2
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+  assert int(metrics["answer_tokens"]) == 2
+  assert int(metrics["answer_tokens_dropped"]) == 0
+
+  grads = jax.jit(jax.grad(lambda p: model.loss(p, batch, None)[0]))(params)
+  assert float(tree_utils.global_norm(grads["proj"])) > 0
+  assert float(jnp.abs(grads["qformer"]["query_tokens"]).sum()) > 0
+  assert float(tree_utils.global_norm(grads["qformer"]["cf_input"])) > 0
+
+
+def test_text_only_model_ignores_soft_positions():
+  model = _model("none")
+  params = _params(model)
+  embeds = jax.jit(model.input_embeddings)(params, _batch())
+  table = np.asarray(params["llm"]["embedding"])
+  np.testing.assert_array_equal(
+    np.asarray(embeds[0]), table[_batch()["input_ids"][0]]
+  )
+
+
+def test_token_count_must_match_the_qformer_queries():
+  config = ml_collections.ConfigDict(
+    dict(
+      adapter="qformer",
+      tokens_per_entity=3,
+      max_target_tokens=4,
+      mlp_hidden_dim=8,
+    )
+  )
+  with pytest.raises(ValueError, match="tokens_per_entity=3 must equal"):
+    ilm.build(config, LLM, _qformer_config(2))
