@@ -12,11 +12,12 @@ for tests. Override any field from the command line, e.g.
 import ml_collections
 
 from configs import common
+from ilm_jax.models import qformer
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   mode = common.parse_mode(arg)
-  tiny, cpu = mode == "tiny", mode == "cpu"
+  tiny, full = mode == "tiny", mode == "full"
   config = ml_collections.ConfigDict()
   config.mode = mode
   # Comma-separated subset of cf,qformer,ilm,eval,export or "all".
@@ -39,16 +40,198 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.mesh = common.mesh_config()
 
-  # Phase 0: collaborative-filtering tables (MF) and the SASRec baseline.
+  # Phase 0: collaborative-filtering tables (MF, exported to
+  # WORKDIR/cf/export) and the popularity / SASRec baselines; ilm_jax/phases/
+  # cf.py. `cf.model`, `cf.optim`, `cf.train` configure MF.
+  def ranking(split, mask_history=False):
+    return dict(
+      type="ranking",  # evaluators/ranking.py: full ranking over all items
+      split=split,  # valid: target items[-2]; test: items[-1]
+      mask_history=mask_history,  # drop seen items from the candidates
+      prefix="masked_" if mask_history else "",  # metric-name prefix
+      ks=(5, 10),
+      ties="pessimistic",  # target ranked after items with equal score
+      batch_size=512,
+    )
+
   config.cf = ml_collections.ConfigDict(
     dict(
-      model=dict(type="mf", embed_dim=64),
-      optim=common.optim_config(lr=1e-3, steps=20 if tiny else 3000),
+      # Comma list of baselines trained after MF: popularity, sasrec.
+      baselines="popularity,sasrec",
+      model=dict(
+        type="mf",
+        embed_dim=64,  # d of the exported user and item tables
+        init_stddev=0.1,
+        # "all": every training interaction; "positive": rating >= data.
+        # positive_rating only.
+        interactions="all",
+      ),
+      # Batches are users (each with all its training items, full softmax).
+      optim=common.optim_config(
+        lr=3e-3, steps=20 if tiny else 1500, weight_decay=0.1
+      ),
       train=common.train_config(
-        steps=20 if tiny else 3000, batch_size=64 if tiny else 1024
+        steps=20 if tiny else 1500,
+        batch_size=16 if tiny else 256,
+        log_every=10 if tiny else 100,
+        eval_every=10 if tiny else 250,
+      ),
+      # Shared by all models. OpenP5's protocol (no masking), and the same
+      # with seen items masked (keys masked_hr@10, ...), in one file per
+      # split: metrics/<model>_<split>.json.
+      evals=dict(
+        valid=ranking("valid"),
+        valid_masked=ranking("valid", mask_history=True),
+        test=ranking("test"),
+        test_masked=ranking("test", mask_history=True),
+      ),
+      popularity=dict(
+        # No trainable parameters: zero steps, evaluation only.
+        optim=common.optim_config(lr=1.0, steps=0, frozen=(".*",)),
+        train=common.train_config(steps=0, batch_size=16 if tiny else 256),
+      ),
+      sasrec=dict(
+        model=dict(
+          # SASRec's own window (SASRec paper: 200 on ML-1M), distinct from
+          # data.max_history (20, the LLM prompts' history cap).
+          max_length=10 if tiny else 200,
+          embed_dim=16 if tiny else 64,
+          num_layers=2,
+          num_heads=1,
+          mlp_dim=16 if tiny else 64,
+          dropout_rate=0.2,
+          # Training computes logits for at most this fraction of a batch's
+          # positions, filled with the real (non-padding) targets; ML-1M at
+          # max_length 200 is 54% real (models/sasrec.py SASRec.loss).
+          target_fraction=1.0 if tiny else 0.65,
+        ),
+        optim=common.optim_config(
+          lr=1e-3, steps=20 if tiny else 2000, warmup_steps=2 if tiny else 100
+        ),
+        # A batch is that many users' windows (all positions trained).
+        train=common.train_config(
+          steps=20 if tiny else 2000,
+          batch_size=16 if tiny else 128,
+          log_every=10 if tiny else 100,
+          eval_every=10 if tiny else 500,
+        ),
       ),
     )
   )
+  # Best-params selection, on validation only, never test. MF fits the
+  # training items, which the unmasked protocol counts as misses, so MF is
+  # selected on the masked metric.
+  config.cf.train.best_metric = "valid/masked_ndcg@10"
+  config.cf.sasrec.train.best_metric = "valid/ndcg@10"
 
-  config.evals = ml_collections.ConfigDict()
+  # Phase 1: Q-Former pretraining (ilm_jax/phases/qformer.py). The model
+  # block is models/qformer.py's default (BLIP-2 settings, MiniLM text
+  # branch) with CPU-sized query counts.
+  qformer_model = qformer.default_qformer_config()
+  qformer_model.cf_dim = config.cf.model.embed_dim
+  qformer_model.num_queries = 32 if full else 4  # soft tokens per entity
+  if tiny:  # a small random Q-Former: tests need speed, not MiniLM
+    qformer_model.update(
+      pretrained="",
+      num_layers=2,
+      hidden_size=32,
+      num_heads=2,
+      intermediate_size=64,
+      num_queries=2,
+      embed_dim=16,
+    )
+  config.qformer = ml_collections.ConfigDict(
+    dict(
+      model=qformer_model,
+      optim=common.optim_config(
+        lr=1e-4, steps=1, warmup_steps=0, weight_decay=0.05
+      ),
+      train=common.train_config(steps=1, batch_size=1),
+      evals=dict(
+        retrieval=dict(type="item_text_retrieval", split="test"),
+        ii_valid=dict(type="cooccurrence_retrieval", split="valid"),
+        ii_test=dict(type="cooccurrence_retrieval", split="test"),
+        itg=dict(type="itg_loss", split="valid", num_items=512),
+      ),
+    )
+  )
+  steps = {"full": 20000, "cpu": 300, "tiny": 4}[mode]
+  config.qformer.optim.update(learning_rate=1e-4, warmup_steps=steps // 20)
+  config.qformer.train.update(
+    steps=steps,
+    batch_size={"full": 256, "cpu": 32, "tiny": 8}[mode],
+    log_every=2 if tiny else 25,
+    checkpoint_every=2 if tiny else 100,
+  )
+
+  # Phase 2: the ILM (ilm_jax/phases/ilm.py). Baselines are variants of
+  # this block; see README / docs/RESULTS.md for their command lines.
+  history = {"full": 20, "cpu": 8, "tiny": 3}[mode]
+  config.ilm = ml_collections.ConfigDict(
+    dict(
+      variant="",  # "" writes WORKDIR/ilm; "mlp" writes WORKDIR/ilm_mlp ...
+      llm=dict(
+        checkpoint="smollm2-135m-instruct",  # or a .gguf / HF directory
+        dtype="bfloat16" if full else "float32",  # compute dtype
+        param_dtype="bfloat16" if full else "float32",  # frozen weights
+      ),
+      model=dict(
+        adapter="qformer",  # qformer (ILM) | mlp (CoLLM) | none (text)
+        tokens_per_entity=qformer_model.num_queries,
+        qformer_init="phase1",  # phase1 | random (ILM-rand)
+        max_target_tokens=64,  # answer tokens scored per example
+        mlp_hidden_dim=1024,  # adapter="mlp" only
+      ),
+      data=dict(
+        templates="",  # "" = ilm_jax/data/templates/prompts.json
+        max_history=history,  # items in {history}, most recent last
+        max_len={"full": 1024, "cpu": 224, "tiny": 128}[mode],  # prompt+answer
+        titles_with_soft=True,  # write each item's title before its tokens
+        system_prompt="You are a helpful movie recommender.",
+        task_weights=dict(
+          sequential=0.4, straightforward=0.2, description=0.2, conversation=0.2
+        ),
+        examples_per_epoch=200_000,  # virtual epoch of sampled prompts
+      ),
+      optim=common.optim_config(
+        lr=1e-4,
+        steps=1,
+        frozen=(
+          "llm/.*",
+          "cf/.*",
+          # Phase-1 heads that the soft tokens never use.
+          "qformer/(text_proj|item_proj|itm_head|lm_transform|lm_norm)/.*",
+          "qformer/(lm_bias|temperature)",
+        ),
+      ),
+      train=common.train_config(steps=1, batch_size=1),
+      evals=dict(
+        rank=dict(
+          type="generative_ranking",
+          split="test",
+          tasks=("sequential", "straightforward"),
+          num_users={"full": 0, "cpu": 100, "tiny": 4}[mode],
+          num_beams=4 if tiny else 10,
+          batch_size=4 if tiny else 8,
+        ),
+        describe=dict(
+          type="description",
+          split="test",
+          num_items={"full": 0, "cpu": 30, "tiny": 2}[mode],
+          max_new_tokens=8 if tiny else 48,
+          batch_size=2 if tiny else 8,
+        ),
+      ),
+    )
+  )
+  steps = {"full": 20000, "cpu": 200, "tiny": 2}[mode]
+  config.ilm.optim.update(
+    learning_rate=1e-4 if full else 3e-4, warmup_steps=steps // 10
+  )
+  config.ilm.train.update(
+    steps=steps,
+    batch_size={"full": 64, "cpu": 8, "tiny": 8}[mode],
+    log_every=1 if tiny else 10,
+    checkpoint_every=2 if tiny else 50,
+  )
   return config

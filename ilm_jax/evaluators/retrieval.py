@@ -1,0 +1,160 @@
+"""Phase-1 evaluators: retrieval with Q-Former features, and ITG loss.
+
+`item_text_retrieval`: every item's query features against every item's
+text [CLS] feature (similarity = max over queries, as ITC); recall@1/5/10
+of the true text for each item (i2t) and of the true item for each text
+(t2i), over all items.
+
+`cooccurrence_retrieval`: for held-out consecutive pairs (valid: the last
+train item -> items[-2]; test: items[-2] -> items[-1]) rank all other items
+by the similarity of their query sets (as the II loss) -> recall@10.
+
+`itg_loss`: the item-grounded text generation loss on a fixed item subset,
+without dropout.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ilm_jax import losses
+from ilm_jax.evaluators import common
+from ilm_jax.models import qformer
+
+
+def _rank_of_diagonal(similarity: np.ndarray) -> np.ndarray:
+  """Rank (0 = best) of entry [i, i] in each row; ties count against it."""
+  diagonal = np.diagonal(similarity)[:, None]
+  return (similarity >= diagonal).sum(axis=1) - 1
+
+
+def recall_at(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+  return {f"recall@{k}": float((ranks < k).mean()) for k in ks}
+
+
+class _QFormerEvaluator:
+  def __init__(
+    self,
+    name,
+    config,
+    *,
+    dataset,
+    model_config,
+    item_table,
+    text_ids,
+    text_mask,
+    seed=0,
+    **unused,
+  ):
+    del unused
+    self.name, self.config, self.split = name, config, config["split"]
+    self.dataset, self.item_table = dataset, item_table
+    self.text_ids, self.text_mask, self.seed = text_ids, text_mask, seed
+    self.model_config = ml_collections.FrozenConfigDict(model_config)
+    self.batch_size = config.get("batch_size", 256)
+
+  @functools.cached_property
+  def _features(self):
+    model = qformer.make_model(self.model_config)
+
+    def features(params, cf, ids, mask):
+      def apply(method, *args):
+        return model.apply({"params": params}, *args, method=method)
+
+      items = apply(lambda m, c: m.item_features(m.encode_queries(c)), cf)
+      texts = apply(
+        lambda m, i, k: m.text_features(m.encode_text(i, k)), ids, mask
+      )
+      return items, texts
+
+    return jax.jit(features)
+
+  def all_features(self, params):
+    """(item query features [N, Q, E], text features [N, E]) for all items."""
+    n, b = len(self.item_table), self.batch_size
+    pad = -n % b
+    cf = np.pad(self.item_table, ((0, pad), (0, 0)))
+    ids = np.pad(self.text_ids, ((0, pad), (0, 0)))
+    mask = np.pad(self.text_mask, ((0, pad), (0, 0)))
+    mask[n:, :2] = 1  # padded rows need a non-empty text; dropped below
+    items, texts = [], []
+    for start in range(0, n + pad, b):
+      i, t = self._features(
+        params,
+        cf[start : start + b],
+        ids[start : start + b],
+        mask[start : start + b],
+      )
+      items.append(np.asarray(i))
+      texts.append(np.asarray(t))
+    return np.concatenate(items)[:n], np.concatenate(texts)[:n]
+
+
+@common.register("item_text_retrieval")
+class ItemTextRetrieval(_QFormerEvaluator):
+  def run(self, params):
+    item_features, text_features = self.all_features(params)
+    similarity = np.asarray(
+      losses.item_text_similarity(
+        jnp.asarray(item_features), jnp.asarray(text_features)
+      )
+    )
+    for direction, matrix in (("i2t", similarity), ("t2i", similarity.T)):
+      for metric, value in recall_at(_rank_of_diagonal(matrix)).items():
+        yield f"{direction}/{metric}", value
+    yield "items", len(item_features)
+
+
+@common.register("cooccurrence_retrieval")
+class CooccurrenceRetrieval(_QFormerEvaluator):
+  def run(self, params):
+    item_features, _ = self.all_features(params)
+    offset = 3 if self.split == "valid" else 2
+    users = [
+      u
+      for u in range(self.dataset.num_users)
+      if len(self.dataset.sequence(u)) >= offset
+    ]
+    anchors = np.array([self.dataset.sequence(u)[-offset] for u in users])
+    targets = np.array([self.dataset.sequence(u)[-offset + 1] for u in users])
+    similarity = np.array(
+      losses.pooled_similarity(
+        jnp.asarray(item_features[anchors]), jnp.asarray(item_features)
+      )
+    )
+    similarity[np.arange(len(users)), anchors] = -np.inf  # not itself
+    target_scores = similarity[np.arange(len(users)), targets][:, None]
+    ranks = (similarity >= target_scores).sum(axis=1) - 1
+    yield "ii/recall@10", float((ranks < 10).mean())
+    yield "ii/pairs", len(users)
+
+
+@common.register("itg_loss")
+class TextGenerationLoss(_QFormerEvaluator):
+  def run(self, params):
+    count = min(self.config.get("num_items", 512), len(self.item_table))
+    items = np.sort(
+      np.random.default_rng(self.seed).choice(
+        len(self.item_table), count, replace=False
+      )
+    )
+    config = ml_collections.ConfigDict(self.model_config.to_dict())
+    config.losses = dict(itc=0.0, itm=0.0, itg=1.0, ii=0.0, ui=0.0)
+    loss = jax.jit(
+      lambda p, batch: qformer.phase1_losses(
+        p, batch, jax.random.key(0), config, deterministic=True
+      )[0]
+    )
+    total = 0.0
+    for start in range(0, count, self.batch_size):
+      rows = items[start : start + self.batch_size]
+      batch = dict(
+        item_cf=self.item_table[rows],
+        text_ids=self.text_ids[rows],
+        text_mask=self.text_mask[rows],
+      )
+      total += float(loss(params, batch)) * len(rows)
+    yield "itg/loss", total / count
