@@ -6,6 +6,7 @@ so rerunning the same command after an interruption continues the work.
 """
 
 import importlib
+import json
 import pathlib
 import time
 
@@ -38,7 +39,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh.devices.size,
     jax.devices()[0].platform,
   )
-  summaries = {}
+  # Summaries of earlier invocations stay; this run's phases replace theirs.
+  phases_file = workdir / "phases.json"
+  summaries = (json.loads(phases_file.read_text())
+               if phases_file.exists() else {})
   for phase in config_validation.selected_phases(config.phases):
     module = importlib.import_module(f"ilm_jax.phases.{phase}")
     logging.info("=== Phase %s ===", phase)
@@ -47,5 +51,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["wall_time_s"] = time.perf_counter() - start
     summaries[phase] = summary
     logging.info("Phase %s done in %.1f s.", phase, summary["wall_time_s"])
-    metric_writer.write_json(workdir / "phases.json", summaries)
+    metric_writer.write_json(phases_file, summaries)
   return summaries

@@ -54,27 +54,21 @@ def multimodal_causal_mask(num_queries: int, text_mask):
   return structure[None] & keys[:, None, :]
 
 
-def duplicate_mask(embeddings, rel_tol: float = 1e-5):
+def duplicate_mask(embeddings):
   """`[B, B]` True where two rows hold the same (frozen) CF embedding.
 
   Identical items in one batch are not negatives of each other; frozen CF
-  vectors identify items, so equality of vectors is equality of items. The
-  squared distance comes from one matmul (O(B^2) memory, fine for a large
-  global batch) at full precision; the tolerance covers its rounding.
+  vectors identify items, so exact equality of vectors is equality of items.
+  XLA fuses the compare into the reduction, so no `[B, B, D]` array is kept.
 
   Args:
-    embeddings: `[B, D]` float.
-    rel_tol: rows count as equal when |a-b|^2 <= rel_tol * (|a|^2 + |b|^2).
+    embeddings: `[B, D]`.
 
   Returns:
     `[B, B]` bool, True on the diagonal.
   """
-  x = embeddings.astype(jnp.float32)
-  sq = jnp.sum(x * x, axis=-1)
-  dot = jnp.matmul(x, x.T, precision=jax.lax.Precision.HIGHEST)
-  dist = sq[:, None] + sq[None, :] - 2.0 * dot
-  same = dist <= rel_tol * (sq[:, None] + sq[None, :])
-  return same | jnp.eye(x.shape[0], dtype=bool)
+  same = jnp.all(embeddings[:, None, :] == embeddings[None, :, :], axis=-1)
+  return same | jnp.eye(embeddings.shape[0], dtype=bool)  # NaN != NaN
 
 
 def item_text_similarity(item_features, text_features):

