@@ -1,0 +1,122 @@
+"""All phases on the tiny config (synthetic data, the real SmolLM2 and the
+real orbax/grain machinery) in a temporary workdir, then the export bundle.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import ml1m
+from ilm_jax import checkpoint
+from ilm_jax.phases import export
+
+pytestmark = pytest.mark.slow
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(workdir, *flags):
+  """The README's command on the tiny config, as a user runs it.
+
+  One CPU device (the multi-device paths have their own tests): eight
+  virtual devices on two cores only slow the run down.
+  """
+  env = dict(os.environ, XLA_FLAGS="")
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ilm_jax.main",
+      "--config=configs/ml1m.py:tiny",
+      f"--workdir={workdir}",
+      *flags,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  return json.loads((workdir / "phases.json").read_text()), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("e2e")
+  return workdir, _main(workdir)[0]
+
+
+def test_every_phase_runs_and_writes_its_outputs(finished_run):
+  workdir, summaries = finished_run
+  assert set(summaries) == {"cf", "qformer", "ilm", "eval", "export"}
+  for phase in summaries.values():
+    assert phase["wall_time_s"] > 0
+  ilm_test = json.loads((workdir / "metrics" / "ilm_test.json").read_text())
+  for which in ("seen", "unseen"):
+    for metric in ("hr@5", "hr@10", "ndcg@5", "ndcg@10"):
+      value = ilm_test[f"sequential/{which}/{metric}"]
+      assert 0.0 <= value <= 1.0
+    assert 0.0 <= ilm_test[f"description/{which}/semantic_consistency"] <= 1
+  # NDCG can never exceed HR at the same cut-off.
+  assert (
+    ilm_test["sequential/seen/ndcg@10"]
+    <= ilm_test["sequential/seen/hr@10"] + 1e-9
+  )
+  assert ilm_test["users"] == 4
+  for name in ("mf", "sasrec", "popularity", "qformer"):
+    assert (workdir / "metrics" / f"{name}_test.json").exists(), name
+  table = (workdir / "results.md").read_text()
+  assert "| ILM (Q-Former + linear projector) |" in table
+  assert "| SASRec (phase 0, full ranking) |" in table
+  assert summaries["ilm"]["trie/titles"] == 40
+
+
+def test_export_bundle_reloads_the_trained_adapter(finished_run):
+  workdir, _ = finished_run
+  bundle = export.load_bundle(workdir / "export")
+  trained = checkpoint.load_params(workdir / "ilm" / "adapter")
+  for got, want in zip(
+    jax.tree.leaves({k: bundle.params[k] for k in ("qformer", "proj")}),
+    jax.tree.leaves(trained),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert len(bundle.item_titles) == bundle.params["cf"]["items"].shape[0]
+  # The rebuilt model scores an answer: a finite, positive loss.
+  from ilm_jax.data import prompts  # noqa: PLC0415
+
+  encoder = prompts.PromptEncoder(
+    bundle.tokenizer,
+    bundle.item_titles,
+    tokens_per_entity=2,
+    max_len=96,
+    max_entities=4,
+  )
+  request = prompts.Request(
+    "sequential",
+    "{user} watched {history}.",
+    user=0,
+    history=(1, 2),
+    target_text=bundle.item_titles[3],
+    target_item=3,
+  )
+  batch = {k: v[None] for k, v in encoder.encode(request).items()}
+  loss, _ = jax.jit(bundle.model.loss)(bundle.params, batch, None)
+  assert np.isfinite(float(loss)) and float(loss) > 0
+
+
+def test_rerunning_a_finished_run_resumes_instead_of_retraining(finished_run):
+  workdir, _ = finished_run
+  summaries, log = _main(workdir, "--config.phases=qformer")
+  # The checkpoint at the last step is found: no training step runs again.
+  assert "Resuming from" in log and "Training qformer" not in log
+  assert (
+    summaries["qformer"]["steps"] == ml1m.get_config("tiny").qformer.train.steps
+  )
