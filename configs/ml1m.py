@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=512,
     )
 
-  sasrec_steps = {"tiny": 20, "cpu": 940, "full": 4700}[mode]  # 20, 100 ep.
+  sasrec_steps = {"tiny": 20, "cpu": 470, "full": 4700}[mode]  # 10, 100 ep.
   config.cf = ml_collections.ConfigDict(
     dict(
       # Comma list of baselines trained after MF: popularity, sasrec.
@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model=dict(
           # SASRec's own window, distinct from data.max_history (20, the
           # LLM prompts' history cap). The SASRec paper uses 200 on ML-1M;
-          # the cpu mode uses 50, which trains more epochs per CPU-minute.
+          # the cpu mode uses 50, which trains more epochs per CPU-minute
+          # (docs/results/cf.md).
           max_length={"tiny": 10, "cpu": 50, "full": 200}[mode],
           embed_dim={"tiny": 16, "cpu": 64, "full": 128}[mode],
           num_layers=2,

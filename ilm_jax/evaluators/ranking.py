@@ -1,0 +1,177 @@
+"""Full-ranking evaluator: every user's held-out item against all items.
+
+Config (one entry of a phase's `evals`):
+  type="ranking"
+  split: "valid" (target items[-2], history items[:-2]; also runs during
+    training, for best-params selection) or "test" (target items[-1],
+    history items[:-1]). Files: metrics/<phase>_<split>.json.
+  mask_history: if True, items of the user's history (all of it, not only
+    the model's window) are removed from the candidates. OpenP5's protocol
+    does not mask (False, the default). The target is always a candidate.
+  prefix: prepended to every metric name, so a masked and an unmasked
+    evaluator of one split share its file ("masked_hr@10" beside "hr@10").
+  ks: cut-offs (default (5, 10)).
+  ties: "pessimistic" (default), "optimistic" or "expected" (metrics.py).
+  batch_size: users per jitted step (global; rounded up to a multiple of
+    the data-parallel shards).
+
+Context from the phase: `dataset` (ProcessedDataset), `score_fn(params,
+batch) -> float [batch, num_items]` (batch has "user", "history",
+"history_mask"), `mesh`, `history_length` (the model's window).
+
+Yields <prefix>hr@k and <prefix>ndcg@k averaged over users, and
+<prefix>users, the number of users evaluated (all users of the dataset: each has a validation and test item).
+Per-user metrics come back to the host and are summed in float64 there, so
+the result does not depend on how the batch is split over devices.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ilm_jax import metrics, sharding
+from ilm_jax.data import pipeline, processing
+from ilm_jax.evaluators import common
+
+ScoreFn = Callable[[Any, dict], jax.Array]
+
+
+def history_items(
+  dataset: processing.ProcessedDataset, target: str
+) -> list[np.ndarray]:
+  """Per user, every item before the held-out `target` ("valid"/"test")."""
+  drop = {"valid": 2, "test": 1}[target]
+  return [dataset.sequence(u)[:-drop] for u in range(dataset.num_users)]
+
+
+def exclusion_mask(item_lists: list[np.ndarray], num_items: int) -> np.ndarray:
+  """bool [len(item_lists), num_items], True on each row's listed items."""
+  rows = np.repeat(np.arange(len(item_lists)), [len(x) for x in item_lists])
+  mask = np.zeros((len(item_lists), num_items), bool)
+  if len(rows):
+    mask[rows, np.concatenate(item_lists)] = True
+  return mask
+
+
+@common.register("ranking")
+class RankingEvaluator:
+  """HR@k / NDCG@k under full ranking, batched, jitted and sharded."""
+
+  def __init__(
+    self,
+    name: str,
+    config: Any,
+    *,
+    dataset: processing.ProcessedDataset,
+    score_fn: ScoreFn,
+    mesh: jax.sharding.Mesh,
+    history_length: int = 1,
+    **unused_context: Any,
+  ):
+    self.name = name
+    self.split = config["split"]
+    if self.split not in ("valid", "test"):
+      raise ValueError(
+        f"evals.{name}.split={self.split!r}: expected 'valid' or 'test'."
+      )
+    self.mask_history = bool(config.get("mask_history", False))
+    self.prefix = config.get("prefix", "")
+    self.ks = tuple(int(k) for k in config.get("ks", (5, 10)))
+    self.ties = config.get("ties", "pessimistic")
+    if self.ties not in metrics.TIE_POLICIES:
+      raise ValueError(
+        f"evals.{name}.ties={self.ties!r}: expected one of "
+        f"{metrics.TIE_POLICIES}."
+      )
+    shards = sharding.num_batch_shards(mesh) * jax.process_count()
+    requested = int(config.get("batch_size", 512))
+    self.batch_size = shards * math.ceil(requested / shards)
+    self._mesh = mesh
+    self._num_items = dataset.num_items
+    self._examples = pipeline.sequential_examples(
+      dataset, self.split, history_length
+    )
+    self._history = (
+      history_items(dataset, self.split) if self.mask_history else None
+    )
+    self._score_fn = score_fn
+
+  def _batches(self) -> Iterator[dict]:
+    """This process's users in fixed-shape batches, padded with a mask.
+
+    Every process runs the same number of steps (the largest shard's), as
+    jitted steps over a multi-host mesh need all processes.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    local_size = self.batch_size // count
+    users = pipeline.shard_indices(len(self._examples), index, count)
+    largest_shard = math.ceil(len(self._examples) / count)
+    for start in range(0, largest_shard, local_size):
+      chunk = users[start : start + local_size]
+      real = len(chunk)
+      filler = users[:1] if real == 0 else chunk[:1]
+      chunk = np.concatenate([chunk, np.repeat(filler, local_size - real)])
+      batch = self._examples.gather(chunk)
+      batch["mask"] = np.arange(local_size) < real
+      if self._history is not None:
+        rows = [self._history[u] for u in batch["user"]]
+        batch["exclude"] = exclusion_mask(rows, self._num_items)
+      yield batch
+
+  def run(self, params: Any) -> Iterator[tuple[str, float]]:
+    """Yields (metric name, mean over users) and ("users", count)."""
+    sums: dict[str, float] = {}
+    num_users = 0
+    for local_batch in self._batches():
+      batch = sharding.put_global_batch(local_batch, self._mesh)
+      per_user = _gather_to_host(
+        _per_user_metrics(
+          params, batch, score_fn=self._score_fn, ks=self.ks, ties=self.ties
+        )
+      )
+      real = _gather_to_host(batch["mask"])
+      num_users += int(real.sum())
+      for key, values in per_user.items():
+        sums[key] = sums.get(key, 0.0) + float(
+          np.sum(values[real], dtype=np.float64)
+        )
+    if not num_users:
+      raise ValueError(f"Evaluator {self.name}: no users to evaluate.")
+    logging.info(
+      "%s: %d users, split=%s, mask_history=%s, ties=%s.",
+      self.name,
+      num_users,
+      self.split,
+      self.mask_history,
+      self.ties,
+    )
+    for key in sorted(sums, key=_metric_order):
+      yield self.prefix + key, sums[key] / num_users
+    yield self.prefix + "users", float(num_users)
+
+
+def _metric_order(key: str) -> tuple[str, int]:
+  name, k = key.split("@")
+  return name, int(k)
+
+
+# Static arguments key jax's compilation cache, so the valid and test
+# evaluators of one model share one executable.
+@functools.partial(jax.jit, static_argnames=("score_fn", "ks", "ties"))
+def _per_user_metrics(params, batch, *, score_fn, ks, ties):
+  scores = score_fn(params, batch)
+  return metrics.ranking_metrics(
+    scores, batch["target"], ks, batch.get("exclude"), ties
+  )
+
+
+def _gather_to_host(tree: Any) -> Any:
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)

@@ -1,0 +1,236 @@
+"""Matrix factorization: the collaborative-filtering (CF) tables of ILM.
+
+Users and items get vectors in one d-dimensional space and a user's score
+for an item is their dot product; later phases treat a user vector as a
+"special item" and feed `item_table[i]` / `user_table[u]` to the Q-Former.
+
+Objective: full softmax over all items (a multinomial likelihood per user).
+For a batch of users, each user's training items (items[:-2], with
+multiplicity) are targets of one softmax over the whole catalogue:
+  loss = -sum_u sum_{i in train(u)} log softmax(user_u . item_*)_i / #pairs.
+This is exactly pair-level softmax cross-entropy over every (user, item)
+training pair, grouped by user, so one step scores each user against the
+catalogue once instead of once per pair (about 160 times less work on
+ML-1M). Full rather than sampled softmax: catalogues here have a few
+thousand items, so the exact gradient is cheap and there is no sampling
+bias to correct; item popularity is learned through the normaliser.
+
+The exported tables (`export_cf_tables` / `load_cf_tables`) are a plain
+orbax param directory plus a JSON file of index metadata, readable without
+any training code.
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ilm_jax import checkpoint
+from ilm_jax.data import pipeline, processing
+
+EXPORT_FORMAT = "ilm_jax.cf_tables.v1"
+
+
+class MatrixFactorization(nn.Module):
+  """User and item embedding tables scored by dot product.
+
+  Attributes:
+    num_users: rows of the user table.
+    num_items: rows of the item table.
+    embed_dim: dimension d of both tables.
+    init_stddev: standard deviation of the normal initialisation.
+  """
+
+  num_users: int
+  num_items: int
+  embed_dim: int
+  init_stddev: float = 0.1
+
+  def setup(self):
+    init = nn.initializers.normal(self.init_stddev)
+    self.user_embedding = nn.Embed(
+      self.num_users, self.embed_dim, embedding_init=init
+    )
+    self.item_embedding = nn.Embed(
+      self.num_items, self.embed_dim, embedding_init=init
+    )
+
+  def __call__(self, users: jax.Array) -> jax.Array:
+    """Scores of `users` (int [batch]) against every item: [batch, items]."""
+    return self.item_embedding.attend(self.user_embedding(users))
+
+
+def multinomial_loss(
+  scores: jax.Array, item_counts: jax.Array
+) -> tuple[jax.Array, dict]:
+  """Full-softmax cross-entropy of every (user, item) pair in a batch.
+
+  Args:
+    scores: float [batch, num_items].
+    item_counts: float [batch, num_items], how often each item is a target
+      of each row (0 for padding rows).
+
+  Returns:
+    (mean negative log-likelihood per pair, metrics dict).
+  """
+  log_probs = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+  num_pairs = jnp.maximum(jnp.sum(item_counts), 1.0)
+  loss = -jnp.sum(item_counts * log_probs) / num_pairs
+  return loss, dict(pairs_per_batch=num_pairs)
+
+
+def training_item_lists(
+  dataset: processing.ProcessedDataset, interactions: str = "all"
+) -> list[np.ndarray]:
+  """Per user, the items MF trains on (never validation or test targets).
+
+  Args:
+    dataset: the processed dataset.
+    interactions: "all" (every item of items[:-2]) or "positive" (the
+      user-item positives, rating >= config.data.positive_rating).
+
+  Returns:
+    One int array per user.
+  """
+  if interactions == "all":
+    return [dataset.train_sequence(u) for u in range(dataset.num_users)]
+  if interactions == "positive":
+    pairs = dataset.user_item_pairs
+    order = np.argsort(pairs[:, 0], kind="stable")
+    bounds = np.searchsorted(pairs[order, 0], np.arange(dataset.num_users + 1))
+    items = pairs[order, 1]
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+  raise ValueError(
+    f"cf.model.interactions={interactions!r}: expected 'all' or 'positive'."
+  )
+
+
+def user_item_count_examples(
+  item_lists: list[np.ndarray], num_items: int
+) -> pipeline.ExampleDataset:
+  """One example per user with training items: {"user", "item_counts"}.
+
+  `item_counts` is a dense float32 [num_items] row (multiplicities), built
+  per batch; a few MB per batch of users even for ML-1M.
+  """
+  users = np.array([u for u, i in enumerate(item_lists) if len(i)], np.int64)
+
+  def gather(indices: np.ndarray) -> pipeline.Batch:
+    batch_users = users[indices]
+    lists = [item_lists[u] for u in batch_users]
+    rows = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
+    flat = rows * num_items + np.concatenate(lists)
+    counts = np.bincount(flat, minlength=len(lists) * num_items)
+    counts = counts.reshape(len(lists), num_items).astype(np.float32)
+    return {"user": batch_users.astype(np.int32), "item_counts": counts}
+
+  return pipeline.ExampleDataset(len(users), gather, "mf/user_item_counts")
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array as numpy."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(jax.device_get(array))
+
+
+def tables_from_params(params: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(item_table, user_table) as host arrays from MatrixFactorization params."""
+  return (
+    _to_host(params["item_embedding"]["embedding"]),
+    _to_host(params["user_embedding"]["embedding"]),
+  )
+
+
+def export_cf_tables(
+  path: os.PathLike,
+  item_table: np.ndarray,
+  user_table: np.ndarray,
+  dataset: processing.ProcessedDataset,
+  extra_metadata: dict | None = None,
+) -> pathlib.Path:
+  """Writes the CF tables and their index metadata under `path`.
+
+  Layout: `path/tables/` (orbax: {"item_table", "user_table"}) and
+  `path/metadata.json` (format, sizes, raw ids by index, extras).
+
+  Args:
+    path: export directory (overwritten).
+    item_table: float [num_items, d]; row i is item index i.
+    user_table: float [num_users, d]; row u is user index u.
+    dataset: the dataset the indices refer to.
+    extra_metadata: JSON-serialisable extras (model config, metrics).
+
+  Returns:
+    The export directory.
+  """
+  path = pathlib.Path(path).absolute()
+  if item_table.shape != (dataset.num_items, user_table.shape[1]):
+    raise ValueError(
+      f"item_table {item_table.shape} does not fit {dataset.num_items} "
+      f"items and user_table {user_table.shape}."
+    )
+  checkpoint.save_params(
+    path / "tables", dict(item_table=item_table, user_table=user_table)
+  )
+  if jax.process_index() == 0:
+    metadata = dict(
+      format=EXPORT_FORMAT,
+      dataset=dataset.name,
+      num_items=int(dataset.num_items),
+      num_users=int(dataset.num_users),
+      embed_dim=int(item_table.shape[1]),
+      score="dot",  # user . item, and item . item for item similarity
+      item_ids=list(dataset.item_ids),
+      user_ids=list(dataset.user_ids),
+      **(extra_metadata or {}),
+    )
+    (path / "metadata.json").write_text(json.dumps(metadata, indent=1))
+  return path
+
+
+def load_cf_tables(
+  path: os.PathLike,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Reads an export of `export_cf_tables`.
+
+  Args:
+    path: the export directory (e.g. WORKDIR/cf/export).
+
+  Returns:
+    (item_table [num_items, d], user_table [num_users, d], metadata dict),
+    the tables as float numpy arrays exactly as saved.
+  """
+  path = pathlib.Path(path).absolute()
+  metadata_path = path / "metadata.json"
+  if not metadata_path.exists():
+    raise checkpoint.CheckpointError(
+      f"No CF export at {path} (missing metadata.json); run the cf phase "
+      "with this workdir first."
+    )
+  metadata = json.loads(metadata_path.read_text())
+  if metadata.get("format") != EXPORT_FORMAT:
+    raise checkpoint.CheckpointError(
+      f"{metadata_path}: format {metadata.get('format')!r}, expected "
+      f"{EXPORT_FORMAT!r}."
+    )
+  tables = checkpoint.load_params(path / "tables")
+  item_table = np.asarray(tables["item_table"])
+  user_table = np.asarray(tables["user_table"])
+  expected = {
+    "item_table": (metadata["num_items"], metadata["embed_dim"]),
+    "user_table": (metadata["num_users"], metadata["embed_dim"]),
+  }
+  for name, table in (("item_table", item_table), ("user_table", user_table)):
+    if table.shape != expected[name]:
+      raise checkpoint.CheckpointError(
+        f"{path}: {name} has shape {table.shape}, metadata says "
+        f"{expected[name]}."
+      )
+  return item_table, user_table, metadata
