@@ -4,48 +4,48 @@ import setuptools
 
 # Versions tested together on Python 3.11 (CPU); see docs/RESULTS.md.
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "grain==0.2.18",
-    "ml_collections==1.1.0",
-    "absl-py==2.5.1",
-    "numpy==2.4.6",
-    "safetensors==0.8.0",  # HF checkpoints (MiniLM, larger Llama-family LLMs)
-    "gguf==0.19.0",  # the packaged SmolLM2 weights and tokenizer
-    "tokenizers==0.22.2",  # fast tokenizers; the newest that transformers 4.57.6 (tests) accepts
-    "tensorboardX==2.6.4",  # TensorBoard event files without TensorFlow
-    "jinja2==3.1.6",  # renders the chat template stored with the LLM
+  "jax==0.10.2",
+  "jaxlib==0.10.2",
+  "flax==0.12.8",
+  "optax==0.2.8",
+  "orbax-checkpoint==0.12.8",
+  "grain==0.2.18",
+  "ml_collections==1.1.0",
+  "absl-py==2.5.1",
+  "numpy==2.4.6",
+  "safetensors==0.8.0",  # HF checkpoints (MiniLM, larger Llama-family LLMs)
+  "gguf==0.19.0",  # the packaged SmolLM2 weights and tokenizer
+  "tokenizers==0.22.2",  # fast tokenizers; the newest that transformers 4.57.6 (tests) accepts
+  "tensorboardX==2.6.4",  # TensorBoard event files without TensorFlow
+  "jinja2==3.1.6",  # renders the chat template stored with the LLM
 ]
 
 EXTRAS = {
-    # Independent references for parity tests: transformers' PyTorch Llama and
-    # BERT. 4.57.6 is the last release that still reads GGUF the way our
-    # tests rely on; torch 2.13.0 installs from the machine's local wheel.
-    "test": [
-        "pytest==9.0.3",
-        "pytest-benchmark==5.2.3",
-        "ruff==0.17.6",
-        "torch==2.13.0",
-        "transformers==4.57.6",
-    ],
-    "tpu": ["jax[tpu]==0.10.2"],
-    "gpu": ["jax[cuda12]==0.10.2"],
-    "tfds": ["tensorflow-datasets"],
+  # Independent references for parity tests: transformers' PyTorch Llama and
+  # BERT. 4.57.6 is the last release that still reads GGUF the way our
+  # tests rely on; torch 2.13.0 installs from the machine's local wheel.
+  "test": [
+    "pytest==9.0.3",
+    "pytest-benchmark==5.2.3",
+    "ruff==0.17.6",
+    "torch==2.13.0",
+    "transformers==4.57.6",
+  ],
+  "tpu": ["jax[tpu]==0.10.2"],
+  "gpu": ["jax[cuda12]==0.10.2"],
+  "tfds": ["tensorflow-datasets"],
 }
 
 setuptools.setup(
-    name="ilm_jax",
-    version="0.1.0",
-    description=(
-        "Item-Language Model (ILM) for conversational recommendation in "
-        "JAX/Flax: CF encoder, Q-Former pretraining, frozen-LLM adapter."
-    ),
-    packages=setuptools.find_packages(include=["ilm_jax", "ilm_jax.*"]),
-    package_data={"ilm_jax": ["data/templates/*.json"]},
-    python_requires=">=3.11",
-    install_requires=INSTALL_REQUIRES,
-    extras_require=EXTRAS,
+  name="ilm_jax",
+  version="0.1.0",
+  description=(
+    "Item-Language Model (ILM) for conversational recommendation in "
+    "JAX/Flax: CF encoder, Q-Former pretraining, frozen-LLM adapter."
+  ),
+  packages=setuptools.find_packages(include=["ilm_jax", "ilm_jax.*"]),
+  package_data={"ilm_jax": ["data/templates/*.json"]},
+  python_requires=">=3.11",
+  install_requires=INSTALL_REQUIRES,
+  extras_require=EXTRAS,
 )

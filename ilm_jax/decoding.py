@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_STATIC = ("model", "max_new_tokens", "eos_id", "pad_id")
-
-
-def _as_tuple(ids) -> tuple[int, ...]:
-  return (int(ids),) if np.ndim(ids) == 0 else tuple(int(i) for i in ids)
+# eos and pad ids are traced, not static, so changing them does not
+# recompile the decoding loop.
+_STATIC = ("model", "max_new_tokens")
 
 
 def _prefill(model, params, prompt_ids, prompt_embeds, prompt_mask, extra):
@@ -86,7 +84,7 @@ def _generate(
     model, params, prompt_ids, prompt_embeds, prompt_mask, max_new_tokens
   )
   batch = logits.shape[0]
-  eos = jnp.asarray(_as_tuple(eos_id))
+  eos = jnp.atleast_1d(jnp.asarray(eos_id))
 
   def choose(logits, key):
     if greedy:
@@ -104,7 +102,8 @@ def _generate(
 
   def body(state):
     step, tokens, done, logits, cache = state
-    token = choose(logits, jax.random.fold_in(rng, step)).astype(jnp.int32)
+    key = None if greedy else jax.random.fold_in(rng, step)
+    token = choose(logits, key).astype(jnp.int32)
     token = jnp.where(done, pad_id, token)
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
     done = done | jnp.isin(token, eos)
@@ -313,7 +312,7 @@ def beam_search(
     A BeamResult; beams that did not emit eos within max_new_tokens are
     returned as they stand (truncated).
   """
-  eos = jnp.asarray(_as_tuple(eos_id))
+  eos = jnp.atleast_1d(jnp.asarray(eos_id))
 
   def expand(logp, node):
     tok = jnp.broadcast_to(jnp.arange(logp.shape[-1]), logp.shape)
@@ -444,7 +443,7 @@ def constrained_beam_search(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("model", "num_beams", "pad_id", "max_children", "max_depth"),
+  static_argnames=("model", "num_beams", "max_children", "max_depth"),
 )
 def _constrained(
   model,

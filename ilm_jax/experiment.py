@@ -41,8 +41,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   # Summaries of earlier invocations stay; this run's phases replace theirs.
   phases_file = workdir / "phases.json"
-  summaries = (json.loads(phases_file.read_text())
-               if phases_file.exists() else {})
+  summaries = (
+    json.loads(phases_file.read_text()) if phases_file.exists() else {}
+  )
   for phase in config_validation.selected_phases(config.phases):
     module = importlib.import_module(f"ilm_jax.phases.{phase}")
     logging.info("=== Phase %s ===", phase)

@@ -151,28 +151,38 @@ def _saved_state(state, frozen_mask):
   by `Task.init_params` on every start, so checkpoints stay adapter-sized.
   """
   flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-  trainable = {tree_utils.path_str(path): leaf
-               for (path, leaf), frozen in zip(
-                   flat, jax.tree.leaves(frozen_mask), strict=True)
-               if not frozen}
-  return dict(step=state["step"], trainable=trainable,
-              opt_state=state["opt_state"])
+  trainable = {
+    tree_utils.path_str(path): leaf
+    for (path, leaf), frozen in zip(
+      flat, jax.tree.leaves(frozen_mask), strict=True
+    )
+    if not frozen
+  }
+  return dict(
+    step=state["step"], trainable=trainable, opt_state=state["opt_state"]
+  )
 
 
 def _state_from_saved(saved, state):
   """Puts restored trainable params back into the full params tree."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
-  leaves = [saved["trainable"].get(tree_utils.path_str(path), leaf)
-            for path, leaf in flat]
-  return dict(step=saved["step"], params=treedef.unflatten(leaves),
-              opt_state=saved["opt_state"])
+  leaves = [
+    saved["trainable"].get(tree_utils.path_str(path), leaf)
+    for path, leaf in flat
+  ]
+  return dict(
+    step=saved["step"],
+    params=treedef.unflatten(leaves),
+    opt_state=saved["opt_state"],
+  )
 
 
 def _restore(ckpt, phase_config, abstract_saved):
   """Steps 1 and 2 of the restore order; None if neither applies."""
   if ckpt.latest_step() is not None:
-    logging.info("Resuming from %s (step %d).", ckpt.directory,
-                 ckpt.latest_step())
+    logging.info(
+      "Resuming from %s (step %d).", ckpt.directory, ckpt.latest_step()
+    )
     return ckpt.restore(abstract_saved)
   resume_from = phase_config.train.get("resume_from", "")
   if resume_from:
@@ -275,8 +285,11 @@ def train(
   ckpt = checkpoint.TrainCheckpointer(
     phase_dir / "checkpoints", max_to_keep=train_cfg.keep_checkpoints
   )
-  restored = _restore(ckpt, phase_config, checkpoint.abstract_like(
-      _saved_state(state, frozen_mask)))
+  restored = _restore(
+    ckpt,
+    phase_config,
+    checkpoint.abstract_like(_saved_state(state, frozen_mask)),
+  )
   if restored is not None:
     saved, data_state = restored
     state = _state_from_saved(saved, state)
@@ -344,8 +357,9 @@ def train(
       )
       interval, interval_start, interval_step = [], now, step
     if step % train_cfg.checkpoint_every == 0 or last:
-      ckpt.save(step, _saved_state(state, frozen_mask),
-                task.train_iterator.get_state())
+      ckpt.save(
+        step, _saved_state(state, frozen_mask), task.train_iterator.get_state()
+      )
     if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last):
       results = evaluate(task.evaluators, state["params"], splits=("valid",))
       writer.write_scalars(step, results)

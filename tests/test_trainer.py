@@ -117,10 +117,15 @@ def test_frozen_params_unchanged_and_have_no_optimizer_state(tmp_path):
 
   # Checkpoints hold only what trains: frozen leaves come from init_params.
   metadata = json.loads(
-      (tmp_path / "toy" / "checkpoints" / "10" / "state" / "_METADATA")
-      .read_text())["tree_metadata"]
-  saved_arrays = [key for key, value in metadata.items()
-                  if value["value_metadata"]["value_type"] == "jax.Array"]
+    (
+      tmp_path / "toy" / "checkpoints" / "10" / "state" / "_METADATA"
+    ).read_text()
+  )["tree_metadata"]
+  saved_arrays = [
+    key
+    for key, value in metadata.items()
+    if value["value_metadata"]["value_type"] == "jax.Array"
+  ]
   assert any("head" in key for key in saved_arrays)
   assert not any("embed" in key for key in saved_arrays), saved_arrays
 

@@ -18,17 +18,17 @@ from jax.sharding import Mesh
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # Row label for each metrics-file prefix, in table order.
 ROWS = (
-    ("ilm", "ILM (Q-Former + linear projector)"),
-    ("ilm_mlp", "MLP projector (CoLLM-style)"),
-    ("ilm_rand", "ILM-rand (no phase 1)"),
-    ("ilm_it", "ILM, phase 1 = IT (ITC+ITM+ITG)"),
-    ("ilm_it_ii", "ILM, phase 1 = IT+II"),
-    ("ilm_it_ui", "ILM, phase 1 = IT+UI"),
-    ("ilm_textonly", "Text-only (titles, no soft tokens)"),
-    ("ilm_zeroshot", "Frozen LLM zero-shot (text-only prompts)"),
-    ("sasrec", "SASRec (phase 0, full ranking)"),
-    ("mf", "MF (phase 0, full ranking)"),
-    ("popularity", "Popularity (phase 0, full ranking)"),
+  ("ilm", "ILM (Q-Former + linear projector)"),
+  ("ilm_mlp", "MLP projector (CoLLM-style)"),
+  ("ilm_rand", "ILM-rand (no phase 1)"),
+  ("ilm_it", "ILM, phase 1 = IT (ITC+ITM+ITG)"),
+  ("ilm_it_ii", "ILM, phase 1 = IT+II"),
+  ("ilm_it_ui", "ILM, phase 1 = IT+UI"),
+  ("ilm_textonly", "Text-only (titles, no soft tokens)"),
+  ("ilm_zeroshot", "Frozen LLM zero-shot (text-only prompts)"),
+  ("sasrec", "SASRec (phase 0, full ranking)"),
+  ("mf", "MF (phase 0, full ranking)"),
+  ("popularity", "Popularity (phase 0, full ranking)"),
 )
 
 
@@ -41,11 +41,13 @@ def results_table(workdir: pathlib.Path) -> str:
   metrics_dir = workdir / "metrics"
   phases_file = workdir / "phases.json"
   phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
-  header = (["model"] + [f"seen {m}" for m in METRICS]
-            + [f"unseen {m}" for m in METRICS]
-            + ["semantic consistency (seen)", "users", "phase wall time (s)"])
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
+  header = (
+    ["model"]
+    + [f"seen {m}" for m in METRICS]
+    + [f"unseen {m}" for m in METRICS]
+    + ["semantic consistency (seen)", "users", "phase wall time (s)"]
+  )
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for prefix, label in ROWS:
     path = metrics_dir / f"{prefix}_test.json"
     if not path.exists():
@@ -61,9 +63,15 @@ def results_table(workdir: pathlib.Path) -> str:
       unseen, consistency = [None] * len(METRICS), None
       wall = phases.get("cf", {}).get(f"{prefix}/wall_time_s")
     users = values.get("users")
-    row = ([label] + [_cell(v) for v in seen + unseen] + [_cell(consistency),
-           "–" if users is None else str(int(users)),
-           "–" if wall is None else f"{wall:.0f}"])
+    row = (
+      [label]
+      + [_cell(v) for v in seen + unseen]
+      + [
+        _cell(consistency),
+        "–" if users is None else str(int(users)),
+        "–" if wall is None else f"{wall:.0f}",
+      ]
+    )
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
@@ -74,12 +82,19 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   table = results_table(workdir)
   phases_file = workdir / "phases.json"
   phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
-  timings = "\n".join(f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
-                      for name, summary in phases.items())
-  text = ("# Results\n\nTest split. ILM rows: sequential recommendation by "
-          "trie-constrained beam search over all item titles. Phase-0 rows: "
-          "full ranking over all items.\n\n" + table
-          + "\n## Wall time per phase\n\n" + timings + "\n")
+  timings = "\n".join(
+    f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
+    for name, summary in phases.items()
+  )
+  text = (
+    "# Results\n\nTest split. ILM rows: sequential recommendation by "
+    "trie-constrained beam search over all item titles. Phase-0 rows: "
+    "full ranking over all items.\n\n"
+    + table
+    + "\n## Wall time per phase\n\n"
+    + timings
+    + "\n"
+  )
   (workdir / "results.md").write_text(text)
   logging.info("Results table:\n%s", table)
   return dict(results=str(workdir / "results.md"))

@@ -35,19 +35,27 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     raise ValueError("ilm.model.adapter='none' has no adapter to export.")
   if not adapter_dir.exists():
     raise checkpoint.CheckpointError(
-        f"No trained adapter at {adapter_dir}; run the ilm phase first "
-        "(--config.phases=ilm).")
+      f"No trained adapter at {adapter_dir}; run the ilm phase first "
+      "(--config.phases=ilm)."
+    )
   out = workdir / EXPORT_DIR
   dataset = data.load_dataset(config.data)
   items, users, _ = cf_encoder.load_cf_tables(
-      workdir.joinpath(*ilm_phase.CF_EXPORT))
+    workdir.joinpath(*ilm_phase.CF_EXPORT)
+  )
   checkpoint.save_params(out / "adapter", checkpoint.load_params(adapter_dir))
   checkpoint.save_params(out / "cf_tables", dict(items=items, users=users))
   if jax.process_index() == 0:
     (out / "config.json").write_text(config.to_json_best_effort(indent=1))
-    (out / "index.json").write_text(json.dumps(dict(
-        item_ids=list(dataset.item_ids), item_titles=list(dataset.item_titles),
-        user_ids=list(dataset.user_ids))))
+    (out / "index.json").write_text(
+      json.dumps(
+        dict(
+          item_ids=list(dataset.item_ids),
+          item_titles=list(dataset.item_titles),
+          user_ids=list(dataset.user_ids),
+        )
+      )
+    )
   logging.info("Exported the %s adapter to %s.", name, out)
   return dict(export_dir=str(out))
 
@@ -83,9 +91,18 @@ def load_bundle(export_dir, llm_checkpoint: str | None = None) -> Bundle:
   llm_config, llm_params, tokenizer = ilm_phase.load_llm(config.ilm.llm)
   model = ilm.build(config.ilm.model, llm_config, config.qformer.model)
   tables = checkpoint.load_params(export_dir / "cf_tables")
-  params = dict(checkpoint.load_params(export_dir / "adapter"),
-                cf=jax.tree.map(jnp.asarray, tables), llm=llm_params)
+  params = dict(
+    checkpoint.load_params(export_dir / "adapter"),
+    cf=jax.tree.map(jnp.asarray, tables),
+    llm=llm_params,
+  )
   index = json.loads((export_dir / "index.json").read_text())
-  return Bundle(model=model, params=params, tokenizer=tokenizer, config=config,
-                item_ids=index["item_ids"], item_titles=index["item_titles"],
-                user_ids=index["user_ids"])
+  return Bundle(
+    model=model,
+    params=params,
+    tokenizer=tokenizer,
+    config=config,
+    item_ids=index["item_ids"],
+    item_titles=index["item_titles"],
+    user_ids=index["user_ids"],
+  )

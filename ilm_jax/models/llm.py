@@ -1,0 +1,375 @@
+"""A Llama-family decoder-only LLM in Flax linen, used frozen by the ILM.
+
+Covers Llama 1-3, SmolLM and Qwen2-style checkpoints: RMSNorm, rotary
+position embeddings (configurable theta, optional linear or "llama3"
+frequency scaling), grouped-query attention with optional q/k/v biases,
+SwiGLU MLP, tied or untied output embeddings. The layers are stacked with
+`nn.scan`, so compile time does not grow with depth and every parameter has
+a leading "layers" axis. Parameters carry logical axis names
+(vocab, embed, heads, kv_heads, head_dim, mlp, layers) for sharding with the
+rules in configs/common.py.
+
+The model takes token ids or input embeddings (the ILM splices soft item
+tokens into the prompt), an attention mask for left-padded batches and
+optional explicit positions, and an optional KV cache for incremental
+decoding. Cache layout: every non-scalar leaf has the batch on axis 0, so
+decoding code can reorder beams with one gather per leaf.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Large finite negative score for masked keys: a query row with no visible
+# key (a left-pad token) then gets a uniform softmax instead of NaNs.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary frequency scaling ("linear", or "llama3" as in Llama 3.1+)."""
+
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture hyper-parameters; loaders fill them from file metadata."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = True
+  attention_bias: bool = False  # biases on q/k/v (Qwen2; Llama's option)
+  attention_out_bias: bool = False  # bias on the output projection
+  rope_scaling: RopeScaling | None = None
+  dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators)
+  param_dtype: Any = jnp.float32  # storage dtype of the parameters
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Returns the head_dim // 2 rotary inverse frequencies (float32)."""
+  dim = config.head_dim
+  inv = 1.0 / config.rope_theta ** (
+    np.arange(0, dim, 2, dtype=np.float64) / dim
+  )
+  scaling = config.rope_scaling
+  if scaling is None:
+    pass
+  elif scaling.kind == "linear":
+    inv = inv / scaling.factor
+  elif scaling.kind == "llama3":
+    # Long wavelengths are slowed down by `factor`, short ones kept, and the
+    # band in between interpolated (Llama 3.1's context extension).
+    wavelen = 2 * math.pi / inv
+    old = scaling.original_max_position
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    scaled = np.where(wavelen > old / low, inv / scaling.factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_mid = (wavelen >= old / high) & (wavelen <= old / low)
+    inv = np.where(is_mid, mid, scaled)
+  else:
+    raise ValueError(f"Unsupported rope scaling {scaling.kind!r}.")
+  return inv.astype(np.float32)
+
+
+def _rotate(x, cos, sin):
+  """Applies rotary embeddings in the half-split layout of HF checkpoints."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _param(module, name, shape, axes, init, dtype):
+  """Declares a logically partitioned parameter and casts it for compute."""
+  value = module.param(
+    name,
+    nn.with_logical_partitioning(init, axes),
+    shape,
+    module.config.param_dtype,
+  )
+  return jnp.asarray(value, dtype)
+
+
+_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+_Q_AXES = ("embed", "heads", "head_dim")
+_KV_AXES = ("embed", "kv_heads", "head_dim")
+_O_AXES = ("heads", "head_dim", "embed")
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm, computed in float32 like the reference."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    scale = _param(
+      self,
+      "scale",
+      (c.hidden_size,),
+      ("embed",),
+      nn.initializers.ones,
+      jnp.float32,
+    )
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (scale * (x32 * jax.lax.rsqrt(var + c.rms_norm_eps))).astype(c.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block: GQA self-attention then a SwiGLU MLP."""
+
+  config: LlamaConfig
+
+  def _weight(self, name, shape, axes, init=_KERNEL_INIT):
+    return _param(self, name, shape, axes, init, self.config.dtype)
+
+  def _bias(self, name, shape, axes):
+    return self._weight(name, shape, axes, nn.initializers.zeros)
+
+  def _attention(self, x, cache, rope, allowed, cache_index, layer):
+    c = self.config
+    e, h, kvh, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    q = jnp.einsum("bte,ehd->bthd", x, self._weight("q", (e, h, d), _Q_AXES))
+    k = jnp.einsum("bte,ekd->btkd", x, self._weight("k", (e, kvh, d), _KV_AXES))
+    v = jnp.einsum("bte,ekd->btkd", x, self._weight("v", (e, kvh, d), _KV_AXES))
+    if c.attention_bias:
+      q = q + self._bias("q_bias", (h, d), _Q_AXES[1:])
+      k = k + self._bias("k_bias", (kvh, d), _KV_AXES[1:])
+      v = v + self._bias("v_bias", (kvh, d), _KV_AXES[1:])
+    q = _rotate(q, *rope) * jnp.asarray(d**-0.5, c.dtype)
+    k = _rotate(k, *rope)
+    new_kv = None
+    if cache is not None:
+      # This chunk's keys/values are returned (small) and written into the
+      # big cache once, outside the scan; attention here uses a local copy
+      # of this layer's slice.
+      new_kv = (k, v)
+      k, v = (
+        jax.lax.dynamic_update_slice(
+          jax.lax.dynamic_index_in_dim(cache[name], layer, 1, False),
+          new,
+          (0, cache_index, 0, 0),
+        )
+        for name, new in (("k", k), ("v", v))
+      )
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum(
+      "btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
+    )
+    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    out = jnp.einsum(
+      "bthd,hde->bte", out, self._weight("o", (h, d, e), _O_AXES)
+    )
+    if c.attention_out_bias:
+      out = out + self._bias("o_bias", (e,), ("embed",))
+    return out, new_kv
+
+  def _mlp(self, x):
+    c = self.config
+    shape = (c.hidden_size, c.intermediate_size)
+    gate = x @ self._weight("gate", shape, ("embed", "mlp"))
+    up = x @ self._weight("up", shape, ("embed", "mlp"))
+    return (nn.silu(gate) * up) @ self._weight(
+      "down", shape[::-1], ("mlp", "embed")
+    )
+
+  @nn.compact
+  def __call__(self, carry, cache, rope, allowed, cache_index):
+    x, layer = carry
+    y, new_kv = self._attention(
+      RMSNorm(self.config, name="attn_norm")(x),
+      cache,
+      rope,
+      allowed,
+      cache_index,
+      layer,
+    )
+    x = x + y
+    x = x + self._mlp(RMSNorm(self.config, name="mlp_norm")(x))
+    return (x, layer + 1), new_kv
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int) -> dict:
+  """An empty KV cache for `max_len` tokens (prompt plus generation).
+
+  Args:
+    config: the model's config; the cache is held in its compute dtype.
+    batch_size: rows of the batch.
+    max_len: total token slots.
+
+  Returns:
+    A dict with k, v [batch, layers, max_len, kv_heads, head_dim], mask
+    [batch, max_len] (which slots hold real tokens), next_position [batch]
+    (the rotary position of the row's next real token) and index (the next
+    slot to write, shared by the batch).
+  """
+  shape = (
+    batch_size,
+    config.num_layers,
+    max_len,
+    config.num_kv_heads,
+    config.head_dim,
+  )
+  return dict(
+    k=jnp.zeros(shape, config.dtype),
+    v=jnp.zeros(shape, config.dtype),
+    mask=jnp.zeros((batch_size, max_len), bool),
+    next_position=jnp.zeros((batch_size,), jnp.int32),
+    index=jnp.zeros((), jnp.int32),
+  )
+
+
+class Llama(nn.Module):
+  """The decoder. See the module docstring for inputs and the cache."""
+
+  config: LlamaConfig
+
+  def setup(self):
+    c = self.config
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
+      (c.vocab_size, c.hidden_size),
+      c.param_dtype,
+    )
+    self.layers = nn.scan(
+      DecoderLayer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+      length=c.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, name="layers")
+    self.final_norm = RMSNorm(c)
+    if not c.tie_word_embeddings:
+      self.lm_head = self.param(
+        "lm_head",
+        nn.with_logical_partitioning(_KERNEL_INIT, ("embed", "vocab")),
+        (c.hidden_size, c.vocab_size),
+        c.param_dtype,
+      )
+
+  def embed(self, input_ids):
+    """Returns the input embeddings [..., hidden] of token ids."""
+    return jnp.take(self.embedding, input_ids, axis=0).astype(self.config.dtype)
+
+  def logits(self, hidden):
+    """Maps final hidden states to float32 vocabulary logits."""
+    dt = self.config.dtype
+    if self.config.tie_word_embeddings:
+      w, spec = self.embedding, "...e,ve->...v"
+    else:
+      w, spec = self.lm_head, "...e,ev->...v"
+    return jnp.einsum(
+      spec, hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32
+    )
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    """Same as the module-level `init_cache` for this model's config."""
+    return init_cache(self.config, batch_size, max_len)
+
+  def __call__(
+    self,
+    input_ids=None,
+    input_embeds=None,
+    attention_mask=None,
+    positions=None,
+    cache=None,
+    return_hidden=False,
+  ):
+    """Runs the decoder on a chunk of tokens.
+
+    Args:
+      input_ids: [batch, time] int token ids, or None if input_embeds given.
+      input_embeds: [batch, time, hidden] input embeddings instead of ids.
+      attention_mask: [batch, time] 1 for real tokens, 0 for padding (left
+        padding for generation); None means all real.
+      positions: [batch, time] rotary positions; by default the count of
+        real tokens before each one (plus the cache's next_position).
+      cache: a cache from `init_cache` to extend, or None for a plain
+        forward pass. Chunk tokens go into slots index .. index + time - 1.
+      return_hidden: return final-norm hidden states instead of logits
+        (e.g. to compute logits only where a loss needs them).
+
+    Returns:
+      (logits [batch, time, vocab] float32 or hidden states, new cache or
+      None).
+    """
+    c = self.config
+    if (input_ids is None) == (input_embeds is None):
+      raise ValueError("Pass exactly one of input_ids and input_embeds.")
+    x = self.embed(input_ids) if input_embeds is None else input_embeds
+    x = x.astype(c.dtype)
+    b, t = x.shape[:2]
+    mask = (
+      jnp.ones((b, t), bool)
+      if attention_mask is None
+      else attention_mask.astype(bool)
+    )
+    start = 0 if cache is None else cache["next_position"][:, None]
+    if positions is None:
+      positions = start + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    angles = positions[..., None].astype(
+      jnp.float32
+    ) * rope_inverse_frequencies(c)
+    rope = (jnp.cos(angles).astype(c.dtype), jnp.sin(angles).astype(c.dtype))
+
+    query_slots = jnp.arange(t)
+    if cache is None:
+      key_mask, key_slots, index = mask, query_slots, 0
+    else:
+      index = cache["index"]
+      key_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+      key_slots = jnp.arange(key_mask.shape[1])
+    causal = key_slots[None, :] <= (query_slots + index)[:, None]
+    allowed = causal[None] & key_mask[:, None, :]
+
+    (x, _), new_kv = self.layers((x, 0), cache, rope, allowed, index)
+    hidden = self.final_norm(x)
+    out = hidden if return_hidden else self.logits(hidden)
+    if cache is None:
+      return out, None
+    new_k, new_v = (jnp.swapaxes(a, 0, 1) for a in new_kv)  # batch first
+    last = jnp.max(jnp.where(mask, positions + 1, 0), axis=1)
+    new_cache = dict(
+      k=jax.lax.dynamic_update_slice(cache["k"], new_k, (0, 0, index, 0, 0)),
+      v=jax.lax.dynamic_update_slice(cache["v"], new_v, (0, 0, index, 0, 0)),
+      mask=key_mask,
+      next_position=jnp.maximum(cache["next_position"], last),
+      index=index + t,
+    )
+    return out, new_cache
+
+
+def logical_partition_specs(config: LlamaConfig):
+  """Returns the params' PartitionSpecs in logical axis names (no devices)."""
+  model = Llama(config)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  )
+  return nn.get_partition_spec(shapes)["params"]

@@ -1,0 +1,357 @@
+"""Loads Llama-family checkpoints into `llm.Llama` params.
+
+Two sources: a GGUF file (llama.cpp's format; the embedded SmolLM2 default
+ships as one) and a Hugging Face directory (config.json plus
+model.safetensors or its shards), so that accelerator users can bring
+larger checkpoints of the same family (SmolLM2-1.7B, Llama, Qwen2).
+Architecture hyper-parameters always come from the source's metadata.
+
+Every loader returns (config, params, tokenizer) where params is the
+`{'params': ...}` subtree of `llm.Llama` (layers stacked on axis 0).
+"""
+
+import json
+import os
+import pathlib
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+from absl import logging
+
+from ilm_jax import resources
+from ilm_jax.models import llm, llm_tokenizer
+
+# GGUF architectures whose tensors map onto `llm.Llama` (see _gguf_config).
+GGUF_ARCHITECTURES = ("llama",)
+# Hugging Face `model_type`s we load; Qwen2 adds q/k/v biases.
+HF_MODEL_TYPES = ("llama", "qwen2")
+# Names `load_pretrained` resolves to an embedded checkpoint.
+EMBEDDED = {"smollm2-135m-instruct": resources.SMOLLM2_135M_INSTRUCT}
+
+
+def _stack_layers(per_layer: list[dict]) -> dict:
+  """Turns a list of per-layer param dicts into one dict of stacked arrays."""
+  stacked = {}
+  for key in per_layer[0]:
+    values = [layer[key] for layer in per_layer]
+    stacked[key] = (
+      _stack_layers(values) if isinstance(values[0], dict) else np.stack(values)
+    )
+  return stacked
+
+
+def _to_params(embedding, layers, final_norm, lm_head, config):
+  """Assembles the Flax param tree from HF-layout [out, in] matrices."""
+  e, h, kvh, d = (
+    config.hidden_size,
+    config.num_heads,
+    config.num_kv_heads,
+    config.head_dim,
+  )
+  per_layer = []
+  for w in layers:
+    layer = dict(
+      attn_norm=dict(scale=w["attn_norm"]),
+      mlp_norm=dict(scale=w["mlp_norm"]),
+      q=w["q"].T.reshape(e, h, d),
+      k=w["k"].T.reshape(e, kvh, d),
+      v=w["v"].T.reshape(e, kvh, d),
+      o=w["o"].T.reshape(h, d, e),
+      gate=w["gate"].T,
+      up=w["up"].T,
+      down=w["down"].T,
+    )
+    if config.attention_bias:
+      layer.update(
+        q_bias=w["q_bias"].reshape(h, d),
+        k_bias=w["k_bias"].reshape(kvh, d),
+        v_bias=w["v_bias"].reshape(kvh, d),
+      )
+    if config.attention_out_bias:
+      layer["o_bias"] = w["o_bias"]
+    per_layer.append(layer)
+  params = dict(
+    embedding=embedding,
+    layers=_stack_layers(per_layer),
+    final_norm=dict(scale=final_norm),
+  )
+  if not config.tie_word_embeddings:
+    params["lm_head"] = lm_head.T
+
+  # Norm scales stay float32 whatever param_dtype is: they are tiny and the
+  # norm is computed in float32.
+  def cast(path, x):
+    dtype = jnp.float32 if "scale" in path else config.param_dtype
+    return jnp.asarray(x, dtype)
+
+  return _map_with_path(cast, params)
+
+
+def _map_with_path(fn, tree, path=()):
+  if isinstance(tree, dict):
+    return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
+  return fn(path, tree)
+
+
+def _unpermute_rope_rows(w, n_heads):
+  """Undoes llama.cpp's q/k row order (pairs interleaved within each head)."""
+  rows = w.shape[0]
+  return (
+    w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(w.shape)
+  )
+
+
+class _GGUFReader(gguf.GGUFReader):
+  """A GGUFReader that parses a plain ndarray view of its memory map.
+
+  Slicing an np.memmap runs Python code per slice; SmolLM2's 98k tokenizer
+  strings made parsing take about three times longer that way.
+  """
+
+  @property
+  def data(self):
+    return self._data
+
+  @data.setter
+  def data(self, value):
+    self._data = value.view(np.ndarray)  # the view keeps the map alive
+
+
+def _gguf_config(reader, **dtypes) -> llm.LlamaConfig:
+  def get(key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+      if default is None:
+        raise ValueError(f"GGUF metadata lacks {key}.")
+      return default
+    return field.contents()
+
+  arch = get("general.architecture")
+  if arch not in GGUF_ARCHITECTURES:
+    raise ValueError(
+      f"Unsupported GGUF architecture {arch!r}: this loader reads "
+      f"{', '.join(GGUF_ARCHITECTURES)} only. Convert the model to a "
+      "Hugging Face directory of a supported family, or pick another file."
+    )
+  if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    raise ValueError(
+      "GGUF rope frequency factors (rope_freqs) are not "
+      "supported; load the Hugging Face directory instead."
+    )
+  if get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
+    raise ValueError("Only linear rope scaling is supported in GGUF files.")
+  heads = get(f"{arch}.attention.head_count")
+  hidden = get(f"{arch}.embedding_length")
+  factor = get(f"{arch}.rope.scaling.factor", 1.0)
+  names = {t.name for t in reader.tensors}
+  return llm.LlamaConfig(
+    vocab_size=len(get("tokenizer.ggml.tokens")),
+    hidden_size=hidden,
+    intermediate_size=get(f"{arch}.feed_forward_length"),
+    num_layers=get(f"{arch}.block_count"),
+    num_heads=heads,
+    num_kv_heads=get(f"{arch}.attention.head_count_kv", heads),
+    head_dim=get(f"{arch}.attention.key_length", hidden // heads),
+    rope_theta=float(get(f"{arch}.rope.freq_base", 10_000.0)),
+    rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon")),
+    tie_word_embeddings="output.weight" not in names,
+    attention_bias="blk.0.attn_q.bias" in names,
+    attention_out_bias="blk.0.attn_output.bias" in names,
+    rope_scaling=(
+      None if factor == 1.0 else llm.RopeScaling("linear", float(factor))
+    ),
+    **dtypes,
+  )
+
+
+def load_gguf(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
+  """Loads a GGUF file: dequantizes every tensor to float32 first.
+
+  Args:
+    path: the .gguf file.
+    dtype: compute dtype of the returned config.
+    param_dtype: dtype of the returned params.
+
+  Returns:
+    (config, params, tokenizer).
+
+  Raises:
+    ValueError: the architecture or a feature of the file is unsupported.
+  """
+  reader = _GGUFReader(path)
+  config = _gguf_config(reader, dtype=dtype, param_dtype=param_dtype)
+  tensors = {t.name: t for t in reader.tensors}
+
+  def get(name):
+    t = tensors[name]
+    return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+
+  gguf_names = dict(
+    attn_norm="attn_norm",
+    mlp_norm="ffn_norm",
+    q="attn_q",
+    k="attn_k",
+    v="attn_v",
+    o="attn_output",
+    gate="ffn_gate",
+    up="ffn_up",
+    down="ffn_down",
+  )
+  layers = []
+  for i in range(config.num_layers):
+    w = {
+      ours: get(f"blk.{i}.{theirs}.weight")
+      for ours, theirs in gguf_names.items()
+    }
+    for ours in ("q", "k", "v", "o"):
+      if f"blk.{i}.{gguf_names[ours]}.bias" in tensors:
+        w[f"{ours}_bias"] = get(f"blk.{i}.{gguf_names[ours]}.bias")
+    for ours, n in (("q", config.num_heads), ("k", config.num_kv_heads)):
+      w[ours] = _unpermute_rope_rows(w[ours], n)
+      if f"{ours}_bias" in w:
+        w[f"{ours}_bias"] = _unpermute_rope_rows(w[f"{ours}_bias"], n)
+    layers.append(w)
+  lm_head = None if config.tie_word_embeddings else get("output.weight")
+  params = _to_params(
+    get("token_embd.weight"), layers, get("output_norm.weight"), lm_head, config
+  )
+  return config, params, llm_tokenizer.LlmTokenizer.from_gguf(reader)
+
+
+def _hf_config(cfg: dict, **dtypes) -> llm.LlamaConfig:
+  model_type = cfg.get("model_type")
+  if model_type not in HF_MODEL_TYPES:
+    raise ValueError(
+      f"Unsupported model_type {model_type!r}; expected one "
+      f"of {HF_MODEL_TYPES}."
+    )
+  if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
+    raise ValueError("Only SwiGLU MLPs without biases are supported.")
+  if model_type == "qwen2" and cfg.get("use_sliding_window"):
+    raise ValueError("Sliding-window attention is not supported.")
+  scaling = cfg.get("rope_scaling")
+  if scaling:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("linear", "llama3"):
+      raise ValueError(f"Unsupported rope scaling {kind!r}.")
+    scaling = llm.RopeScaling(
+      kind,
+      float(scaling["factor"]),
+      float(scaling.get("low_freq_factor", 1.0)),
+      float(scaling.get("high_freq_factor", 4.0)),
+      int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+  heads = cfg["num_attention_heads"]
+  bias = model_type == "qwen2" or cfg.get("attention_bias", False)
+  return llm.LlamaConfig(
+    vocab_size=cfg["vocab_size"],
+    hidden_size=cfg["hidden_size"],
+    intermediate_size=cfg["intermediate_size"],
+    num_layers=cfg["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=cfg.get("num_key_value_heads") or heads,
+    head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+    rope_theta=float(cfg.get("rope_theta", 10_000.0)),
+    rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    attention_bias=bool(bias),
+    attention_out_bias=bool(model_type == "llama" and bias),
+    rope_scaling=scaling or None,
+    **dtypes,
+  )
+
+
+def load_hf_dir(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
+  """Loads a Hugging Face directory (config.json + safetensors weights).
+
+  Args:
+    path: directory with config.json and model.safetensors, or shards listed
+      in model.safetensors.index.json; tokenizer.json is optional.
+    dtype: compute dtype of the returned config.
+    param_dtype: dtype of the returned params.
+
+  Returns:
+    (config, params, tokenizer or None when the directory has none).
+  """
+  path = pathlib.Path(path)
+  config = _hf_config(
+    json.loads((path / "config.json").read_text()),
+    dtype=dtype,
+    param_dtype=param_dtype,
+  )
+  index = path / "model.safetensors.index.json"
+  if index.exists():
+    where = json.loads(index.read_text())["weight_map"]
+  else:
+    with safetensors.safe_open(path / "model.safetensors", "numpy") as f:
+      where = dict.fromkeys(f.keys(), "model.safetensors")
+  # Tensors are read one at a time from the memory-mapped files, so peak
+  # host memory stays near the converted params, not twice the checkpoint.
+  files = {
+    name: safetensors.safe_open(path / name, "numpy")
+    for name in set(where.values())
+  }
+  tensors = set(where)
+
+  def get(name):
+    tensors.remove(name)
+    return files[where[name]].get_tensor(name).astype(np.float32)
+
+  hf_names = dict(
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+  )
+  layers = []
+  for i in range(config.num_layers):
+    prefix = f"model.layers.{i}."
+    w = {
+      ours: get(f"{prefix}{theirs}.weight") for ours, theirs in hf_names.items()
+    }
+    for ours in ("q", "k", "v", "o"):
+      if f"{prefix}{hf_names[ours]}.bias" in tensors:
+        w[f"{ours}_bias"] = get(f"{prefix}{hf_names[ours]}.bias")
+    layers.append(w)
+  embedding = get("model.embed_tokens.weight")
+  lm_head = None
+  if not config.tie_word_embeddings:
+    lm_head = get("lm_head.weight")
+  tensors.discard("lm_head.weight")  # some tied checkpoints store a copy
+  final_norm = get("model.norm.weight")
+  if tensors:
+    logging.warning("Ignoring unused tensors in %s: %s", path, sorted(tensors))
+  params = _to_params(embedding, layers, final_norm, lm_head, config)
+  tokenizer = None
+  if (path / "tokenizer.json").exists():
+    tokenizer = llm_tokenizer.LlmTokenizer.from_hf_dir(path)
+  return config, params, tokenizer
+
+
+def load_pretrained(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
+  """Loads an embedded checkpoint by name, a .gguf file or an HF directory.
+
+  Args:
+    spec: a key of EMBEDDED (e.g. "smollm2-135m-instruct") or a path.
+    dtype: compute dtype of the returned config.
+    param_dtype: dtype of the returned params.
+
+  Returns:
+    (config, params, tokenizer).
+  """
+  if spec in EMBEDDED:
+    (path,) = resources.fetch(EMBEDDED[spec]).values()
+  else:
+    path = pathlib.Path(spec)
+  if pathlib.Path(path).is_dir():
+    return load_hf_dir(path, dtype, param_dtype)
+  return load_gguf(path, dtype, param_dtype)

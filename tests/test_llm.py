@@ -1,0 +1,233 @@
+"""Unit tests of the Flax Llama decoder on tiny random configs."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from ilm_jax.models import llm
+
+TINY = llm.LlamaConfig(
+  vocab_size=97,
+  hidden_size=32,
+  intermediate_size=48,
+  num_layers=3,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  rope_theta=100_000.0,
+  rms_norm_eps=1e-5,
+  tie_word_embeddings=False,
+  attention_bias=True,
+)
+
+# SmolLM2-135M as the issue states it (30 layers, d=576, 9/3 heads, ...).
+SMOLLM2 = llm.LlamaConfig(
+  vocab_size=49_152,
+  hidden_size=576,
+  intermediate_size=1536,
+  num_layers=30,
+  num_heads=9,
+  num_kv_heads=3,
+  head_dim=64,
+  rope_theta=100_000.0,
+)
+
+
+def init_params(config, seed=0):
+  """Random params in numpy: jitting flax's init costs more compile time."""
+  model = llm.Llama(config)
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+  )
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    # Norm scales near one; everything else (biases too) small and random.
+    is_scale = jax.tree_util.keystr(path).endswith("['scale']")
+    noise = rng.normal(0.0, 0.05, x.shape).astype(np.float32)
+    return jnp.asarray(noise + 1.0 if is_scale else noise)
+
+  params = nn.meta.unbox(shapes["params"])
+  return model, jax.tree_util.tree_map_with_path(draw, params)
+
+
+# Jitted once per (model, keyword set): eager linen calls compile op by op.
+@functools.partial(
+  jax.jit, static_argnames=("model", "method", "return_hidden")
+)
+def apply(model, params, *args, method=None, return_hidden=False, **kwargs):
+  if return_hidden:
+    kwargs["return_hidden"] = True
+  return model.apply({"params": params}, *args, method=method, **kwargs)
+
+
+def left_padded_batch(seed=0, length=9):
+  ids = np.random.default_rng(seed).integers(0, 97, (3, length), np.int32)
+  mask = np.ones((3, length), np.int32)
+  mask[0, :4] = 0
+  mask[2, :1] = 0
+  return ids, jnp.asarray(mask)
+
+
+def test_smollm2_parameter_count_and_logical_axes():
+  shapes = jax.eval_shape(
+    llm.Llama(SMOLLM2).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+  )
+  count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  # Hand count: embeddings 49152*576; per layer q,o 576^2 each, k,v 576*192
+  # each, MLP 3*576*1536, two norms 2*576; final norm 576.
+  per_layer = 2 * 576**2 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+  assert count == 49152 * 576 + 30 * per_layer + 576 == 134_515_008
+  specs = llm.logical_partition_specs(SMOLLM2)
+  assert tuple(specs["embedding"]) == ("vocab", "embed")
+  assert tuple(specs["layers"]["q"]) == ("layers", "embed", "heads", "head_dim")
+  assert tuple(specs["layers"]["k"]) == (
+    "layers",
+    "embed",
+    "kv_heads",
+    "head_dim",
+  )
+  assert tuple(specs["layers"]["down"]) == ("layers", "mlp", "embed")
+  assert "lm_head" not in specs  # tied
+
+
+def test_padding_does_not_change_real_token_logits():
+  model, params = init_params(TINY)
+  ids, mask = left_padded_batch()
+  padded, _ = apply(model, params, input_ids=ids, attention_mask=mask)
+  alone, _ = apply(model, params, input_ids=ids[:1, 4:])
+  np.testing.assert_allclose(padded[0, 4:], alone[0], atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+  model, params = init_params(TINY)
+  ids, mask = left_padded_batch()
+  full, _ = apply(model, params, input_ids=ids, attention_mask=mask)
+  cache = model.init_cache(3, 12)
+  # A 5-token prefill, a 2-token chunk, then single tokens.
+  chunks = [(0, 5), (5, 7), (7, 8), (8, 9)]
+  pieces = []
+  for start, end in chunks:
+    logits, cache = apply(
+      model,
+      params,
+      input_ids=ids[:, start:end],
+      attention_mask=mask[:, start:end],
+      cache=cache,
+    )
+    pieces.append(logits)
+  incremental = jnp.concatenate(pieces, axis=1)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(
+    np.asarray(incremental)[real], np.asarray(full)[real], atol=1e-5
+  )
+  assert int(cache["index"]) == 9
+  np.testing.assert_array_equal(cache["next_position"], mask.sum(1))
+  np.testing.assert_array_equal(cache["mask"][:, :9], real)
+  assert not cache["mask"][:, 9:].any()
+
+
+def test_input_embeddings_path_equals_token_id_path():
+  model, params = init_params(TINY)
+  ids, mask = left_padded_batch()
+  by_ids, _ = apply(model, params, input_ids=ids, attention_mask=mask)
+  rows = apply(model, params, ids, method=llm.Llama.embed)
+  np.testing.assert_array_equal(rows, params["embedding"][ids])
+  by_embeds, _ = apply(model, params, input_embeds=rows, attention_mask=mask)
+  np.testing.assert_allclose(by_embeds, by_ids, atol=1e-6)
+
+
+def test_hidden_states_and_logits_method_compose():
+  model, params = init_params(TINY)
+  ids, _ = left_padded_batch()
+  logits, _ = apply(model, params, input_ids=ids)
+  hidden, _ = apply(model, params, input_ids=ids, return_hidden=True)
+  again = apply(model, params, hidden, method=llm.Llama.logits)
+  assert hidden.shape == (3, 9, TINY.hidden_size)
+  np.testing.assert_allclose(again, logits, atol=1e-6)
+
+
+def test_rope_depends_on_relative_positions_only():
+  # Rotary attention depends on relative positions only, so shifting every
+  # position by a constant must leave the logits unchanged.
+  model, params = init_params(TINY)
+  ids, _ = left_padded_batch()
+  base, _ = apply(model, params, input_ids=ids)
+  positions = jnp.broadcast_to(jnp.arange(9) + 37, (3, 9))
+  shifted, _ = apply(model, params, input_ids=ids, positions=positions)
+  np.testing.assert_allclose(shifted, base, atol=1e-4)
+  # A different spacing of positions must change them (positions matter).
+  spread, _ = apply(model, params, input_ids=ids, positions=positions * 3)
+  assert np.abs(spread - base).max() > 1e-3
+
+
+def test_bfloat16_frozen_llm_gives_float32_input_gradients():
+  model, params = init_params(TINY)
+  bf16 = TINY.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model16 = llm.Llama(bf16)
+  params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  ids, mask = left_padded_batch()
+  embeds = params["embedding"][ids]  # float32, like an adapter's output
+
+  def loss(model, params, embeds):
+    logits, _ = apply(model, params, input_embeds=embeds, attention_mask=mask)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  value32, grad32 = jax.value_and_grad(loss, argnums=2)(model, params, embeds)
+  value16, grad16 = jax.jit(
+    jax.value_and_grad(loss, argnums=2), static_argnums=0
+  )(model16, params16, embeds)
+  assert grad16.dtype == jnp.float32
+  assert np.isfinite(grad16).all()
+  assert abs(float(value16) - float(value32)) < 0.02 * abs(float(value32))
+  cosine = jnp.vdot(grad16, grad32) / (
+    jnp.linalg.norm(grad16) * jnp.linalg.norm(grad32)
+  )
+  assert float(cosine) > 0.98
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3"])
+def test_rope_scaling_changes_only_long_wavelengths(kind):
+  base = llm.rope_inverse_frequencies(SMOLLM2)
+  scaled = llm.rope_inverse_frequencies(
+    SMOLLM2.replace(rope_scaling=llm.RopeScaling(kind, 8.0, 1.0, 4.0, 64))
+  )
+  if kind == "linear":
+    np.testing.assert_allclose(scaled, base / 8, rtol=1e-6)
+  else:
+    # Wavelengths under 64/4 tokens keep their frequency, those over 64 are
+    # slowed 8x, those between are interpolated.
+    wavelen = 2 * np.pi / base
+    np.testing.assert_allclose(scaled[wavelen < 16], base[wavelen < 16])
+    np.testing.assert_allclose(
+      scaled[wavelen > 64], base[wavelen > 64] / 8, rtol=1e-6
+    )
+    mid = (wavelen > 16) & (wavelen < 64)
+    assert mid.any()
+    assert np.all((scaled[mid] < base[mid]) & (scaled[mid] > base[mid] / 8))
+
+
+def test_sharded_forward_with_config_rules_matches_one_device():
+  # The mesh rules of configs/common.py on a (data, fsdp, model) = (1, 2, 2)
+  # mesh of the virtual CPU devices: embed is split over fsdp, vocab,
+  # heads and mlp over model.
+  config = TINY.replace(vocab_size=96)
+  model, params = init_params(config)
+  ids, mask = left_padded_batch()
+  expected, _ = apply(model, params, input_ids=ids, attention_mask=mask)
+  devices = np.array(jax.devices()[:4]).reshape(1, 2, 2)
+  mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "model"))
+  rules = [tuple(r) for r in common.mesh_config().logical_axis_rules]
+  shardings = nn.logical_to_mesh_sharding(
+    llm.logical_partition_specs(config), mesh, rules
+  )
+  assert tuple(shardings["layers"]["q"].spec) == (None, "fsdp", "model", None)
+  sharded = jax.device_put(params, shardings)
+  assert len(sharded["layers"]["gate"].addressable_shards) == 4
+  logits, _ = apply(model, sharded, input_ids=ids, attention_mask=mask)
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
