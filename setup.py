@@ -30,6 +30,7 @@ EXTRAS = {
     "ruff==0.17.6",
     "torch==2.13.0",
     "transformers==4.57.6",
+    "accelerate==1.15.0",  # transformers reads the GGUF reference with it
   ],
   "tpu": ["jax[tpu]==0.10.2"],
   "gpu": ["jax[cuda12]==0.10.2"],
