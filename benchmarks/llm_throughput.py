@@ -48,6 +48,12 @@ flags.DEFINE_enum(
   "Compute and param dtype of both sides.",
 )
 flags.DEFINE_bool("reference", True, "Also time transformers' PyTorch Llama.")
+flags.DEFINE_integer(
+  "torch_threads",
+  0,
+  "torch intra-op threads (0: torch's default). With other processes on "
+  "the cores, torch's pool stalls much more than XLA's; 1 is fairer then.",
+)
 flags.DEFINE_enum(
   "weights",
   "smollm2",
@@ -218,6 +224,8 @@ def jax_model():
 
 def main(argv):
   del argv
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
   config, params = jax_model()
   b, t, n = FLAGS.batch, FLAGS.seq, FLAGS.new_tokens
   ids = np.random.default_rng(0).integers(100, config.vocab_size, (b, t))
