@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from ilm_jax import checkpoint, data
 from ilm_jax.models import cf_encoder, ilm
+from ilm_jax.phases import cf
 from ilm_jax.phases import ilm as ilm_phase
 
 EXPORT_DIR = "export"
@@ -40,9 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     )
   out = workdir / EXPORT_DIR
   dataset = data.load_dataset(config.data)
-  items, users, _ = cf_encoder.load_cf_tables(
-    workdir.joinpath(*ilm_phase.CF_EXPORT)
-  )
+  items, users, _ = cf_encoder.load_cf_tables(workdir.joinpath(*cf.EXPORT_DIR))
   checkpoint.save_params(out / "adapter", checkpoint.load_params(adapter_dir))
   checkpoint.save_params(out / "cf_tables", dict(items=items, users=users))
   if jax.process_index() == 0:

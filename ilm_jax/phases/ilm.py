@@ -28,9 +28,9 @@ from ilm_jax import checkpoint, data, train
 from ilm_jax.data import ilm_tasks, pipeline, prompts
 from ilm_jax.evaluators import common
 from ilm_jax.models import cf_encoder, ilm, llm, llm_loading, qformer
+from ilm_jax.phases import cf
+from ilm_jax.phases import qformer as qformer_phase
 
-CF_EXPORT = ("cf", "export")
-QFORMER_EXPORT = ("qformer", "export")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -70,7 +70,7 @@ def load_qformer(config, workdir: pathlib.Path, rng):
   qformer_config = config.qformer.model
   init = config.ilm.model.qformer_init
   if init == "phase1":
-    path = workdir.joinpath(*QFORMER_EXPORT)
+    path = workdir.joinpath(*qformer_phase.EXPORT)
     logging.info("Q-Former from phase 1: %s.", path)
     return checkpoint.load_params(path / "params")
   if init == "random":
@@ -122,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   )
   model = ilm.build(ilm_config.model, llm_config, config.qformer.model)
   item_table, user_table, _ = cf_encoder.load_cf_tables(
-    workdir.joinpath(*CF_EXPORT)
+    workdir.joinpath(*cf.EXPORT_DIR)
   )
   if item_table.shape[0] != dataset.num_items or (
     user_table.shape[0] != dataset.num_users

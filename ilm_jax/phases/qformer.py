@@ -21,9 +21,9 @@ from ilm_jax import checkpoint, data, train
 from ilm_jax.data import pipeline, processing
 from ilm_jax.evaluators import common
 from ilm_jax.models import bert, cf_encoder, qformer
+from ilm_jax.phases import cf
 
-CF_EXPORT = ("cf", "export")
-EXPORT = ("qformer", "export")
+EXPORT = ("qformer", "export")  # under WORKDIR
 
 
 def tokenize_item_texts(
@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   model_config = config.qformer.model
   dataset = data.load_dataset(config.data)
   item_table, user_table, _ = cf_encoder.load_cf_tables(
-    workdir.joinpath(*CF_EXPORT)
+    workdir.joinpath(*cf.EXPORT_DIR)
   )
   check_cf_tables(item_table, user_table, dataset, model_config.cf_dim)
   text_ids, text_mask, truncated = tokenize_item_texts(
