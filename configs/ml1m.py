@@ -149,6 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
   config.qformer = ml_collections.ConfigDict(
     dict(
+      # "" writes WORKDIR/qformer; "it" writes WORKDIR/qformer_it ... (the
+      # loss ablations; phase 2 reads the Q-Former of the same variant).
+      variant="",
       model=qformer_model,
       optim=common.optim_config(
         lr=1e-4, steps=1, warmup_steps=0, weight_decay=0.05

@@ -31,6 +31,13 @@ def _positive_float() -> tuple[Callable, str]:
   ), "a finite number > 0"
 
 
+def _name() -> tuple[Callable, str]:
+  # Variant names become directory and metrics-file names.
+  return (
+    lambda v: isinstance(v, str) and re.fullmatch(r"[a-z0-9_]*", v)
+  ), "lowercase letters, digits and _ (or empty)"
+
+
 def _float_in(low: float, high: float) -> tuple[Callable, str]:
   return (
     lambda v: isinstance(v, int | float) and low <= v <= high,
@@ -52,6 +59,8 @@ _RULES = [
   (r"data\.min_interactions", *_int_at_least(1)),
   (r"data\.max_history", *_int_at_least(1)),
   (r"seed", *_int_at_least(0)),
+  (r"(qformer|ilm)\.variant", *_name()),
+  (r"ilm\.model\.tokens_per_entity", *_int_at_least(1)),
 ]
 
 

@@ -50,7 +50,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start = time.perf_counter()
     summary = dict(module.run(config, workdir, mesh) or {})
     summary["wall_time_s"] = time.perf_counter() - start
-    summaries[phase] = summary
+    # Variants (baselines, ablations) keep their own entry.
+    name = module.phase_name(config) if hasattr(module, "phase_name") else phase
+    summaries[name] = summary
     logging.info("Phase %s done in %.1f s.", phase, summary["wall_time_s"])
     metric_writer.write_json(phases_file, summaries)
   return summaries

@@ -29,6 +29,7 @@ def test_out_of_range_values_name_field_and_range():
   config.cf.optim.learning_rate = 0.0
   config.cf.train.batch_size = -4
   config.data.max_history = 0
+  config.ilm.variant = "../mlp"
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config)
   message = str(error.value)
@@ -37,6 +38,7 @@ def test_out_of_range_values_name_field_and_range():
   )
   assert "config.cf.train.batch_size=-4: must be an integer >= 1" in message
   assert "config.data.max_history=0: must be an integer >= 1" in message
+  assert "config.ilm.variant='../mlp': must be lowercase letters" in message
 
 
 def test_phase_selection():

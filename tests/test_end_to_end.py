@@ -75,6 +75,7 @@ def test_every_phase_runs_and_writes_its_outputs(finished_run):
   table = (workdir / "results.md").read_text()
   assert "| ILM (Q-Former + linear projector) |" in table
   assert "| SASRec (phase 0, full ranking) |" in table
+  assert "| all five (ITC+ITM+ITG+II+UI) |" in table  # the phase-1 table
   assert summaries["ilm"]["trie/titles"] == 40
 
 
@@ -120,3 +121,23 @@ def test_rerunning_a_finished_run_resumes_instead_of_retraining(finished_run):
   assert (
     summaries["qformer"]["steps"] == ml1m.get_config("tiny").qformer.train.steps
   )
+
+
+def test_text_only_baseline_trains_only_its_prompt_beside_the_main_run(
+  finished_run,
+):
+  workdir, _ = finished_run
+  summaries, _ = _main(
+    workdir,
+    "--config.phases=ilm,eval",
+    "--config.ilm.variant=textonly",
+    "--config.ilm.model.adapter=prompt",
+    "--config.ilm.model.tokens_per_entity=3",
+  )
+  assert {"ilm", "ilm_textonly"} <= set(summaries)  # the main run's stays
+  adapter = checkpoint.load_params(workdir / "ilm_textonly" / "adapter")
+  assert list(adapter) == ["prompt"]
+  assert adapter["prompt"]["embedding"].shape == (3, 576)  # SmolLM2's width
+  table = (workdir / "results.md").read_text()
+  assert "| ILM (Q-Former + linear projector) |" in table
+  assert "| Text-only (titles, learned prompt) |" in table

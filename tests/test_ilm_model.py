@@ -1,12 +1,14 @@
 """The ILM composite on tiny random parts: splicing, loss, gradients."""
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from ilm_jax import tree_utils
+from configs import common, ml1m
+from ilm_jax import optim, sharding, train, tree_utils
 from ilm_jax.data import prompts
 from ilm_jax.models import ilm, llm, qformer
 
@@ -65,8 +67,9 @@ def _params(model, rng=0):
   )
   if model.adapter == "qformer":
     params["qformer"] = qformer.init_params(_qformer_config(), keys[3])
-  if model.adapter != "none":
-    params["proj"] = ilm.init_adapter(model, keys[4], CF_DIM, 8)
+  adapter = ilm.init_adapter(model, keys[4], CF_DIM, 8)
+  if adapter:
+    params["prompt" if model.adapter == "prompt" else "proj"] = adapter
   return params
 
 
@@ -148,6 +151,81 @@ def test_text_only_model_ignores_soft_positions():
   np.testing.assert_array_equal(
     np.asarray(embeds[0]), table[_batch()["input_ids"][0]]
   )
+
+
+def test_text_only_prompt_adapter_trains_only_its_learned_prompt():
+  model = _model("prompt")
+  params = _params(model)
+  # One PROMPT entity (2 slots) at positions 1-2; position 4-5 are text here.
+  batch = dict(
+    _batch(),
+    soft_entity=np.array([[-1, 0, 0, -1, -1, -1, -1, -1, -1, -1]], np.int32),
+    entity_kind=np.array([[prompts.PROMPT, prompts.ITEM]], np.int32),
+    entity_mask=np.array([[True, False]]),
+  )
+  embeds = np.asarray(jax.jit(model.input_embeddings)(params, batch))
+  prompt = np.asarray(params["prompt"]["embedding"])
+  assert prompt.shape == (2, LLM.hidden_size)
+  np.testing.assert_array_equal(embeds[0, 1:3], prompt)
+  table = np.asarray(params["llm"]["embedding"])
+  np.testing.assert_array_equal(embeds[0, 3:], table[batch["input_ids"][0, 3:]])
+  grads = jax.jit(jax.grad(lambda p: model.loss(p, batch, None)[0]))(params)
+  assert float(jnp.abs(grads["prompt"]["embedding"]).sum()) > 0
+  assert set(params) == {"cf", "llm", "prompt"}
+
+
+def test_training_leaves_every_frozen_parameter_bitwise_unchanged(tmp_path):
+  """Real trainer, real ml1m freeze rules, tiny random parts."""
+  model = _model("qformer")
+  initial = _params(model)
+  cfg = ml1m.get_config("tiny").ilm
+  cfg.optim.update(warmup_steps=0, learning_rate=1e-2)
+  cfg.train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=3)
+  cfg.evals = {}
+  examples = [{k: v[0] for k, v in _batch().items()} for _ in range(4)]
+  task = train.Task(
+    name="ilm",
+    # Copies: the trainer donates its state buffers.
+    init_params=lambda rng: jax.tree.map(jnp.array, initial),
+    loss_fn=model.loss,
+    train_iterator=iter(
+      grain.MapDataset.source(examples).repeat().batch(2).to_iter_dataset()
+    ),
+  )
+  mesh_config = common.mesh_config()
+  result = train.train(
+    task,
+    cfg,
+    mesh=sharding.make_mesh(mesh_config, jax.devices()[:1]),
+    mesh_config=mesh_config,
+    workdir=tmp_path,
+  )
+  assert result.step == 3
+  frozen = optim.frozen_mask(initial, cfg.optim)
+  paths = tree_utils.leaf_paths(initial)
+  moved = dict(
+    zip(
+      paths,
+      jax.tree.leaves(
+        jax.tree.map(
+          lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+          initial,
+          result.params,
+        )
+      ),
+      strict=True,
+    )
+  )
+  for path, is_frozen in zip(paths, jax.tree.leaves(frozen), strict=True):
+    if path.startswith(("llm/", "cf/")):
+      assert is_frozen, path
+    assert not (is_frozen and moved[path]), f"frozen {path} changed"
+  assert moved["qformer/query_tokens"] and moved["proj/dense/kernel"]
+  # No optimizer state for any frozen leaf (Adam moments of llm/ or cf/).
+  tx, _, _ = optim.make(cfg.optim, initial, 3)
+  opt_paths = tree_utils.leaf_paths(jax.eval_shape(tx.init, initial))
+  assert any("qformer" in p for p in opt_paths)
+  assert not any("llm" in p or "/cf/" in p for p in opt_paths), opt_paths
 
 
 def test_token_count_must_match_the_qformer_queries():

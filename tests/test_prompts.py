@@ -152,6 +152,34 @@ def test_text_only_mode_writes_titles_and_no_soft_tokens():
   )
 
 
+def test_learned_prompt_mode_opens_the_request_with_its_soft_tokens():
+  out = _encoder(soft_tokens=False, learned_prompt=True).encode(REQUEST)
+  n = int(out["attention_mask"].sum())
+  # <|im_start|> user [prompt slot 0] [prompt slot 1] the user watched ...
+  np.testing.assert_array_equal(out["soft_entity"][:n][:5], [-1, -1, 0, 0, -1])
+  np.testing.assert_array_equal(out["soft_slot"][2:4], [0, 1])
+  assert (out["soft_entity"][4:] == -1).all()
+  np.testing.assert_array_equal(out["entity_mask"], [True, False, False, False])
+  assert out["entity_kind"][0] == prompts.PROMPT
+  np.testing.assert_array_equal(
+    out["input_ids"][4:n],
+    _ids(
+      "the",
+      "user",
+      "watched",
+      "A",
+      ",",
+      "B",
+      ".",
+      "<|im_end|>",
+      "<|im_start|>",
+      "assistant",
+      "B",
+      "<|im_end|>",
+    ),
+  )
+
+
 def test_unknown_placeholder_names_file_task_and_placeholder(tmp_path):
   bad = json.loads(prompts.DEFAULT_TEMPLATES.read_text())
   bad["description"]["seen"][3] = "Describe {film}."

@@ -12,7 +12,7 @@ Layout of one encoded example (length L, up to E entities):
   input_ids [L]      token ids; soft positions hold the pad id
   soft_entity [L]    -1 for text, else the entity (0..E-1) whose token it is
   soft_slot [L]      which of that entity's soft tokens
-  entity_kind [E]    ITEM or USER;  entity_index [E]: row in the CF table
+  entity_kind [E]    ITEM, USER or PROMPT; entity_index [E]: CF-table row
   entity_mask [E]    real entities
   attention_mask [L] real tokens
   targets [L]        the next token (training); loss_mask [L] where it counts
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-ITEM, USER = 0, 1
+ITEM, USER, PROMPT = 0, 1, 2  # PROMPT: the text-only baseline's learned prompt
 PROMPT_PLACEHOLDERS = ("user", "history", "item", "liked")
 TARGET_FIELDS = ("title", "text", "reason")
 DEFAULT_TEMPLATES = pathlib.Path(__file__).parent / "templates" / "prompts.json"
@@ -134,6 +134,7 @@ class PromptEncoder:
     soft_tokens: bool = True,
     titles_with_soft: bool = False,
     system_prompt: str = "",
+    learned_prompt: bool = False,
   ):
     """Args:
     tokenizer: an `llm_tokenizer.LlmTokenizer`.
@@ -144,6 +145,9 @@ class PromptEncoder:
     soft_tokens: False for the text-only baseline (titles, no soft tokens).
     titles_with_soft: also write each item's title before its soft tokens.
     system_prompt: a system message; "" keeps the chat template's default.
+    learned_prompt: start the user message with one PROMPT entity of
+      tokens_per_entity soft tokens (prompt tuning; the text-only baseline
+      trains only these).
     """
     self.tokenizer = tokenizer
     self.item_titles = list(item_titles)
@@ -153,6 +157,7 @@ class PromptEncoder:
     self.soft_tokens = soft_tokens
     self.titles_with_soft = titles_with_soft
     self.system_prompt = system_prompt
+    self.learned_prompt = learned_prompt
     self.stats = EncodeStats()
     self._separator = tokenizer.encode(", ", add_special_tokens=False)
 
@@ -166,7 +171,7 @@ class PromptEncoder:
       )
       ids += title
       soft += [(-1, 0)] * len(title)
-    if not self.soft_tokens:
+    if not self.soft_tokens and kind != PROMPT:
       if kind == USER:
         words = self._text("the user")
         ids += words
@@ -181,6 +186,8 @@ class PromptEncoder:
     """Token ids and (entity, slot) pairs of the rendered prompt."""
     names = _fields(request.template)
     text = request.template.format(**{n: _MARKER.format(n) for n in names})
+    if self.learned_prompt:
+      text = _MARKER.format("prompt") + text
     messages = [{"role": "user", "content": text}]
     if self.system_prompt:
       messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -197,7 +204,9 @@ class PromptEncoder:
         ids += tokens
         soft += [(-1, 0)] * len(tokens)
         continue
-      if part == "user":
+      if part == "prompt":
+        group = [(PROMPT, 0)]
+      elif part == "user":
         group = [(USER, request.user)]
       elif part == "item":
         group = [(ITEM, request.item)]

@@ -5,11 +5,13 @@ rules are plain regexes:
   cf       frozen CF tables {"items": [I, d], "users": [U, d]}
   qformer  the Q-Former (from phase 1, or random for ILM-rand)
   proj     the projector into the LLM's embedding space
+  prompt   the text-only baseline's learned prompt {"embedding": [T, D]}
   llm      the frozen pretrained LLM
 Adapters (config `adapter`): "qformer" (ILM: every query output becomes a
 soft token through a linear projector), "mlp" (CoLLM-style MLP from the raw
-CF vector to `tokens_per_entity` soft tokens), "none" (text-only prompts and
-the zero-shot LLM; no soft tokens).
+CF vector to `tokens_per_entity` soft tokens), "prompt" (text-only: titles
+as text and `tokens_per_entity` learned prompt tokens at the start of the
+request, prompt tuning with no CF input), "none" (the zero-shot LLM).
 """
 
 import dataclasses
@@ -22,7 +24,8 @@ import optax
 from ilm_jax.data import prompts
 from ilm_jax.models import llm, projector, qformer
 
-ADAPTERS = ("qformer", "mlp", "none")
+ADAPTERS = ("qformer", "mlp", "prompt", "none")
+ADAPTER_PARTS = ("qformer", "proj", "prompt")  # what training changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,9 @@ class IlmModel:
 
   def soft_tokens(self, params, entity_kind, entity_index, rng=None):
     """Soft tokens of entities: [B, E] -> [B, E, tokens_per_entity, D]."""
+    if self.adapter == "prompt":  # one learned prompt, whatever the entity
+      prompt = params["prompt"]["embedding"]
+      return jnp.broadcast_to(prompt, entity_index.shape + prompt.shape)
     tables = params["cf"]
     items = jnp.take(tables["items"], entity_index, axis=0, mode="clip")
     users = jnp.take(tables["users"], entity_index, axis=0, mode="clip")
@@ -161,7 +167,14 @@ def build(
 
 
 def init_adapter(model: IlmModel, rng, cf_dim: int, qformer_hidden: int):
-  """Fresh projector params (the Q-Former comes from phase 1 or its init)."""
+  """Fresh projector params (the Q-Former comes from phase 1 or its init).
+
+  The "prompt" adapter's tokens start as small random vectors (Lester et
+  al., 2021, found sampled-vocabulary init only slightly better).
+  """
+  if model.adapter == "prompt":
+    shape = (model.tokens_per_entity, model.llm.config.hidden_size)
+    return dict(embedding=0.02 * jax.random.normal(rng, shape, jnp.float32))
   if model.adapter == "qformer":
     x = jnp.zeros((1, 1, qformer_hidden), jnp.float32)
   elif model.adapter == "mlp":

@@ -2,7 +2,7 @@
 
 Reads `WORKDIR/metrics/<name>_test.json` for every ILM variant and phase-0
 model that ran, and `WORKDIR/phases.json` for wall times, and writes
-`WORKDIR/results.md`. ILM rows are sequential recommendation on seen and
+`WORKDIR/results.md` (plus a phase-1 table of the Q-Former runs present). ILM rows are sequential recommendation on seen and
 unseen templates (trie-constrained beam search over all titles, on the
 evaluated user subset); phase-0 rows are OpenP5's full ranking over all items
 for all users (no prompts, so no seen/unseen split).
@@ -24,11 +24,29 @@ ROWS = (
   ("ilm_it", "ILM, phase 1 = IT (ITC+ITM+ITG)"),
   ("ilm_it_ii", "ILM, phase 1 = IT+II"),
   ("ilm_it_ui", "ILM, phase 1 = IT+UI"),
-  ("ilm_textonly", "Text-only (titles, no soft tokens)"),
+  ("ilm_textonly", "Text-only (titles, learned prompt)"),
   ("ilm_zeroshot", "Frozen LLM zero-shot (text-only prompts)"),
   ("sasrec", "SASRec (phase 0, full ranking)"),
   ("mf", "MF (phase 0, full ranking)"),
   ("popularity", "Popularity (phase 0, full ranking)"),
+)
+
+
+# Phase-1 rows (metrics/<prefix>_test.json and _valid.json) and columns.
+QFORMER_ROWS = (
+  ("qformer", "all five (ITC+ITM+ITG+II+UI)"),
+  ("qformer_it", "IT (ITC+ITM+ITG)"),
+  ("qformer_it_ii", "IT+II"),
+  ("qformer_it_ui", "IT+UI"),
+  ("qformer_rand", "random init (no phase 1)"),
+)
+QFORMER_METRICS = (
+  ("test", "i2t/recall@1"),
+  ("test", "i2t/recall@10"),
+  ("test", "t2i/recall@1"),
+  ("test", "t2i/recall@10"),
+  ("test", "ii/recall@10"),
+  ("valid", "itg/loss"),
 )
 
 
@@ -76,10 +94,38 @@ def results_table(workdir: pathlib.Path) -> str:
   return "\n".join(lines) + "\n"
 
 
+def qformer_table(workdir: pathlib.Path) -> str:
+  """Phase-1 evaluators of the main run and each ablation present."""
+  phases_file = workdir / "phases.json"
+  phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
+  header = ["phase-1 losses"] + [
+    f"{split} {metric}" for split, metric in QFORMER_METRICS
+  ]
+  lines = ["| " + " | ".join(header + ["wall time (s)"]) + " |"]
+  lines.append("|" + "---|" * (len(header) + 1))
+  for prefix, label in QFORMER_ROWS:
+    files = {
+      split: workdir / "metrics" / f"{prefix}_{split}.json"
+      for split in ("test", "valid")
+    }
+    if not files["test"].exists():
+      continue
+    values = {
+      split: json.loads(path.read_text()) if path.exists() else {}
+      for split, path in files.items()
+    }
+    cells = [_cell(values[s].get(m)) for s, m in QFORMER_METRICS]
+    wall = phases.get(prefix, {}).get("wall_time_s")
+    wall_cell = "–" if wall is None else f"{wall:.0f}"
+    lines.append("| " + " | ".join([label, *cells, wall_cell]) + " |")
+  return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   del config, mesh
   workdir = pathlib.Path(workdir).absolute()
   table = results_table(workdir)
+  phase1 = qformer_table(workdir)
   phases_file = workdir / "phases.json"
   phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
   timings = "\n".join(
@@ -91,6 +137,11 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     "trie-constrained beam search over all item titles. Phase-0 rows: "
     "full ranking over all items.\n\n"
     + table
+    + (
+      "\n## Phase 1: Q-Former retrieval over all items\n\n" + phase1
+      if phase1
+      else ""
+    )
     + "\n## Wall time per phase\n\n"
     + timings
     + "\n"

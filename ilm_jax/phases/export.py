@@ -1,7 +1,8 @@
 """The `export` phase: a self-contained adapter bundle, and its loader.
 
 `WORKDIR/export/` holds what a server needs besides the LLM weights:
-  adapter/     orbax: the trained Q-Former and projector ("qformer", "proj")
+  adapter/     orbax: what phase 2 trained ("qformer" and "proj", or the
+               text-only baseline's "prompt")
   cf_tables/   orbax: the frozen CF tables ("items", "users")
   config.json  the experiment config (model, prompts, LLM checkpoint name)
   index.json   item ids and titles, user ids (CF-table row order)
@@ -30,7 +31,7 @@ EXPORT_DIR = "export"
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   del mesh
   workdir = pathlib.Path(workdir).absolute()
-  name = ilm_phase.phase_name(config.ilm)
+  name = ilm_phase.phase_name(config)
   adapter_dir = workdir / name / "adapter"
   if config.ilm.model.adapter == "none":
     raise ValueError("ilm.model.adapter='none' has no adapter to export.")

@@ -1,7 +1,8 @@
 """Phase 2: the ILM — Q-Former adapter + frozen LLM on multi-task prompts.
 
 Inputs: the CF tables (`WORKDIR/cf/export`), the phase-1 Q-Former
-(`WORKDIR/qformer/export`, unless `ilm.model.qformer_init="random"`), the
+(`WORKDIR/qformer[_<qformer.variant>]/export`, unless
+`ilm.model.qformer_init="random"`), the
 frozen LLM (`ilm.llm.checkpoint`). Only the Q-Former and the projector
 train; `ilm.optim.frozen` keeps `llm/` and `cf/` out of the optimizer.
 
@@ -9,7 +10,7 @@ Baselines are config switches of this same code path, each writing to its
 own `WORKDIR/ilm_<variant>/` and `metrics/ilm_<variant>_<split>.json`:
   mlp        adapter="mlp" (CoLLM-style MLP over the raw CF vector)
   rand       qformer_init="random" (ILM-rand: no phase 1)
-  textonly   adapter="none" (titles as plain text)
+  textonly   adapter="prompt" (titles as plain text, learned prompt tokens)
   zeroshot   adapter="none", train.steps=0 (the frozen LLM as is)
 Outputs: the trained adapter (Q-Former + projector) in `WORKDIR/<name>/
 adapter`, which the `export` phase bundles with the config and item index.
@@ -34,9 +35,10 @@ from ilm_jax.phases import qformer as qformer_phase
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def phase_name(ilm_config: ml_collections.ConfigDict) -> str:
+def phase_name(config: ml_collections.ConfigDict) -> str:
   """ "ilm" for the main run, "ilm_<variant>" for baselines."""
-  return f"ilm_{ilm_config.variant}" if ilm_config.variant else "ilm"
+  variant = config.ilm.variant
+  return f"ilm_{variant}" if variant else "ilm"
 
 
 def load_llm(llm_config: ml_collections.ConfigDict):
@@ -70,7 +72,7 @@ def load_qformer(config, workdir: pathlib.Path, rng):
   qformer_config = config.qformer.model
   init = config.ilm.model.qformer_init
   if init == "phase1":
-    path = workdir.joinpath(*qformer_phase.EXPORT)
+    path = qformer_phase.export_dir(config, workdir)
     logging.info("Q-Former from phase 1: %s.", path)
     return checkpoint.load_params(path / "params")
   if init == "random":
@@ -99,9 +101,10 @@ def build_prompting(config, dataset, tokenizer):
     tokens_per_entity=config.ilm.model.tokens_per_entity,
     max_len=data_config.max_len,
     max_entities=1 + max(data_config.max_history, 3),
-    soft_tokens=config.ilm.model.adapter != "none",
+    soft_tokens=config.ilm.model.adapter in ("qformer", "mlp"),
     titles_with_soft=data_config.titles_with_soft,
     system_prompt=data_config.system_prompt,
+    learned_prompt=config.ilm.model.adapter == "prompt",
   )
   return sampler, encoder
 
@@ -110,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   """Trains and evaluates one ILM variant; returns its summary."""
   workdir = pathlib.Path(workdir).absolute()
   ilm_config = config.ilm
-  name = phase_name(ilm_config)
+  name = phase_name(config)
   dataset = data.load_dataset(config.data)
   llm_config, llm_params, tokenizer = load_llm(ilm_config.llm)
   logging.info(
@@ -124,14 +127,14 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   item_table, user_table, _ = cf_encoder.load_cf_tables(
     workdir.joinpath(*cf.EXPORT_DIR)
   )
-  if item_table.shape[0] != dataset.num_items or (
-    user_table.shape[0] != dataset.num_users
-  ):
-    raise ValueError(
-      f"The CF tables ({item_table.shape[0]} items, {user_table.shape[0]} "
-      f"users) do not match the dataset ({dataset.num_items} items, "
-      f"{dataset.num_users} users); rerun the cf phase for this data."
-    )
+  qformer_phase.check_cf_tables(
+    item_table,
+    user_table,
+    dataset,
+    config.qformer.model.cf_dim
+    if ilm_config.model.adapter == "qformer"
+    else item_table.shape[1],
+  )
   sampler, encoder = build_prompting(config, dataset, tokenizer)
 
   def init_params(rng):
@@ -142,10 +145,11 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     )
     if ilm_config.model.adapter == "qformer":
       params["qformer"] = load_qformer(config, workdir, qformer_rng)
-    if ilm_config.model.adapter != "none":
-      params["proj"] = ilm.init_adapter(
-        model, proj_rng, item_table.shape[1], config.qformer.model.hidden_size
-      )
+    adapter = ilm.init_adapter(
+      model, proj_rng, item_table.shape[1], config.qformer.model.hidden_size
+    )
+    if adapter:
+      params["prompt" if model.adapter == "prompt" else "proj"] = adapter
     return params
 
   train_examples = ilm_tasks.TrainingPrompts(
@@ -182,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     workdir=workdir,
     seed=config.seed,
   )
-  adapter = {k: v for k, v in result.params.items() if k in ("qformer", "proj")}
+  adapter = {k: v for k, v in result.params.items() if k in ilm.ADAPTER_PARTS}
   if adapter:
     checkpoint.save_params(workdir / name / "adapter", adapter)
   summary = dict(result.metrics)

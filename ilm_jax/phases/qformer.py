@@ -5,7 +5,9 @@ train part of a user's sequence (ITC/ITM/ITG use item a and its text; II
 contrasts a with b) plus one user-item positive pair (UI). The CF vectors
 come from the phase-0 export and stay frozen (they are inputs, not params).
 Outputs: `WORKDIR/qformer/export/params` (the trained Q-Former) and
-`metrics/qformer_<split>.json` (retrieval and ITG evaluators).
+`metrics/qformer_<split>.json` (retrieval and ITG evaluators). A
+`qformer.variant` (e.g. the loss ablations) writes `WORKDIR/qformer_<variant>/`
+and `metrics/qformer_<variant>_<split>.json` instead, beside the main run.
 """
 
 import json
@@ -23,7 +25,16 @@ from ilm_jax.evaluators import common
 from ilm_jax.models import bert, cf_encoder, qformer
 from ilm_jax.phases import cf
 
-EXPORT = ("qformer", "export")  # under WORKDIR
+
+def phase_name(config: ml_collections.ConfigDict) -> str:
+  """ "qformer" for the main run, "qformer_<variant>" for ablations."""
+  variant = config.qformer.variant
+  return f"qformer_{variant}" if variant else "qformer"
+
+
+def export_dir(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
+  """Where this config's phase-1 Q-Former is exported (and phase 2 reads)."""
+  return pathlib.Path(workdir).absolute() / phase_name(config) / "export"
 
 
 def tokenize_item_texts(
@@ -136,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     seed=config.seed,
   )
   task = train.Task(
-    name="qformer",
+    name=phase_name(config),
     init_params=init_params,
     loss_fn=loss_fn,
     train_iterator=iterator,
@@ -150,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     workdir=workdir,
     seed=config.seed,
   )
-  export = workdir.joinpath(*EXPORT)
+  export = export_dir(config, workdir)
   checkpoint.save_params(export / "params", result.params)
   if jax.process_index() == 0:
     (export / "config.json").write_text(
