@@ -249,3 +249,19 @@ def test_evaluation_request_targets_follow_the_split():
   valid = sampler.evaluation_request("sequential", 3, "valid", unseen=False)
   assert valid.target_item == sequence[-2]
   assert valid.history == tuple(sequence[-6:-2])
+
+
+def test_titles_that_do_not_round_trip_are_reported_at_trie_build(caplog):
+  from ilm_jax.evaluators import generative  # noqa: PLC0415
+
+  titles = ["A B", "A Zebra", "C", "A  B"]  # unknown word; a duplicate
+  with caplog.at_level("WARNING"):
+    trie, report = generative.build_title_trie(_tokenizer(), titles)
+  assert report == dict(titles=4, not_round_trip=2, duplicate_token_sequences=1)
+  assert "A Zebra" in caplog.text and "(0, 3)" in caplog.text
+  # Reported, not dropped: every title (with eos) is still a trie path;
+  # the root's child "A" continues with "B" or "[UNK]".
+  a = trie.edge_targets[list(trie.edge_tokens[: trie.offsets[1]]).index(8)]
+  children = trie.edge_tokens[trie.offsets[a] : trie.offsets[a + 1]]
+  assert sorted(children) == sorted(_ids("B", "[UNK]"))
+  assert (trie.sequence_ids >= 0).sum() == 3  # the duplicate shares a leaf
