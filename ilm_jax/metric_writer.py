@@ -7,6 +7,7 @@ trainer can call it unconditionally.
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 
 import jax
@@ -16,6 +17,15 @@ from absl import logging
 
 def _to_float(value) -> float:
   return float(np.asarray(value))
+
+
+def tensorboard_tag(name: str) -> str:
+  """`name` with what TensorBoard rejects (e.g. "@" in hr@10) as "_".
+
+  TensorBoard would rename it anyway, with a warning per metric and step;
+  metrics.jsonl keeps the original names.
+  """
+  return re.sub(r"[^\w.\-/]", "_", name)
 
 
 class MetricWriter:
@@ -39,7 +49,7 @@ class MetricWriter:
       return
     values = {k: _to_float(v) for k, v in scalars.items()}
     for name, value in values.items():
-      self._tb.add_scalar(name, value, step)
+      self._tb.add_scalar(tensorboard_tag(name), value, step)
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self._jsonl.flush()
 

@@ -35,6 +35,33 @@ def recall_at(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
   return {f"recall@{k}": float((ranks < k).mean()) for k in ks}
 
 
+class _FeatureCache:
+  """The last params' features, shared by the evaluators of one eval round.
+
+  The item-text retrieval and co-occurrence evaluators (valid and test)
+  all encode every item with the same params; encoding 3,416 ML-1M items
+  takes ~40 s on 2 cores. Arrays in the key match by identity (the cache
+  holds them, and JAX/our inputs are never mutated), other values by ==.
+  """
+
+  def __init__(self):
+    self._objects, self._value = (), None
+
+  def get(self, objects, compute):
+    same = len(objects) == len(self._objects) and all(
+      a is b if isinstance(a, jax.Array | np.ndarray) else a == b
+      for a, b in zip(objects, self._objects, strict=True)
+    )
+    if not same:
+      self._objects, self._value = (), None  # free the old arrays first
+      self._value = compute()
+      self._objects = tuple(objects)
+    return self._value
+
+
+_FEATURES = _FeatureCache()
+
+
 class _QFormerEvaluator:
   def __init__(
     self,
@@ -74,6 +101,13 @@ class _QFormerEvaluator:
 
   def all_features(self, params):
     """(item query features [N, Q, E], text features [N, E]) for all items."""
+    inputs = (self.item_table, self.text_ids, self.text_mask, self.batch_size)
+    return _FEATURES.get(
+      (*jax.tree.leaves(params), *inputs, self.model_config),
+      lambda: self._all_features(params),
+    )
+
+  def _all_features(self, params):
     n, b = len(self.item_table), self.batch_size
     pad = -n % b
     cf = np.pad(self.item_table, ((0, pad), (0, 0)))
