@@ -16,6 +16,7 @@ Outputs: the trained adapter (Q-Former + projector) in `WORKDIR/<name>/
 adapter`, which the `export` phase bundles with the config and item index.
 """
 
+import dataclasses
 import pathlib
 
 import flax.linen as nn
@@ -109,11 +110,20 @@ def build_prompting(config, dataset, tokenizer):
   return sampler, encoder
 
 
-def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
-  """Trains and evaluates one ILM variant; returns its summary."""
+@dataclasses.dataclass
+class Phase2:
+  """Everything a phase-2 run (or a benchmark of it) needs."""
+
+  task: train.Task
+  model: ilm.IlmModel
+  encoder: prompts.PromptEncoder
+  examples: ilm_tasks.TrainingPrompts
+
+
+def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
+  """The phase-2 training task of `config` (data, model, evaluators)."""
   workdir = pathlib.Path(workdir).absolute()
   ilm_config = config.ilm
-  name = phase_name(config)
   dataset = data.load_dataset(config.data)
   llm_config, llm_params, tokenizer = load_llm(ilm_config.llm)
   logging.info(
@@ -152,11 +162,11 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       params["prompt" if model.adapter == "prompt" else "proj"] = adapter
     return params
 
-  train_examples = ilm_tasks.TrainingPrompts(
+  examples = ilm_tasks.TrainingPrompts(
     sampler, encoder, ilm_config.data.examples_per_epoch
   )
   iterator = pipeline.training_iterator(
-    train_examples,
+    examples,
     ilm_config.train.batch_size // jax.process_count(),
     seed=config.seed,
     process_index=jax.process_index(),
@@ -172,15 +182,22 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     seed=config.seed,
   )
   task = train.Task(
-    name=name,
+    name=phase_name(config),
     init_params=init_params,
     loss_fn=model.loss,
     train_iterator=iterator,
     evaluators=evaluators,
   )
+  return Phase2(task=task, model=model, encoder=encoder, examples=examples)
+
+
+def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
+  """Trains and evaluates one ILM variant; returns its summary."""
+  workdir = pathlib.Path(workdir).absolute()
+  phase2 = make_task(config, workdir)
   result = train.train(
-    task,
-    ilm_config,
+    phase2.task,
+    config.ilm,
     mesh=mesh,
     mesh_config=config.mesh,
     workdir=workdir,
@@ -188,14 +205,14 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   )
   adapter = {k: v for k, v in result.params.items() if k in ilm.ADAPTER_PARTS}
   if adapter:
-    checkpoint.save_params(workdir / name / "adapter", adapter)
+    checkpoint.save_params(workdir / phase2.task.name / "adapter", adapter)
   summary = dict(result.metrics)
   summary.update(
     steps=result.step,
-    history_items_truncated=encoder.stats.history_items_truncated,
-    target_tokens_truncated=encoder.stats.target_tokens_truncated,
+    history_items_truncated=phase2.encoder.stats.history_items_truncated,
+    target_tokens_truncated=phase2.encoder.stats.target_tokens_truncated,
   )
-  for evaluator in evaluators:
+  for evaluator in phase2.task.evaluators:
     summary.update(
       {f"trie/{k}": v for k, v in getattr(evaluator, "trie_report", {}).items()}
     )
