@@ -182,3 +182,11 @@ def test_batch_size_must_split_over_data_shards(tmp_path):
   cfg = toy_task.config(batch_size=12)  # 8 data shards
   with pytest.raises(ValueError, match="toy.train.batch_size=12"):
     toy_task.run(cfg, tmp_path)
+
+
+def test_tensorboard_tags_replace_what_tensorboard_rejects():
+  from ilm_jax import metric_writer  # noqa: PLC0415
+
+  assert metric_writer.tensorboard_tag("final/test/hr@10") == "final/test/hr_10"
+  assert metric_writer.tensorboard_tag("ii/recall@10 x") == "ii/recall_10_x"
+  assert metric_writer.tensorboard_tag("a.b-c/d_e") == "a.b-c/d_e"
