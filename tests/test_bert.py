@@ -138,3 +138,24 @@ def test_sentence_embeddings_match_transformers_bert(tokenizer):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))
+
+
+def test_item_text_embeddings_are_cached_on_disk_by_content(
+  tmp_path, monkeypatch
+):
+  from ilm_jax.evaluators import generative  # noqa: PLC0415
+
+  texts = ["A quiet western.", "A loud musical."]
+  first = generative.cached_sentence_embeddings(texts, tmp_path)
+  np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, rtol=1e-5)
+  assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 1
+
+  def not_again(_):
+    raise AssertionError("recomputed despite the cache")
+
+  monkeypatch.setattr(generative, "sentence_embeddings", not_again)
+  np.testing.assert_array_equal(
+    generative.cached_sentence_embeddings(texts, tmp_path), first
+  )
+  with pytest.raises(AssertionError, match="recomputed"):  # other content
+    generative.cached_sentence_embeddings(texts[:1], tmp_path)
