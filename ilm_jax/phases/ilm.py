@@ -2,9 +2,10 @@
 
 Inputs: the CF tables (`WORKDIR/cf/export`), the phase-1 Q-Former
 (`WORKDIR/qformer[_<qformer.variant>]/export`, unless
-`ilm.model.qformer_init="random"`), the
-frozen LLM (`ilm.llm.checkpoint`). Only the Q-Former and the projector
-train; `ilm.optim.frozen` keeps `llm/` and `cf/` out of the optimizer.
+`ilm.model.qformer_init="random"`), the frozen LLM (`ilm.llm.checkpoint`).
+Only the adapter trains (Q-Former and projector; the learned prompt for the
+text-only baseline); `ilm.optim.frozen` keeps `llm/` and `cf/` out of the
+optimizer.
 
 Baselines are config switches of this same code path, each writing to its
 own `WORKDIR/ilm_<variant>/` and `metrics/ilm_<variant>_<split>.json`:
@@ -12,8 +13,9 @@ own `WORKDIR/ilm_<variant>/` and `metrics/ilm_<variant>_<split>.json`:
   rand       qformer_init="random" (ILM-rand: no phase 1)
   textonly   adapter="prompt" (titles as plain text, learned prompt tokens)
   zeroshot   adapter="none", train.steps=0 (the frozen LLM as is)
-Outputs: the trained adapter (Q-Former + projector) in `WORKDIR/<name>/
-adapter`, which the `export` phase bundles with the config and item index.
+Phase-1 loss ablations pair a `qformer.variant` with an `ilm.variant` (see
+the README). Outputs: the trained adapter in `WORKDIR/<name>/adapter`, which
+the `export` phase bundles with the config and item index.
 """
 
 import dataclasses
