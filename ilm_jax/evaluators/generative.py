@@ -173,15 +173,9 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
         for metric, per_user in values.items():
           yield f"{task}/{which}/{metric}", float(per_user.mean())
     yield "users", len(self.users)
-    yield (
-      "ranking_users_per_s",
-      (
-        2
-        * len(self.config["tasks"])
-        * len(self.users)
-        / (time.perf_counter() - start)
-      ),
-    )
+    # One prompt per user, task and template kind (seen, unseen).
+    prompts = 2 * len(self.config["tasks"]) * len(self.users)
+    yield "ranking_prompts_per_s", prompts / (time.perf_counter() - start)
 
 
 _MAX_TEXT_TOKENS = 128  # MiniLM input length for semantic consistency
