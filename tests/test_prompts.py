@@ -127,29 +127,30 @@ def test_history_longer_than_context_drops_oldest_and_counts():
   assert out["attention_mask"].sum() == 13
 
 
+# REQUEST in text-only mode: titles as text, "the user" for the user.
+TEXT_ONLY_IDS = _ids(
+  "<|im_start|>",
+  "user",
+  "the",
+  "user",
+  "watched",
+  "A",
+  ",",
+  "B",
+  ".",
+  "<|im_end|>",
+  "<|im_start|>",
+  "assistant",
+  "B",
+  "<|im_end|>",
+)
+
+
 def test_text_only_mode_writes_titles_and_no_soft_tokens():
   out = _encoder(soft_tokens=False).encode(REQUEST)
   n = int(out["attention_mask"].sum())
   assert (out["soft_entity"] == -1).all() and not out["entity_mask"].any()
-  np.testing.assert_array_equal(
-    out["input_ids"][:n],
-    _ids(
-      "<|im_start|>",
-      "user",
-      "the",
-      "user",
-      "watched",
-      "A",
-      ",",
-      "B",
-      ".",
-      "<|im_end|>",
-      "<|im_start|>",
-      "assistant",
-      "B",
-      "<|im_end|>",
-    ),
-  )
+  np.testing.assert_array_equal(out["input_ids"][:n], TEXT_ONLY_IDS)
 
 
 def test_learned_prompt_mode_opens_the_request_with_its_soft_tokens():
@@ -161,22 +162,9 @@ def test_learned_prompt_mode_opens_the_request_with_its_soft_tokens():
   assert (out["soft_entity"][4:] == -1).all()
   np.testing.assert_array_equal(out["entity_mask"], [True, False, False, False])
   assert out["entity_kind"][0] == prompts.PROMPT
+  pad = _ids("<pad>")
   np.testing.assert_array_equal(
-    out["input_ids"][4:n],
-    _ids(
-      "the",
-      "user",
-      "watched",
-      "A",
-      ",",
-      "B",
-      ".",
-      "<|im_end|>",
-      "<|im_start|>",
-      "assistant",
-      "B",
-      "<|im_end|>",
-    ),
+    out["input_ids"][:n], TEXT_ONLY_IDS[:2] + pad * 2 + TEXT_ONLY_IDS[2:]
   )
 
 
