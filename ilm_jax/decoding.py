@@ -8,7 +8,8 @@ prompt plus generation; generation then continues one token id at a time.
 
 `model` is an `llm.Llama` or any linen module with the same contract:
 `model.apply({'params': p}, input_ids=..., input_embeds=..., attention_mask=
-..., cache=...) -> (logits, cache)`, `model.init_cache(batch, max_len)`,
+..., cache=..., last_only=...) -> (logits, cache)` (`last_only`: logits of
+the last column only, [batch, 1, vocab]), `model.init_cache(batch, max_len)`,
 and caches whose non-scalar leaves have the batch on axis 0. Params are jit
 arguments, never closed over (XLA would constant-fold them).
 """
@@ -39,6 +40,7 @@ def _prefill(model, params, prompt_ids, prompt_embeds, prompt_mask, extra):
     input_embeds=prompt_embeds,
     attention_mask=prompt_mask,
     cache=cache,
+    last_only=True,
   )
   # Left padding puts every row's last real token in the last column.
   return logits[:, -1], cache

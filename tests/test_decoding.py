@@ -49,13 +49,20 @@ class BigramLM(nn.Module):
 
   @nn.compact
   def __call__(
-    self, input_ids=None, input_embeds=None, attention_mask=None, cache=None
+    self,
+    input_ids=None,
+    input_embeds=None,
+    attention_mask=None,
+    cache=None,
+    last_only=False,
   ):
     table = self.param("table", nn.initializers.zeros, PROBS.shape)
     if input_embeds is not None:  # one-hot rows
       input_ids = jnp.argmax(input_embeds, axis=-1)
     if cache is not None:  # a per-row leaf, so beam reordering is exercised
       cache = dict(last=input_ids[:, -1], index=cache["index"] + 1)
+    if last_only:
+      input_ids = input_ids[:, -1:]
     return table[input_ids], cache
 
   def init_cache(self, batch_size, max_len):

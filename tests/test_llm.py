@@ -58,11 +58,21 @@ def init_params(config, seed=0):
 
 # Jitted once per (model, keyword set): eager linen calls compile op by op.
 @functools.partial(
-  jax.jit, static_argnames=("model", "method", "return_hidden")
+  jax.jit, static_argnames=("model", "method", "return_hidden", "last_only")
 )
-def apply(model, params, *args, method=None, return_hidden=False, **kwargs):
+def apply(
+  model,
+  params,
+  *args,
+  method=None,
+  return_hidden=False,
+  last_only=False,
+  **kwargs,
+):
   if return_hidden:
     kwargs["return_hidden"] = True
+  if last_only:
+    kwargs["last_only"] = True
   return model.apply({"params": params}, *args, method=method, **kwargs)
 
 
@@ -130,6 +140,30 @@ def test_kv_cache_decoding_equals_full_recomputation():
   np.testing.assert_array_equal(cache["next_position"], mask.sum(1))
   np.testing.assert_array_equal(cache["mask"][:, :9], real)
   assert not cache["mask"][:, 9:].any()
+
+
+def test_last_only_prefill_gives_the_last_column_and_the_same_cache():
+  model, params = init_params(TINY)
+  ids, mask = left_padded_batch()
+  full, full_cache = apply(
+    model,
+    params,
+    input_ids=ids,
+    attention_mask=mask,
+    cache=model.init_cache(3, 12),
+  )
+  last, last_cache = apply(
+    model,
+    params,
+    input_ids=ids,
+    attention_mask=mask,
+    cache=model.init_cache(3, 12),
+    last_only=True,
+  )
+  assert last.shape == (3, 1, TINY.vocab_size)
+  np.testing.assert_allclose(last, full[:, -1:], atol=1e-6)
+  for name in full_cache:
+    np.testing.assert_array_equal(last_cache[name], full_cache[name])
 
 
 def test_input_embeddings_path_equals_token_id_path():

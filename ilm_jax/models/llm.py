@@ -301,6 +301,7 @@ class Llama(nn.Module):
     positions=None,
     cache=None,
     return_hidden=False,
+    last_only=False,
   ):
     """Runs the decoder on a chunk of tokens.
 
@@ -315,6 +316,9 @@ class Llama(nn.Module):
         forward pass. Chunk tokens go into slots index .. index + time - 1.
       return_hidden: return final-norm hidden states instead of logits
         (e.g. to compute logits only where a loss needs them).
+      last_only: only the last column's output ([batch, 1, ...]): decoding
+        needs no more from a prefill, and the vocabulary head over the
+        whole prompt would cost a fifth of SmolLM2's prefill FLOPs.
 
     Returns:
       (logits [batch, time, vocab] float32 or hidden states, new cache or
@@ -350,7 +354,7 @@ class Llama(nn.Module):
     allowed = causal[None] & key_mask[:, None, :]
 
     (x, _), new_kv = self.layers((x, 0), cache, rope, allowed, index)
-    hidden = self.final_norm(x)
+    hidden = self.final_norm(x[:, -1:] if last_only else x)
     out = hidden if return_hidden else self.logits(hidden)
     if cache is None:
       return out, None
