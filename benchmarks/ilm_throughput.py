@@ -124,7 +124,8 @@ def main(argv):
     f"ILM adapter={ilm_config.model.adapter}, LLM "
     f"{ilm_config.llm.checkpoint} ({ilm_config.llm.dtype}); "
     f"{jax.device_count()} {jax.devices()[0].platform} device(s); "
-    f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+    f"allocator: {llm_throughput.allocator()}"
   )
   batch_size, max_len = ilm_config.train.batch_size, ilm_config.data.max_len
   figures = time_training(phase2.task, ilm_config, mesh, _STEPS.value)

@@ -17,8 +17,8 @@ both see the same machine load. Measured:
 FLOPs are counted analytically (matmuls and attention, full T x T scores as
 both implementations compute them; XLA's cost analysis counts a scanned
 layer once, so it cannot serve). The matmul ceiling is measured in the same
-run (numpy and jax 4096^3 float32), and the load average is printed: on a
-shared machine other processes' load changes every figure.
+run (numpy and jax 4096^3 float32); the allocator (see `allocator`) and the
+load average are printed: other processes' load changes every figure.
 """
 
 import os
@@ -88,6 +88,16 @@ def matmul_flops(config, tokens, seq):
   dense = tokens * (c.num_layers * per_layer + 2 * c.hidden_size * c.vocab_size)
   attention = tokens * c.num_layers * 2 * 2 * seq * c.num_heads * c.head_dim
   return dense, attention
+
+
+def allocator() -> str:
+  """The malloc in use: glibc's, unless one is preloaded.
+
+  It matters on CPU: glibc serves every buffer above 32 MiB (logits over
+  the vocabulary, the stacked per-layer residuals) with a fresh mmap, so
+  each step pays page faults on them; tcmalloc and jemalloc reuse memory.
+  """
+  return os.environ.get("LD_PRELOAD") or "glibc malloc"
 
 
 def timed(fn):
@@ -231,7 +241,7 @@ def main(argv):
   ids = np.random.default_rng(0).integers(100, config.vocab_size, (b, t))
   ids = ids.astype(np.int32)
   print(f"devices: {jax.devices()}; torch threads: {torch.get_num_threads()}")
-  print(f"load average before: {os.getloadavg()}")
+  print(f"load average before: {os.getloadavg()}; allocator: {allocator()}")
   numpy_ceiling, jax_ceiling = ceiling_gflops()
   print(
     f"matmul 4096^3 f32: numpy {numpy_ceiling:.0f} GFLOP/s, "
