@@ -116,6 +116,19 @@ def ceiling_gflops():
   return flops / numpy_time / 1e9, flops / jax_time / 1e9
 
 
+def fresh_buffer_gbps(rows, cols):
+  """GB/s of `x + 1` into a new [rows, cols] float32 buffer (read + write).
+
+  With the vocabulary as `cols` this is the size of the logits: the figure
+  shows what page faults on fresh large buffers cost under `allocator()`.
+  """
+  x = jnp.zeros((rows, cols), jnp.float32)
+  add = jax.jit(lambda a: a + 1)
+  add(x).block_until_ready()
+  seconds = min(timed(lambda: add(x).block_until_ready()) for _ in range(5))
+  return 2 * x.nbytes / seconds / 1e9
+
+
 def jax_side(config, params, ids, new_tokens):
   model = llm.Llama(config)
   targets = jnp.roll(ids, -1, axis=1)
@@ -246,6 +259,10 @@ def main(argv):
   print(
     f"matmul 4096^3 f32: numpy {numpy_ceiling:.0f} GFLOP/s, "
     f"jax {jax_ceiling:.0f} GFLOP/s"
+  )
+  print(
+    f"x + 1 into a fresh [{b * t}, {config.vocab_size}] f32 buffer: "
+    f"{fresh_buffer_gbps(b * t, config.vocab_size):.1f} GB/s"
   )
   ours = jax_side(config, params, ids, n)
   sides = {"jax": ours}
