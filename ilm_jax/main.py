@@ -7,7 +7,6 @@ or several GPU hosts add `--multihost` (see launch/ and WORKSPACE.md).
 """
 
 import logging as py_logging
-import os
 
 import jax
 from absl import app, flags, logging
@@ -59,22 +58,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(f"FATAL: {message}.") from None
 
 
-def log_allocator_hint():
-  """On CPU without a preloaded malloc, says how to avoid page-fault stalls.
-
-  glibc maps every buffer above 32 MiB (vocabulary logits, the stacked
-  per-layer residuals of the LLM's backward pass) afresh, so each step pays
-  page faults on them; docs/results/llm.md measures the difference.
-  """
-  if jax.devices()[0].platform == "cpu" and not os.environ.get("LD_PRELOAD"):
-    logging.info(
-      "CPU run with glibc malloc: large buffers page-fault at every step. "
-      "Preloading tcmalloc is faster, e.g. LD_PRELOAD="
-      "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian/Ubuntu "
-      "package libtcmalloc-minimal4); see README."
-    )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -91,7 +74,6 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  log_allocator_hint()
   experiment.run(_CONFIG.value, _WORKDIR.value)
 
 
