@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ilm_jax.models import llm
+
 # eos and pad ids are traced, not static, so changing them does not
 # recompile the decoding loop.
 _STATIC = ("model", "max_new_tokens")
@@ -46,12 +48,27 @@ def _prefill(model, params, prompt_ids, prompt_embeds, prompt_mask, extra):
   return logits[:, -1], cache
 
 
-def _step(model, params, tokens, cache):
+def _step_inputs(model, params) -> dict:
+  """Extra inputs of the one-token steps, prepared once before the loop.
+
+  A Llama runs its steps on per-layer weight arrays (`layer_params`): one
+  token per row is bound by reading the weights, and a scanned layer stack
+  would copy each layer's slice at every step. The barrier keeps XLA from
+  moving the slicing back into the loop.
+  """
+  if isinstance(model, llm.Llama):
+    layers = llm.unstack_layers(params)
+    return dict(layer_params=jax.lax.optimization_barrier(layers))
+  return {}
+
+
+def _step(model, params, tokens, cache, step_inputs):
   logits, cache = model.apply(
     {"params": params},
     input_ids=tokens[:, None],
     attention_mask=jnp.ones_like(tokens[:, None]),
     cache=cache,
+    **step_inputs,
   )
   return logits[:, -1], cache
 
@@ -87,6 +104,7 @@ def _generate(
   )
   batch = logits.shape[0]
   eos = jnp.atleast_1d(jnp.asarray(eos_id))
+  step_inputs = _step_inputs(model, params)
 
   def choose(logits, key):
     if greedy:
@@ -109,7 +127,7 @@ def _generate(
     token = jnp.where(done, pad_id, token)
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
     done = done | jnp.isin(token, eos)
-    logits, cache = _step(model, params, token, cache)
+    logits, cache = _step(model, params, token, cache, step_inputs)
     return step + 1, tokens, done, logits, cache
 
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
@@ -246,6 +264,7 @@ def _beam_core(
   cache = jax.tree.map(lambda x: jnp.repeat(x, k, 0) if x.ndim else x, cache)
   logits = jnp.repeat(logits, k, 0)
   rows = jnp.arange(b)[:, None]
+  step_inputs = _step_inputs(model, params)
 
   def cond(state):
     step, _, scores, _, done, *_ = state
@@ -274,7 +293,9 @@ def _beam_core(
     tokens = tokens[rows, parent].at[:, :, step].set(new_tok)
     order = (rows * k + parent).reshape(-1)
     cache = jax.tree.map(lambda x: x[order] if x.ndim else x, cache)
-    logits, cache = _step(model, params, new_tok.reshape(-1), cache)
+    logits, cache = _step(
+      model, params, new_tok.reshape(-1), cache, step_inputs
+    )
     return step + 1, tokens, scores, node, done, logits, cache
 
   scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))

@@ -265,3 +265,36 @@ def test_sharded_forward_with_config_rules_matches_one_device():
   assert len(sharded["layers"]["gate"].addressable_shards) == 4
   logits, _ = apply(model, sharded, input_ids=ids, attention_mask=mask)
   np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_unstacked_layers_give_the_scanned_results():
+  model, params = init_params(TINY)
+  ids, mask = left_padded_batch()
+  layers = llm.unstack_layers(params)
+  assert len(layers) == TINY.num_layers
+  np.testing.assert_array_equal(layers[1]["q"], params["layers"]["q"][1])
+  outputs = {}
+  for name, extra in (("scanned", {}), ("unstacked", {"layer_params": layers})):
+    cache = model.init_cache(3, 12)
+    _, cache = apply(
+      model,
+      params,
+      input_ids=ids[:, :8],
+      attention_mask=mask[:, :8],
+      cache=cache,
+    )
+    # The decoding pattern: one token on top of a prefilled cache.
+    outputs[name] = apply(
+      model,
+      params,
+      input_ids=ids[:, 8:],
+      attention_mask=mask[:, 8:],
+      cache=cache,
+      **extra,
+    )
+  (scanned, scanned_cache), (unstacked, unstacked_cache) = outputs.values()
+  np.testing.assert_allclose(unstacked, scanned, atol=1e-5)
+  for name in scanned_cache:
+    np.testing.assert_allclose(
+      unstacked_cache[name], scanned_cache[name], atol=1e-6
+    )

@@ -302,6 +302,7 @@ class Llama(nn.Module):
     cache=None,
     return_hidden=False,
     last_only=False,
+    layer_params=None,
   ):
     """Runs the decoder on a chunk of tokens.
 
@@ -319,6 +320,11 @@ class Llama(nn.Module):
       last_only: only the last column's output ([batch, 1, ...]): decoding
         needs no more from a prefill, and the vocabulary head over the
         whole prompt would cost a fifth of SmolLM2's prefill FLOPs.
+      layer_params: `unstack_layers(params)` to run the layers unrolled on
+        separate arrays instead of scanned over the stacked ones. For
+        one-token decoding steps, which are bound by reading the weights:
+        a scan slices (copies) every layer's weights out of the stacked
+        arrays at each step. Compiles slower; same results.
 
     Returns:
       (logits [batch, time, vocab] float32 or hidden states, new cache or
@@ -353,7 +359,19 @@ class Llama(nn.Module):
     causal = key_slots[None, :] <= (query_slots + index)[:, None]
     allowed = causal[None] & key_mask[:, None, :]
 
-    (x, _), new_kv = self.layers((x, 0), cache, rope, allowed, index)
+    if layer_params is None:
+      (x, _), new_kv = self.layers((x, 0), cache, rope, allowed, index)
+    else:
+      layer_kv = []
+      # An unbound copy of the scanned layer, applied to each layer's own
+      # params (parent=None: not a submodule, it owns no variables here).
+      layer = DecoderLayer(c, parent=None)
+      for i, one_layer in enumerate(layer_params):
+        (x, _), kv = layer.apply(
+          {"params": one_layer}, (x, i), cache, rope, allowed, index
+        )
+        layer_kv.append(kv)
+      new_kv = jax.tree.map(lambda *kv: jnp.stack(kv), *layer_kv)
     hidden = self.final_norm(x[:, -1:] if last_only else x)
     out = hidden if return_hidden else self.logits(hidden)
     if cache is None:
@@ -368,6 +386,13 @@ class Llama(nn.Module):
       index=index + t,
     )
     return out, new_cache
+
+
+def unstack_layers(params) -> list:
+  """Splits the stacked (scanned) layer params into one tree per layer."""
+  stacked = params["layers"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(depth)]
 
 
 def logical_partition_specs(config: LlamaConfig):
