@@ -115,7 +115,6 @@ def time_training(task, phase_config, mesh, steps: int) -> dict:
 
 def main(argv):
   del argv
-  malloc_note = llm_throughput.set_up_malloc()  # --heap_malloc
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   mesh = sharding.make_mesh(config.mesh)
@@ -126,7 +125,7 @@ def main(argv):
     f"{ilm_config.llm.checkpoint} ({ilm_config.llm.dtype}); "
     f"{jax.device_count()} {jax.devices()[0].platform} device(s); "
     f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-    f"{malloc_note}"
+    f"allocator: {llm_throughput.allocator()}"
   )
   batch_size, max_len = ilm_config.train.batch_size, ilm_config.data.max_len
   figures = time_training(phase2.task, ilm_config, mesh, _STEPS.value)

@@ -17,7 +17,7 @@ both see the same machine load. Measured:
 FLOPs are counted analytically (matmuls and attention, full T x T scores as
 both implementations compute them; XLA's cost analysis counts a scanned
 layer once, so it cannot serve). The matmul ceiling is measured in the same
-run (numpy and jax 4096^3 float32); the malloc setup (`--heap_malloc`) and the
+run (numpy and jax 4096^3 float32); the allocator (see `allocator`) and the
 load average are printed: other processes' load changes every figure.
 """
 
@@ -33,7 +33,7 @@ import torch
 import transformers
 from absl import app, flags
 
-from ilm_jax import decoding, host_malloc, resources
+from ilm_jax import decoding, resources
 from ilm_jax.models import llm, llm_loading
 
 FLAGS = flags.FLAGS
@@ -48,12 +48,6 @@ flags.DEFINE_enum(
   "Compute and param dtype of both sides.",
 )
 flags.DEFINE_bool("reference", True, "Also time transformers' PyTorch Llama.")
-flags.DEFINE_bool(
-  "heap_malloc",
-  True,
-  "Keep large buffers in glibc's heap, as the main command does "
-  "(ilm_jax/host_malloc.py); both sides share the process's malloc.",
-)
 flags.DEFINE_integer(
   "torch_threads",
   0,
@@ -96,17 +90,14 @@ def matmul_flops(config, tokens, seq):
   return dense, attention
 
 
-def set_up_malloc() -> str:
-  """Applies --heap_malloc (as the main command does) and describes malloc.
+def allocator() -> str:
+  """The malloc in use: glibc's, unless one is preloaded.
 
-  It matters on CPU: glibc maps every buffer above 32 MiB (logits over the
-  vocabulary, the stacked per-layer residuals) afresh, so each step pays
-  page faults on them (ilm_jax/host_malloc.py). Call before JAX starts.
+  It matters on CPU: glibc serves every buffer above 32 MiB (logits over
+  the vocabulary, the stacked per-layer residuals) with a fresh mmap, so
+  each step pays page faults on them; tcmalloc and jemalloc reuse memory.
   """
-  if FLAGS.heap_malloc:
-    return host_malloc.keep_large_buffers_in_heap()
-  preloaded = os.environ.get("LD_PRELOAD")
-  return f"malloc: preloaded {preloaded}" if preloaded else "malloc: glibc"
+  return os.environ.get("LD_PRELOAD") or "glibc malloc"
 
 
 def timed(fn):
@@ -129,8 +120,7 @@ def fresh_buffer_gbps(rows, cols):
   """GB/s of `x + 1` into a new [rows, cols] float32 buffer (read + write).
 
   With the vocabulary as `cols` this is the size of the logits: the figure
-  shows what page faults on fresh large buffers cost under the malloc set
-  up by `set_up_malloc`.
+  shows what page faults on fresh large buffers cost under `allocator()`.
   """
   x = jnp.zeros((rows, cols), jnp.float32)
   add = jax.jit(lambda a: a + 1)
@@ -257,7 +247,6 @@ def jax_model():
 
 def main(argv):
   del argv
-  malloc_note = set_up_malloc()
   if FLAGS.torch_threads:
     torch.set_num_threads(FLAGS.torch_threads)
   config, params = jax_model()
@@ -265,7 +254,7 @@ def main(argv):
   ids = np.random.default_rng(0).integers(100, config.vocab_size, (b, t))
   ids = ids.astype(np.int32)
   print(f"devices: {jax.devices()}; torch threads: {torch.get_num_threads()}")
-  print(f"load average before: {os.getloadavg()}; {malloc_note}")
+  print(f"load average before: {os.getloadavg()}; allocator: {allocator()}")
   numpy_ceiling, jax_ceiling = ceiling_gflops()
   print(
     f"matmul 4096^3 f32: numpy {numpy_ceiling:.0f} GFLOP/s, "

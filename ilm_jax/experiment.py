@@ -7,6 +7,7 @@ so rerunning the same command after an interruption continues the work.
 
 import importlib
 import json
+import os
 import pathlib
 import time
 
@@ -15,6 +16,22 @@ import ml_collections
 from absl import logging
 
 from ilm_jax import config_validation, metric_writer, sharding, train
+
+
+def log_allocator_hint():
+  """On CPU without a preloaded malloc, says how to avoid page-fault stalls.
+
+  glibc maps every buffer above 32 MiB (vocabulary logits, the stacked
+  per-layer residuals of the LLM's backward pass) afresh, so each step pays
+  page faults on them; docs/results/llm.md measures the difference.
+  """
+  if jax.devices()[0].platform == "cpu" and not os.environ.get("LD_PRELOAD"):
+    logging.info(
+      "CPU run with glibc malloc: large buffers page-fault at every step. "
+      "Preloading tcmalloc is faster, e.g. LD_PRELOAD="
+      "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian/Ubuntu "
+      "package libtcmalloc-minimal4); see README."
+    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -39,6 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh.devices.size,
     jax.devices()[0].platform,
   )
+  log_allocator_hint()
   # Summaries of earlier invocations stay; this run's phases replace theirs.
   phases_file = workdir / "phases.json"
   summaries = (

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ilm_jax import experiment, host_malloc
+from ilm_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -27,12 +27,6 @@ _MULTIHOST = flags.DEFINE_bool(
   "multihost",
   False,
   "Call jax.distributed.initialize() first (one process per host).",
-)
-_HEAP_MALLOC = flags.DEFINE_bool(
-  "heap_malloc",
-  True,
-  "Before JAX starts, make glibc keep large buffers in the heap instead of "
-  "mapping them afresh at every step (see ilm_jax/host_malloc.py).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -67,10 +61,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Before anything starts the JAX backend (and its threads' arenas).
-  malloc_note = (
-    host_malloc.keep_large_buffers_in_heap() if _HEAP_MALLOC.value else None
-  )
   if _MULTIHOST.value:
     jax.distributed.initialize()
   if jax.process_index() != 0:
@@ -84,8 +74,6 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  if malloc_note:
-    logging.info("%s.", malloc_note)
   experiment.run(_CONFIG.value, _WORKDIR.value)
 
 

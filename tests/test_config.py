@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import ml1m
-from ilm_jax import config_validation
+from ilm_jax import config_validation, experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,3 +81,18 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
   assert proc.returncode != 0
   assert "config.cf.train.steps=-1: must be an integer >= 0" in proc.stderr
   assert not (tmp_path / "cf").exists()
+
+
+@pytest.mark.parametrize(
+  "preload, hinted", [("", True), ("libtcmalloc.so", False)]
+)
+def test_allocator_hint_only_on_cpu_with_glibc_malloc(
+  monkeypatch, preload, hinted
+):
+  monkeypatch.setenv("LD_PRELOAD", preload)
+  messages = []
+  monkeypatch.setattr(
+    experiment.logging, "info", lambda msg, *a: messages.append(msg)
+  )
+  experiment.log_allocator_hint()
+  assert any("tcmalloc" in m for m in messages) == hinted
