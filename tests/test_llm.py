@@ -145,20 +145,16 @@ def test_kv_cache_decoding_equals_full_recomputation():
 def test_last_only_prefill_gives_the_last_column_and_the_same_cache():
   model, params = init_params(TINY)
   ids, mask = left_padded_batch()
-  full, full_cache = apply(
-    model,
-    params,
-    input_ids=ids,
-    attention_mask=mask,
-    cache=model.init_cache(3, 12),
-  )
-  last, last_cache = apply(
-    model,
-    params,
-    input_ids=ids,
-    attention_mask=mask,
-    cache=model.init_cache(3, 12),
-    last_only=True,
+  (full, full_cache), (last, last_cache) = (
+    apply(
+      model,
+      params,
+      input_ids=ids,
+      attention_mask=mask,
+      cache=model.init_cache(3, 12),
+      last_only=last_only,
+    )
+    for last_only in (False, True)
   )
   assert last.shape == (3, 1, TINY.vocab_size)
   np.testing.assert_allclose(last, full[:, -1:], atol=1e-6)
