@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ilm_jax import metrics, sharding
+from ilm_jax import metrics, progress, sharding
 from ilm_jax.data import pipeline, processing
 from ilm_jax.evaluators import common
 
@@ -128,6 +128,15 @@ class RankingEvaluator:
     """Yields (metric name, mean over users) and ("users", count)."""
     sums: dict[str, float] = {}
     num_users = 0
+    # Counts this process's users (padding excluded).
+    bar = progress.Progress(
+      f"{self.name} ({self.split}) users",
+      total=len(
+        pipeline.shard_indices(
+          len(self._examples), jax.process_index(), jax.process_count()
+        )
+      ),
+    )
     for local_batch in self._batches():
       batch = sharding.put_global_batch(local_batch, self._mesh)
       per_user = _gather_to_host(
@@ -141,6 +150,8 @@ class RankingEvaluator:
         sums[key] = sums.get(key, 0.0) + float(
           np.sum(values[real], dtype=np.float64)
         )
+      bar.update(int(local_batch["mask"].sum()))
+    bar.done()
     if not num_users:
       raise ValueError(f"Evaluator {self.name}: no users to evaluate.")
     logging.info(

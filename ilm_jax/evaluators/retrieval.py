@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ilm_jax import losses
+from ilm_jax import losses, progress
 from ilm_jax.evaluators import common
 from ilm_jax.models import qformer
 
@@ -115,6 +115,7 @@ class _QFormerEvaluator:
     mask = np.pad(self.text_mask, ((0, pad), (0, 0)))
     mask[n:, :2] = 1  # padded rows need a non-empty text; dropped below
     items, texts = [], []
+    bar = progress.Progress(f"{self.name}: encoding items", total=n)
     for start in range(0, n + pad, b):
       i, t = self._features(
         params,
@@ -124,6 +125,8 @@ class _QFormerEvaluator:
       )
       items.append(np.asarray(i))
       texts.append(np.asarray(t))
+      bar.update(min(b, n - start))
+    bar.done()
     return np.concatenate(items)[:n], np.concatenate(texts)[:n]
 
 
@@ -183,6 +186,7 @@ class TextGenerationLoss(_QFormerEvaluator):
       )[0]
     )
     total = 0.0
+    bar = progress.Progress(f"{self.name}: ITG loss items", total=count)
     for start in range(0, count, self.batch_size):
       rows = items[start : start + self.batch_size]
       batch = dict(
@@ -191,4 +195,6 @@ class TextGenerationLoss(_QFormerEvaluator):
         text_mask=self.text_mask[rows],
       )
       total += float(loss(params, batch)) * len(rows)
+      bar.update(len(rows))
+    bar.done()
     yield "itg/loss", total / count
