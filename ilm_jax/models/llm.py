@@ -303,6 +303,7 @@ class Llama(nn.Module):
     return_hidden=False,
     last_only=False,
     layer_params=None,
+    key_visibility=None,
   ):
     """Runs the decoder on a chunk of tokens.
 
@@ -325,6 +326,11 @@ class Llama(nn.Module):
         one-token decoding steps, which are bound by reading the weights:
         a scan slices (copies) every layer's weights out of the stacked
         arrays at each step. Compiles slower; same results.
+      key_visibility: [batch, time, cache_len] bool, with a cache only:
+        which cache slots each query token attends to, replacing the
+        causal and padding rule (tree attention: beam search keeps every
+        beam of a row in one cache row, each beam seeing the prompt and its
+        own ancestors). Pass explicit `positions` with it.
 
     Returns:
       (logits [batch, time, vocab] float32 or hidden states, new cache or
@@ -358,6 +364,8 @@ class Llama(nn.Module):
       key_slots = jnp.arange(key_mask.shape[1])
     causal = key_slots[None, :] <= (query_slots + index)[:, None]
     allowed = causal[None] & key_mask[:, None, :]
+    if key_visibility is not None:
+      allowed = key_visibility.astype(bool)
 
     if layer_params is None:
       (x, _), new_kv = self.layers((x, 0), cache, rope, allowed, index)
