@@ -41,7 +41,11 @@ def test_amazon_2014_fixture():
   assert letter_sequences(ds) == ["AHSTM", "AHMST", "STAMH", "TMSHA", "THASM"]
   stats = ds.stats
   assert stats["interactions"] == 25
-  assert stats["dropped"] == {"kcore_item": 5, "kcore_user": 4}
+  assert stats["dropped"] == {
+    "duplicate_rows": 0,
+    "kcore_item": 5,
+    "kcore_user": 4,
+  }
   assert stats["metadata_unused"] == 1  # B00UNUSED9 has metadata but no review
   assert stats["metadata_without_title"] == 1  # B00HEA0004
   texts = dict(zip(ds.item_ids, ds.item_texts, strict=True))

@@ -149,6 +149,7 @@ def test_prepare_cli_contract(tmp_path, openp5_config):
   assert stats["dropped"] == {
     "blank_lines": 1,
     "users_without_items": 1,
+    "duplicate_rows": 0,
     "kcore_item": 5,
     "kcore_user": 4,
   }

@@ -64,7 +64,11 @@ def check_protocol(ds, letter_of_id):
   stats = ds.stats
   assert stats["raw_interactions"] == 34
   assert stats["interactions"] == 25
-  assert stats["dropped"] == {"kcore_item": 5, "kcore_user": 4}
+  assert stats["dropped"] == {
+    "duplicate_rows": 0,
+    "kcore_item": 5,
+    "kcore_user": 4,
+  }
   assert stats["kcore_rounds"] == 3
   assert (stats["train_examples"], stats["valid"], stats["test"]) == (10, 5, 5)
   # User 1: S and H at 300; user 3: six rows at 500, J dropped -> 4 ties.

@@ -31,6 +31,7 @@ def test_openp5_fixture():
   assert stats["dropped"] == {
     "blank_lines": 1,
     "users_without_items": 1,
+    "duplicate_rows": 0,
     "kcore_item": 5,
     "kcore_user": 4,
   }

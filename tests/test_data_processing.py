@@ -195,18 +195,65 @@ def test_synthetic_is_deterministic_with_planted_clusters():
 
 
 def test_repeated_interactions_are_kept_and_counted():
-  # Review data can hold the same (user, item) twice: kept (OpenP5 keeps
-  # them), counted, and the resulting self-pair is left out of item pairs.
+  # Review data can hold the same (user, item) twice at different times: a
+  # repeat interaction, kept (OpenP5 keeps them), counted, and the resulting
+  # self-pair is left out of item pairs.
   rows = [
-    (u, item, t) for u in ("u", "v", "w") for t, item in enumerate("abcd")
+    (u, item, 10 * t) for u in ("u", "v", "w") for t, item in enumerate("abcd")
   ]
-  rows.insert(1, ("u", "a", 0))  # u: a a b c d
+  rows.insert(1, ("u", "a", 5))  # u: a a b c d
   builder = raw.InteractionBuilder(with_ratings=False)
   for row in rows:
     builder.add(*row)
   ds = processing.process(builder.build("toy", {}, "toy rows"), 3)
   assert ds.sequence(0).tolist() == [0, 0, 1, 2, 3]
   assert ds.stats["duplicate_user_item"] == 1
+  assert ds.stats["dropped"]["duplicate_rows"] == 0
   # u's training part a a b gives (a, a) skipped and (a, b); v, w give (a, b).
   assert ds.item_item_pairs.tolist() == [[0, 1], [0, 1], [0, 1]]
   assert ds.stats["item_item_self_pairs_skipped"] == 1
+
+
+def test_exact_duplicate_rows_are_dropped_and_counted():
+  # An exact duplicate line (same user, item, time and rating) is one event
+  # recorded twice: the copies are dropped before the k-core, so they can
+  # neither keep a user above k nor become a test target equal to the last
+  # history item. A same-time row with another rating is not a copy.
+  builder = raw.InteractionBuilder(with_ratings=True)
+  rows = [
+    (user, item, t, 5.0 - t)
+    for user in ("u", "v", "w")
+    for t, item in enumerate("abc")
+  ]
+  rows += [("u", "c", 2, 3.0), ("u", "c", 2, 3.0)]  # two copies of u's c
+  rows += [("v", "c", 2, 1.0)]  # same time, other rating: kept
+  for row in rows:
+    builder.add(*row)
+  data = builder.build("toy", {}, "toy rows")
+  expected = [True] * 9 + [False, False, True]
+  assert processing.first_occurrences(data).tolist() == expected
+  ds = processing.process(data, 3)
+  assert ds.stats["dropped"]["duplicate_rows"] == 2
+  assert ds.stats["raw_interactions"] == 12
+  assert ds.stats["interactions"] == 10
+  assert ds.sequence(0).tolist() == [0, 1, 2]  # u: a b c, no second c
+  assert ds.sequence(1).tolist() == [0, 1, 2, 2]
+  assert ds.stats["duplicate_user_item"] == 1  # v's c at rating 3 and 1
+
+
+def test_duplicates_cannot_keep_a_user_in_the_k_core():
+  # w has 2 distinct rows plus a copy: 3 rows, but only 2 events -> the
+  # 3-core drops w (counted under kcore_user, the copy under duplicate_rows).
+  builder = raw.InteractionBuilder(with_ratings=False)
+  for user in ("u", "v", "w", "x"):
+    for t, item in enumerate("abc"):
+      if user != "w" or item != "c":
+        builder.add(user, item, t)
+  builder.add("w", "b", 1)
+  ds = processing.process(builder.build("toy", {}, "toy rows"), 3)
+  assert ds.user_ids == ["u", "v", "x"]
+  assert ds.stats["dropped"] == {
+    "duplicate_rows": 1,
+    "kcore_item": 0,
+    "kcore_user": 2,
+  }

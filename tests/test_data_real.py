@@ -57,7 +57,11 @@ def test_openp5_sizes(ml100k):
     99287,
   )
   assert stats["train_examples"] == 99287 - 3 * 943
-  assert stats["dropped"] == {"kcore_item": 100000 - 99287, "kcore_user": 0}
+  assert stats["dropped"] == {
+    "duplicate_rows": 0,
+    "kcore_item": 100000 - 99287,
+    "kcore_user": 0,
+  }
   assert ds.user_ids[:3] == ["1", "2", "3"] and ds.item_ids[:3] == [
     "1",
     "2",

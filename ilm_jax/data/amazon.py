@@ -142,15 +142,15 @@ def read_metadata(
       skipped["metadata_blank_lines"] += 1
       continue
     match = _ASIN.search(line)
-    if match is not None and match.group(1) not in wanted:
+    if match is not None and match.group(1).strip() not in wanted:
       skipped["metadata_unused"] += 1
       continue
     record = parse_record(line, path, line_number)
-    asin = record.get("asin")
-    if not asin:
+    if "asin" not in record:
       raise files.FormatError(
         path, line_number, line, "metadata record without 'asin'"
       )
+    asin = files.parse_id(str(record["asin"]), path, line_number, line, "asin")
     if asin not in wanted:
       skipped["metadata_unused"] += 1
       continue
@@ -197,12 +197,14 @@ def read(found: dict[str, pathlib.Path]) -> raw.RawInteractions:
     timestamp = files.parse_timestamp(
       str(record["unixReviewTime"]), path, line_number, line, "unixReviewTime"
     )
-    rating = files.parse_number(
+    rating = files.parse_rating(
       str(record["overall"]), path, line_number, line, "overall"
     )
-    builder.add(
-      str(record["reviewerID"]), str(record["asin"]), timestamp, rating
+    user = files.parse_id(
+      str(record["reviewerID"]), path, line_number, line, "reviewerID"
     )
+    item = files.parse_id(str(record["asin"]), path, line_number, line, "asin")
+    builder.add(user, item, timestamp, rating)
 
   notes = {}
   item_info = {}

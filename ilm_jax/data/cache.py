@@ -27,7 +27,9 @@ import numpy as np
 from ilm_jax.data import processing
 
 # Bump when processing or the on-disk layout changes meaning.
-FORMAT_VERSION = 1
+# 2: exact duplicate rows dropped (dropped["duplicate_rows"]); stats gain
+#    implausible_timestamps and the sequential-id figures.
+FORMAT_VERSION = 2
 
 _ARRAYS = (
   "sequence_offsets",

@@ -6,7 +6,8 @@ Packaged copies (see ilm_jax.resources and docs/results/data.md):
 - ML-100K from `recbole==1.2.1`: `ml-100k.{inter,item}`, UTF-8, LF, numeric
   ids, titles without the year (`release_year` holds it).
 
-Files users download from GroupLens (latin-1):
+Files users download from GroupLens (latin-1; a copy re-saved as UTF-8
+reads the same, see ilm_jax.data.files):
 - `ml-1m/ratings.dat` (`user::movie::rating::timestamp`) and `movies.dat`
   (`movie::Title (year)::Genre|Genre`).
 - `ml-100k/u.data` (tab-separated `user item rating timestamp`) and `u.item`
@@ -45,7 +46,7 @@ def _movie_info(name: str, year: str, genres: list[str]) -> raw.ItemInfo:
 
 def _recbole_header(path: pathlib.Path, line: str, wanted) -> dict[str, int]:
   """Maps RecBole field names to column positions, checking they exist."""
-  names = [field.split(":", 1)[0] for field in line.split("\t")]
+  names = [field.split(":", 1)[0].strip() for field in line.split("\t")]
   missing = [w for w in wanted if w not in names]
   if missing:
     raise files.FormatError(
@@ -100,7 +101,9 @@ def read_recbole(
         f"expected {columns['__width__']} tab-separated fields, got {len(fields)}",
       )
     genres = fields[genre_col].split() if genre_col is not None else []
-    item_id = fields[columns["item_id"]]
+    item_id = files.parse_id(
+      fields[columns["item_id"]], item_path, line_number, line, "item_id"
+    )
     if item_id in item_info:
       raise files.FormatError(
         item_path, line_number, line, f"item id {item_id!r} appears twice"
@@ -127,22 +130,30 @@ def read_recbole(
         line,
         f"expected {width} tab-separated fields, got {len(fields)}",
       )
-    if not fields[u] or not fields[i]:
-      raise files.FormatError(
-        inter_path, line_number, line, "empty user or item id"
-      )
+    user, item = fields[u].strip(), fields[i].strip()
+    if not user or not item:
+      for value, field in ((fields[u], "user_id"), (fields[i], "item_id")):
+        files.parse_id(value, inter_path, line_number, line, field)
     try:  # the common case inline; the helpers word the errors
       timestamp = int(fields[t])
       rating = float(fields[r])
+      valid = files.numbers_in_range(timestamp, rating)
     except ValueError:
+      valid = False
+    if not valid:
       timestamp = files.parse_timestamp(
         fields[t], inter_path, line_number, line, "timestamp"
       )
-      rating = files.parse_number(
+      rating = files.parse_rating(
         fields[r], inter_path, line_number, line, "rating"
       )
-    builder.add(fields[u], fields[i], timestamp, rating)
+    builder.add(user, item, timestamp, rating)
   return builder.build(name, item_info, f"{inter_path}", dropped=dropped)
+
+
+def _encodings(*paths: pathlib.Path) -> dict[str, str]:
+  """File name -> the encoding it was read in (GroupLens: UTF-8 or latin-1)."""
+  return {p.name: files.text_encoding(p, "latin-1") for p in paths}
 
 
 def _read_ml1m_dat(
@@ -163,8 +174,9 @@ def _read_ml1m_dat(
         line,
         f"expected 3 '::'-separated fields, got {len(fields)}",
       )
+    movie = files.parse_id(fields[0], movies_path, line_number, line, "MovieID")
     name, year = text.split_year(fields[1])
-    item_info[fields[0]] = _movie_info(name, year, fields[2].split("|"))
+    item_info[movie] = _movie_info(name, year, fields[2].split("|"))
 
   builder = raw.InteractionBuilder(with_ratings=True)
   for line_number, line in files.iter_lines(ratings_path, "latin-1"):
@@ -172,30 +184,40 @@ def _read_ml1m_dat(
       dropped["blank_lines"] += 1
       continue
     fields = line.split("::")
-    if len(fields) != 4 or not fields[0] or not fields[1]:
+    if len(fields) != 4:
       raise files.FormatError(
         ratings_path,
         line_number,
         line,
         "expected 4 '::'-separated fields UserID::MovieID::Rating::Timestamp",
       )
+    user, movie = fields[0].strip(), fields[1].strip()
+    if not user or not movie:
+      for value, field in ((fields[0], "UserID"), (fields[1], "MovieID")):
+        files.parse_id(value, ratings_path, line_number, line, field)
     try:  # the common case inline; the helpers word the errors
       timestamp = int(fields[3])
       rating = float(fields[2])
+      valid = files.numbers_in_range(timestamp, rating)
     except ValueError:
+      valid = False
+    if not valid:
       timestamp = files.parse_timestamp(
         fields[3], ratings_path, line_number, line, "Timestamp"
       )
-      rating = files.parse_number(
+      rating = files.parse_rating(
         fields[2], ratings_path, line_number, line, "Rating"
       )
-    builder.add(fields[0], fields[1], timestamp, rating)
+    builder.add(user, movie, timestamp, rating)
   return builder.build(
     "grouplens",
     item_info,
     str(ratings_path),
     dropped=dropped,
-    notes={"layout": "ml-1m"},
+    notes={
+      "layout": "ml-1m",
+      "encodings": _encodings(ratings_path, movies_path),
+    },
   )
 
 
@@ -218,6 +240,7 @@ def _read_ml100k_u(
         line,
         f"expected {width} '|'-separated fields, got {len(fields)}",
       )
+    movie = files.parse_id(fields[0], item_path, line_number, line, "movie id")
     name, year = text.split_year(fields[1])
     # A few titles lack "(year)"; the release date ("01-Jan-1995") has it.
     year = year or fields[2][-4:]
@@ -229,7 +252,7 @@ def _read_ml100k_u(
     genres = [
       g for g, flag in zip(ML100K_GENRES, flags, strict=True) if flag == "1"
     ]
-    item_info[fields[0]] = _movie_info(name, year, genres)
+    item_info[movie] = _movie_info(name, year, genres)
 
   builder = raw.InteractionBuilder(with_ratings=True)
   for line_number, line in files.iter_lines(data_path, "latin-1"):
@@ -237,30 +260,40 @@ def _read_ml100k_u(
       dropped["blank_lines"] += 1
       continue
     fields = line.split("\t")
-    if len(fields) != 4 or not fields[0] or not fields[1]:
+    if len(fields) != 4:
       raise files.FormatError(
         data_path,
         line_number,
         line,
         "expected 4 tab-separated fields user item rating timestamp",
       )
+    user, item = fields[0].strip(), fields[1].strip()
+    if not user or not item:
+      for value, field in ((fields[0], "user id"), (fields[1], "item id")):
+        files.parse_id(value, data_path, line_number, line, field)
     try:  # the common case inline; the helpers word the errors
       timestamp = int(fields[3])
       rating = float(fields[2])
+      valid = files.numbers_in_range(timestamp, rating)
     except ValueError:
+      valid = False
+    if not valid:
       timestamp = files.parse_timestamp(
         fields[3], data_path, line_number, line, "timestamp"
       )
-      rating = files.parse_number(
+      rating = files.parse_rating(
         fields[2], data_path, line_number, line, "rating"
       )
-    builder.add(fields[0], fields[1], timestamp, rating)
+    builder.add(user, item, timestamp, rating)
   return builder.build(
     "grouplens",
     item_info,
     str(data_path),
     dropped=dropped,
-    notes={"layout": "ml-100k"},
+    notes={
+      "layout": "ml-100k",
+      "encodings": _encodings(data_path, item_path),
+    },
   )
 
 

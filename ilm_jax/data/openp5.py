@@ -69,19 +69,20 @@ def read_item_texts(path: os.PathLike) -> dict[str, raw.ItemInfo]:
     if not line:
       continue
     fields = line.split("\t")
-    if len(fields) not in (2, 3) or not fields[0] or not fields[1].strip():
+    if len(fields) not in (2, 3) or not fields[1].strip():
       raise files.FormatError(
         path,
         line_number,
         line,
         "expected `item<TAB>title` or `item<TAB>title<TAB>description`",
       )
-    if fields[0] in infos:
+    item = files.parse_id(fields[0], path, line_number, line, "item")
+    if item in infos:
       raise files.FormatError(
-        path, line_number, line, f"item {fields[0]!r} appears twice"
+        path, line_number, line, f"item {item!r} appears twice"
       )
     description = text.clean(fields[2]) if len(fields) == 3 else ""
-    infos[fields[0]] = raw.ItemInfo(
+    infos[item] = raw.ItemInfo(
       title=text.clean(fields[1]), attributes={"description": description}
     )
   return infos
@@ -127,4 +128,6 @@ def read(found: dict[str, pathlib.Path]) -> raw.RawInteractions:
   item_info = (
     read_item_texts(found["item_texts"]) if "item_texts" in found else {}
   )
-  return builder.build("openp5", item_info, str(path), dropped=dropped)
+  return builder.build(
+    "openp5", item_info, str(path), dropped=dropped, has_time=False
+  )

@@ -2,15 +2,29 @@
 
 `process` turns a source's RawInteractions into a ProcessedDataset:
 
+0. Exact duplicate rows (same user, item, timestamp and rating: a review
+   line repeated by a crawl or a concatenation) are dropped, keeping the
+   first, and counted as `dropped["duplicate_rows"]`. A user who interacts
+   with an item again at another time (or with another rating) is a repeat
+   interaction: kept, and counted in `duplicate_user_item`.
 1. k-core (default 5): drop items, then users, with fewer than k
    interactions, and repeat until nothing changes. The surviving set is the
    unique maximal k-core whatever the order; the order only decides which
    reason a dropped row is counted under.
 2. Indices: users and items get 0-based indices by the natural sort of their
    raw ids ("u2" < "u10"; digit runs compare as numbers, the rest as text).
-   They depend on the set of ids only, never on the order or time in which
-   ids appear, so an index says nothing about any user's held-out items
-   (sequential ids in order of appearance do; P5 PR #3).
+   This never adds information: the project does not number ids in order of
+   appearance or time. But it cannot remove information the raw ids already
+   carry: ids that a source numbered in order of first appearance (P5's
+   sequential indexing, P5 PR #3) keep that order, and then an item's index
+   says something about when it first appeared and which item follows it.
+   Two figures flag it: `item_index_first_appearance_spearman` (the rank
+   correlation of item index with first appearance in the file; near 1 for
+   sequentially numbered ids, near 0 for titles or random ids) and
+   `next_item_is_index_plus_one` (the share of consecutive pairs in the
+   sequences whose second item has the next index); a warning is logged
+   above SEQUENTIAL_ID_WARNING. Other leaky numberings (by time, by
+   popularity) are not detected.
 3. Each user's interactions are sorted by timestamp with a stable sort, so
    equal timestamps keep their file order (sorting ties by item id inflates
    ML-1M NDCG by about 20%).
@@ -26,6 +40,7 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
+from absl import logging
 
 from ilm_jax.data import files, raw
 
@@ -33,6 +48,17 @@ from ilm_jax.data import files, raw
 MIN_SEQUENCE_LENGTH = 3
 
 _DIGITS = re.compile(r"(\d+)")
+
+# Unix seconds outside [1990-01-01, 2100-01-01) are implausible for a
+# rating or review log (the web services these datasets come from started
+# in the mid-1990s); a millisecond timestamp lands beyond 2100. Such rows are
+# kept, as only the order within a user matters, but counted in
+# `implausible_timestamps` and a warning names the count: mixed seconds and
+# milliseconds would mis-order a user's rows.
+PLAUSIBLE_TIMESTAMPS = (631_152_000, 4_102_444_800)
+# Spearman correlation of item index and first appearance above which the
+# ids look sequentially numbered (see the module docstring).
+SEQUENTIAL_ID_WARNING = 0.9
 
 
 def natural_key(raw_id: str) -> tuple:
@@ -199,8 +225,28 @@ def process(
       f"min_interactions must be >= {MIN_SEQUENCE_LENGTH} (training, "
       f"validation and test need one item each); got {min_interactions}."
     )
-  keep, kcore_counts = kcore(data.users, data.items, min_interactions)
+  unique = first_occurrences(data)
+  duplicate_rows = int((~unique).sum())
+  keep, kcore_counts = kcore(
+    data.users[unique], data.items[unique], min_interactions
+  )
+  keep = _expand(keep, unique)
   rounds = kcore_counts.pop("kcore_rounds")
+  implausible = 0
+  if data.has_time:
+    low, high = PLAUSIBLE_TIMESTAMPS
+    implausible = int(
+      ((data.timestamps < low) | (data.timestamps >= high)).sum()
+    )
+    if implausible:
+      logging.warning(
+        "%s: %d of %d timestamps fall outside 1990-2100 (in milliseconds, "
+        "or placeholders?); kept as they are, but rows of one user are "
+        "ordered by them.",
+        data.name,
+        implausible,
+        len(data),
+      )
   if not keep.any():
     raise files.EmptyDatasetError(
       f"{data.name}: no interactions left after {min_interactions}-core "
@@ -254,7 +300,9 @@ def process(
     "raw_interactions": len(data),
     "raw_users": len(data.user_vocab),
     "raw_items": len(data.item_vocab),
-    "dropped": dict(data.dropped) | kcore_counts,
+    "dropped": dict(data.dropped)
+    | {"duplicate_rows": duplicate_rows}
+    | kcore_counts,
     "kcore": min_interactions,
     "kcore_rounds": rounds,
     "catalog_items": len(catalog),
@@ -270,7 +318,18 @@ def process(
     "max_sequence_length": int(lengths.max()),
     "tied_timestamps": _count_ties(user_index, timestamps),
     "duplicate_user_item": int((pair_keys[1:] == pair_keys[:-1]).sum()),
+    "implausible_timestamps": implausible,
+    **_sequential_id_figures(data.items[rows], item_index, offsets),
   }
+  if stats["item_index_first_appearance_spearman"] > SEQUENTIAL_ID_WARNING:
+    logging.warning(
+      "%s: item indices follow the order in which items first appear in the "
+      "file (Spearman %.3f): the raw ids look sequentially numbered, which "
+      "leaks sequence information into item ids (P5 PR #3). Renumber them "
+      "(e.g. randomly) before comparing with other work.",
+      data.name,
+      stats["item_index_first_appearance_spearman"],
+    )
   stats.update({k: v for k, v in data.notes.items() if k not in stats})
   return ProcessedDataset(
     name=data.name,
@@ -287,6 +346,83 @@ def process(
     user_item_pairs=user_item_pairs.astype(np.int32).reshape(-1, 2),
     stats=stats,
   )
+
+
+def first_occurrences(data: raw.RawInteractions) -> np.ndarray:
+  """bool [N]: False on rows that repeat an earlier row exactly.
+
+  Exact: same user, item, timestamp and rating (ratings compared as stored,
+  float32). Only pairs seen more than once are sorted, so data without
+  repeats (ML-1M) costs one sort of the pair keys.
+  """
+  unique = np.ones(len(data), dtype=bool)
+  if not len(data):
+    return unique
+  pairs = data.users * (int(data.items.max()) + 1) + data.items
+  # np.sort rather than np.unique: numpy 2's hash-based unique is slow here.
+  ordered = np.sort(pairs)
+  repeated_pairs = ordered[1:][ordered[1:] == ordered[:-1]]
+  if not len(repeated_pairs):
+    return unique
+  rows = np.flatnonzero(np.isin(pairs, repeated_pairs))
+  keys = [rows, data.timestamps[rows], pairs[rows]]
+  if data.ratings is not None:
+    keys.insert(1, data.ratings[rows])
+  # lexsort: last key first; rows (file order) last, so the first of a group
+  # of equal rows is its earliest line.
+  order = rows[np.lexsort(keys)]
+  same = (pairs[order][1:] == pairs[order][:-1]) & (
+    data.timestamps[order][1:] == data.timestamps[order][:-1]
+  )
+  if data.ratings is not None:
+    same &= data.ratings[order][1:] == data.ratings[order][:-1]
+  unique[order[1:][same]] = False
+  return unique
+
+
+def _expand(keep: np.ndarray, where: np.ndarray) -> np.ndarray:
+  """A mask over all rows from a mask over the rows `where` selects."""
+  full = np.zeros(len(where), dtype=bool)
+  full[where] = keep
+  return full
+
+
+def _sequential_id_figures(
+  codes: np.ndarray, item_index: np.ndarray, offsets: np.ndarray
+) -> dict[str, float]:
+  """How far item indices follow first appearance (the P5 leak's footprint).
+
+  Args:
+    codes: int [R] item codes of the kept rows; codes number items in order
+      of first appearance in the file (raw.InteractionBuilder).
+    item_index: int [R] the same rows' item indices, in sequence order.
+    offsets: int64 [U + 1] sequence offsets into those rows.
+
+  Returns:
+    item_index_first_appearance_spearman: Spearman's rho of index against
+      first-appearance rank among kept items (1 = numbered in that order).
+    next_item_is_index_plus_one: share of consecutive pairs of a user's
+      sequence whose second item has the first item's index + 1.
+  """
+  index_of_code = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+  index_of_code[codes] = item_index
+  # In code order = first-appearance order; both rankings are permutations
+  # of 0..n-1, so rho = 1 - 6 sum d^2 / (n (n^2 - 1)).
+  ranked = index_of_code[index_of_code >= 0].astype(np.float64)
+  n = len(ranked)
+  rho = 0.0
+  if n > 1:
+    d = ranked - np.arange(n)
+    rho = 1.0 - 6.0 * float(d @ d) / (n * (n * n - 1.0))
+  same_user = np.ones(max(len(item_index) - 1, 0), dtype=bool)
+  same_user[offsets[1:-1] - 1] = False  # a user's last -> the next's first
+  steps = (item_index[1:] == item_index[:-1] + 1)[same_user]
+  return {
+    "item_index_first_appearance_spearman": round(rho, 4),
+    "next_item_is_index_plus_one": round(
+      float(steps.mean()) if len(steps) else 0.0, 4
+    ),
+  }
 
 
 def _item_item_pairs(

@@ -43,16 +43,20 @@ class RawInteractions:
     name: dataset name used in stats and cache keys ("ml1m", ...).
     users: int64 [N], codes into `user_vocab`.
     items: int64 [N], codes into `item_vocab`.
-    timestamps: int64 [N]. Sources without time (OpenP5) store the position
-      in the user's line, which is their order.
+    timestamps: int64 [N], Unix seconds (>= 0, checked by the readers).
+      Sources without time (OpenP5) store the position in the user's line,
+      which is their order, and set `has_time` False.
     ratings: float32 [N], or None if the source has no ratings.
-    user_vocab: code -> raw user id, in order of first appearance (this order
-      never becomes an index; see processing.assign_indices).
+    user_vocab: code -> raw user id, in order of first appearance. This order
+      never becomes an index (processing numbers ids by their natural sort),
+      but ids that a source already numbered in order of appearance keep
+      that order; processing reports how closely item indices follow it.
     item_vocab: code -> raw item id.
     item_info: raw item id -> ItemInfo for every item the source describes,
       including catalogue items nobody interacted with.
     dropped: reader-level rows skipped, by reason (e.g. blank lines).
     notes: extra figures for the stats (e.g. metadata match rates).
+    has_time: whether `timestamps` are Unix seconds (False: positions).
   """
 
   name: str
@@ -65,6 +69,7 @@ class RawInteractions:
   item_info: dict[str, ItemInfo]
   dropped: dict[str, int] = dataclasses.field(default_factory=dict)
   notes: dict = dataclasses.field(default_factory=dict)
+  has_time: bool = True
 
   def __len__(self) -> int:
     return len(self.users)
@@ -89,7 +94,12 @@ class InteractionBuilder:
   def add(
     self, user: str, item: str, timestamp: int, rating: float = math.nan
   ) -> None:
-    """Appends one interaction row."""
+    """Appends one interaction row.
+
+    Readers pass ids already stripped (files.parse_id) and numbers already
+    range-checked (files.parse_timestamp / parse_rating), so that a bad
+    value is reported with its file and line.
+    """
     users = self._user_codes
     items = self._item_codes
     self._users.append(users.setdefault(user, len(users)))
@@ -113,6 +123,7 @@ class InteractionBuilder:
     source_files: str,
     dropped: dict[str, int] | None = None,
     notes: dict | None = None,
+    has_time: bool = True,
   ) -> RawInteractions:
     """Returns the collected rows as arrays.
 
@@ -122,6 +133,7 @@ class InteractionBuilder:
       source_files: a description of what was read, for the empty-data error.
       dropped: reader-level drop counts.
       notes: extra stats.
+      has_time: False when timestamps are positions, not Unix seconds.
 
     Returns:
       The RawInteractions.
@@ -148,4 +160,5 @@ class InteractionBuilder:
       item_info=item_info,
       dropped=dict(dropped or {}),
       notes=dict(notes or {}),
+      has_time=has_time,
     )

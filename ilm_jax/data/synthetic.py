@@ -129,6 +129,11 @@ def generate(
       "items in contiguous blocks"
     )
   }
+  # The timestamps above order each user's rows; they are not real dates.
   return builder.build(
-    "synthetic", item_info, "the synthetic generator", notes=notes
+    "synthetic",
+    item_info,
+    "the synthetic generator",
+    notes=notes,
+    has_time=False,
   )
