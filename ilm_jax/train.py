@@ -194,6 +194,30 @@ def _restore(ckpt, phase_config, abstract_saved):
   return None
 
 
+def _read_best(best_path: pathlib.Path, best_record: pathlib.Path):
+  """The best-params record of an earlier run, consistent with what is saved.
+
+  The record saved inside `best_params` wins over `best.json` (a kill
+  between the params swap and the JSON write leaves best.json one step
+  behind); best.json is rewritten to match, or removed when no params exist.
+  """
+  record = checkpoint.load_record(best_path)
+  has_params = (
+    best_path.exists() or best_path.with_name(best_path.name + ".old").exists()
+  )
+  if record is None and has_params and best_record.exists():
+    record = json.loads(best_record.read_text())  # written before records
+  if record is None:
+    if best_record.exists() and jax.process_index() == 0:
+      logging.warning("Removing %s: it names no saved params.", best_record)
+      best_record.unlink()
+    return None
+  on_disk = json.loads(best_record.read_text()) if best_record.exists() else 0
+  if on_disk != record:
+    metric_writer.write_json(best_record, record)
+  return record
+
+
 def evaluate(evaluators, params, splits=None) -> dict[str, float]:
   """Runs evaluators (those of `splits`, or all) -> {"split/name": value}."""
   results = {}
@@ -301,7 +325,7 @@ def train(
 
   # --- Evals: best-params bookkeeping survives restarts via a JSON file.
   best_path, best_record = phase_dir / "best_params", phase_dir / "best.json"
-  best = json.loads(best_record.read_text()) if best_record.exists() else None
+  best = _read_best(best_path, best_record)
 
   def maybe_update_best(results, params_now, at_step):
     nonlocal best
@@ -314,8 +338,10 @@ def train(
         f"the validation metrics {sorted(results)}."
       )
     if best is None or results[metric] > best["value"]:
-      checkpoint.save_params(best_path, params_now)
+      # The record travels inside the export (swapped in with the params);
+      # best.json is a copy written after the swap and healed on restart.
       best = dict(metric=metric, value=results[metric], step=at_step)
+      checkpoint.save_params(best_path, params_now, record=best)
       metric_writer.write_json(best_record, best)
 
   # --- Loop.
