@@ -1,0 +1,1 @@
+"""Custom operations (XLA FFI custom calls) with pure-jnp fallbacks."""
