@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
   "tokenizers==0.22.2",  # fast tokenizers; the newest that transformers 4.57.6 (tests) accepts
   "tensorboardX==2.6.4",  # TensorBoard event files without TensorFlow
   "jinja2==3.1.6",  # renders the chat template stored with the LLM
+  # oneDNN 3.2 (libdnnl.so.3, GNU OpenMP, no other dependency) for the bf16
+  # matmul custom call ilm_jax/ops/onednn_matmul.py, built at first use.
+  'onednn-cpu-gomp==2023.2.0; sys_platform == "linux" and platform_machine == "x86_64"',
 ]
 
 EXTRAS = {
@@ -45,7 +48,7 @@ setuptools.setup(
     "JAX/Flax: CF encoder, Q-Former pretraining, frozen-LLM adapter."
   ),
   packages=setuptools.find_packages(include=["ilm_jax", "ilm_jax.*"]),
-  package_data={"ilm_jax": ["data/templates/*.json"]},
+  package_data={"ilm_jax": ["data/templates/*.json", "ops/csrc/*"]},
   python_requires=">=3.11",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS,
