@@ -1,0 +1,116 @@
+"""The oneDNN bf16 matmul custom call against jnp float32.
+
+Tolerance: the op rounds both operands to bfloat16 (8 significant bits) and
+accumulates in float32. Against float32 `jnp.dot` on the rounded operands
+it must agree to float32 accumulation error (rtol 1e-5 of the largest
+entry); against float32 on the unrounded operands, to 1e-2 of the largest
+entry (bf16 rounding, 2^-9 relative per operand, averaged over K terms).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ilm_jax.ops import onednn_matmul as om
+
+OK, WHY = om.available()
+needs_op = pytest.mark.skipif(not OK, reason=f"oneDNN op unavailable: {WHY}")
+
+
+def _arrays(m, k, n, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), jnp.float32)
+  return x, w
+
+
+def _bf16(a):
+  return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _close(got, want, rtol):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got, want, atol=rtol * scale, rtol=0)
+
+
+@needs_op
+@pytest.mark.parametrize("m,k,n", [(64, 576, 192), (37, 96, 50), (1, 8, 3)])
+def test_values_match_f32(m, k, n):
+  x, w = _arrays(m, k, n)
+  y = jax.jit(lambda x, w: om.frozen_matmul(x, w, use_ffi=True))(x, w)
+  assert y.dtype == jnp.float32
+  _close(y, _bf16(x) @ _bf16(w), 1e-5)
+  _close(y, x @ w, 1e-2)
+
+
+@needs_op
+def test_transposed_weight_and_batch_dims():
+  x, w = _arrays(24, 64, 40)
+  x3 = x.reshape(2, 12, 64)
+  y = om.frozen_matmul(x3, w.T, transpose_w=True, use_ffi=True)
+  assert y.shape == (2, 12, 40)
+  _close(y.reshape(24, 40), _bf16(x) @ _bf16(w), 1e-5)
+
+
+@needs_op
+def test_f32_compute_is_exact():
+  x, w = _arrays(33, 80, 20)
+  y = om.frozen_matmul(x, w, compute_dtype=jnp.float32, use_ffi=True)
+  _close(y, x @ w, 1e-5)
+
+
+@needs_op
+def test_gradients_into_inputs_only():
+  x, w = _arrays(48, 96, 64, seed=1)
+  target = jnp.asarray(np.random.default_rng(2).normal(size=(48, 64)))
+
+  def loss(matmul, x, w):
+    return jnp.sum(jnp.tanh(matmul(x, w)) * target)
+
+  ours = jax.jit(
+    jax.grad(
+      lambda x, w: loss(
+        lambda a, b: om.frozen_matmul(a, b, use_ffi=True), x, w
+      ),
+      argnums=(0, 1),
+    )
+  )
+  dx, dw = ours(x, w)
+  want = jax.grad(lambda x: loss(jnp.dot, x, w))(x)
+  _close(dx, want, 1e-2)
+  assert not np.asarray(dw).any()  # frozen: no weight gradient
+  # The backward is the transposed-weight custom call too.
+  hlo = jax.jit(jax.grad(lambda x: loss(om.frozen_matmul, x, w))).lower(x)
+  assert hlo.as_text().count(om.TARGET) == 2
+
+
+@needs_op
+def test_bf16_activations_keep_their_dtype():
+  x, w = _arrays(16, 32, 8)
+  xb = x.astype(jnp.bfloat16)
+  dx = jax.grad(lambda a: om.frozen_matmul(a, w).sum())(xb)
+  assert dx.dtype == jnp.bfloat16
+
+
+def test_fallback_matches_op():
+  x, w = _arrays(20, 48, 30)
+  y = om.frozen_matmul(x, w, use_ffi=False)
+  _close(y, _bf16(x) @ _bf16(w), 1e-5)
+  hlo = jax.jit(lambda x: om.frozen_matmul(x, w, use_ffi=False)).lower(x)
+  assert om.TARGET not in hlo.as_text()
+
+
+def test_missing_library_says_what_to_install(monkeypatch, tmp_path):
+  monkeypatch.setenv(om.LIB_ENV, str(tmp_path / "nowhere" / "libdnnl.so.3"))
+  with pytest.raises(om.OnednnUnavailable, match="is not a file"):
+    om.build()
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+  monkeypatch.setenv("CXX", "")
+  monkeypatch.setattr(om.shutil, "which", lambda name: None)
+  with pytest.raises(om.OnednnUnavailable, match="C\\+\\+ compiler"):
+    om._compiler()
