@@ -54,6 +54,45 @@ def multimodal_causal_mask(num_queries: int, text_mask):
   return structure[None] & keys[:, None, :]
 
 
+def l2_normalize(x, eps: float = 1e-12):
+  """`x / max(||x||, eps)` along the last axis, with finite gradients at 0.
+
+  The textbook `x / jnp.maximum(jnp.linalg.norm(x), eps)` is NaN in the
+  backward pass at an exactly-zero vector: `maximum` routes a zero cotangent
+  into the norm, whose derivative there is 0/0. Clamping the squared norm
+  before the rsqrt keeps the same forward value and gives the zero vector a
+  finite gradient (1/eps times the incoming cotangent, as the clamp implies).
+
+  Args:
+    x: `[..., E]` float.
+    eps: the smallest norm divided by.
+
+  Returns:
+    `[..., E]`, unit norm (or the zero vector).
+  """
+  squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+
+def same_text_mask(text_ids, text_mask):
+  """`[B, B]` True where two rows hold token-identical texts.
+
+  Different items can share a text (two catalogue entries with the same
+  title): their pairs are indistinguishable from the true pair, so they must
+  not be negatives. Padding is ignored (ids under a 0 mask may differ).
+
+  Args:
+    text_ids: `[B, T]` int token ids.
+    text_mask: `[B, T]`, 1 (or True) for real tokens.
+
+  Returns:
+    `[B, B]` bool, True on the diagonal.
+  """
+  tokens = jnp.where(text_mask.astype(bool), text_ids, -1)
+  same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+  return same | jnp.eye(tokens.shape[0], dtype=bool)
+
+
 def duplicate_mask(embeddings):
   """`[B, B]` True where two rows hold the same (frozen) CF embedding.
 
@@ -101,10 +140,7 @@ def pooled_similarity(features_a, features_b):
   """
 
   def pool(features):
-    mean = features.mean(axis=1)
-    return mean / jnp.maximum(
-      jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12
-    )
+    return l2_normalize(features.mean(axis=1))
 
   return pool(features_a) @ pool(features_b).T
 
@@ -160,7 +196,9 @@ def item_text_contrastive_loss(
     item_features: `[B, Q, E]` normalised projected query outputs.
     text_features: `[B, E]` normalised projected text [CLS] outputs.
     temperature: scalar.
-    positive_mask: optional `[B, B]` bool (duplicate items).
+    positive_mask: optional `[B, B]` bool: duplicate items and items whose
+      texts are token-identical (`duplicate_mask | same_text_mask`); they
+      share the target mass instead of being negatives.
     label_smoothing: BLIP-2 uses 0.1.
 
   Returns:
@@ -190,9 +228,12 @@ def query_set_contrastive_loss(
 def sample_hard_negatives(rng, logits, positive_mask):
   """ITM hard negatives: one per row and per column, drawn from softmax(logits).
 
-  Positives (the diagonal and duplicates) are excluded. A row with no
-  negative at all (every item in the batch identical) draws uniformly among
-  its positives; that only happens in degenerate batches.
+  Positives (the diagonal, duplicate items and items with token-identical
+  texts: `positive_mask`) are never drawn while a row has any negative. A
+  row (or column) with no negative at all, as in a batch whose rows are all
+  one item, draws uniformly among all B indices (all of them positives);
+  `qformer.phase1_losses` reports how many rows that happened to
+  ("batch/rows_without_negative").
 
   Args:
     rng: PRNG key.
@@ -200,14 +241,50 @@ def sample_hard_negatives(rng, logits, positive_mask):
     positive_mask: `[B, B]` bool.
 
   Returns:
-    (negative text index per item `[B]`, negative item index per text `[B]`).
+    (negative text index per item `[B]`, negative item index per text `[B]`),
+    int32.
   """
   logits = jax.lax.stop_gradient(logits)
-  masked = jnp.where(positive_mask, -1e9, logits)
   rng_text, rng_item = jax.random.split(rng)
-  text_for_item = jax.random.categorical(rng_text, masked, axis=-1)
-  item_for_text = jax.random.categorical(rng_item, masked.T, axis=-1)
+
+  def draw(key, scores, positives):
+    # -inf (not a large negative number) excludes positives: the Gumbel
+    # noise of categorical() is lost next to -1e9 in float32, which made
+    # an all-positive row always draw index 0. Such rows draw from flat
+    # scores instead, i.e. uniformly.
+    has_negative = (~positives).any(axis=-1, keepdims=True)
+    masked = jnp.where(positives, -jnp.inf, scores)
+    masked = jnp.where(has_negative, masked, jnp.zeros_like(scores))
+    return jax.random.categorical(key, masked, axis=-1)
+
+  text_for_item = draw(rng_text, logits, positive_mask)
+  item_for_text = draw(rng_item, logits.T, positive_mask.T)
   return text_for_item, item_for_text
+
+
+def duplicate_pair_counts(same_item, same_text):
+  """Counts of duplicate pairs in a batch, for the phase-1 metrics.
+
+  Args:
+    same_item: `[B, B]` bool from `duplicate_mask` (item CF vectors).
+    same_text: `[B, B]` bool from `same_text_mask`.
+
+  Returns:
+    {"duplicate_item_pairs": unordered pairs of rows holding one item,
+     "duplicate_text_pairs": unordered pairs of different items with
+     token-identical texts,
+     "rows_without_negative": rows whose every column is a positive},
+    float32 scalars.
+  """
+  off_diagonal = ~jnp.eye(same_item.shape[0], dtype=bool)
+  item_pairs = (same_item & off_diagonal).sum() / 2
+  text_pairs = (same_text & ~same_item).sum() / 2
+  no_negative = (same_item | same_text).all(axis=-1).sum()
+  return {
+    "duplicate_item_pairs": item_pairs.astype(jnp.float32),
+    "duplicate_text_pairs": text_pairs.astype(jnp.float32),
+    "rows_without_negative": no_negative.astype(jnp.float32),
+  }
 
 
 def item_text_matching_loss(logits, labels):

@@ -219,3 +219,108 @@ def test_contrastive_loss_uses_global_batch_when_sharded():
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))
+
+
+def test_l2_normalize_value_and_gradient_by_hand():
+  x = jnp.array([3.0, 4.0])
+  np.testing.assert_allclose(losses.l2_normalize(x), [0.6, 0.8], rtol=1e-6)
+  # d/dx sum(x / |x|) = (1 - x (x . 1) / |x|^2) / |x| = ([1, 1] - [3, 4] *
+  # 7 / 25) / 5 = [0.032, -0.024].
+  grad = jax.grad(lambda v: losses.l2_normalize(v).sum())(x)
+  np.testing.assert_allclose(grad, [0.032, -0.024], rtol=1e-5)
+
+
+def test_l2_normalize_has_finite_gradient_at_zero():
+  # Below eps the function is x / eps: value 0, gradient 1 / eps. The
+  # max(norm, eps) form gives NaN here.
+  zeros = jnp.zeros((2, 3))
+  np.testing.assert_array_equal(losses.l2_normalize(zeros), zeros)
+  grad = jax.grad(lambda v: losses.l2_normalize(v).sum())(zeros)
+  assert bool(jnp.isfinite(grad).all())
+  np.testing.assert_allclose(grad, np.full((2, 3), 1e12), rtol=1e-5)
+
+
+def test_contrastive_losses_have_finite_gradients_for_zero_features():
+  # A collapsed Q-Former can output exactly-zero query sets.
+  zeros = jnp.zeros((4, 3, 2))
+
+  def ii(a):
+    return losses.query_set_contrastive_loss(a, a, 0.07)[0]
+
+  loss, grad = jax.value_and_grad(ii)(zeros)
+  np.testing.assert_allclose(loss, math.log(4), rtol=1e-6)  # all logits 0
+  assert bool(jnp.isfinite(grad).all())
+
+
+def test_same_text_mask_ignores_padding():
+  ids = jnp.array([[2, 5, 7, 0], [2, 5, 7, 9], [2, 5, 7, 0], [2, 5, 8, 0]])
+  mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
+  # Rows 0 and 1 differ only under padding: identical texts. Row 2 has a
+  # fourth real token (0), row 3 another third token.
+  expected = np.eye(4, dtype=bool)
+  expected[0, 1] = expected[1, 0] = True
+  np.testing.assert_array_equal(losses.same_text_mask(ids, mask), expected)
+
+
+def test_duplicate_pair_counts_by_hand():
+  # Rows 0, 1: one item (and one text). Rows 2, 3: different items with one
+  # text. Row 4: alone.
+  same_item = np.eye(5, dtype=bool)
+  same_item[0, 1] = same_item[1, 0] = True
+  same_text = same_item.copy()
+  same_text[2, 3] = same_text[3, 2] = True
+  counts = losses.duplicate_pair_counts(
+    jnp.asarray(same_item), jnp.asarray(same_text)
+  )
+  assert {k: float(v) for k, v in counts.items()} == {
+    "duplicate_item_pairs": 1.0,
+    "duplicate_text_pairs": 1.0,
+    "rows_without_negative": 0.0,
+  }
+  everything = jnp.ones((3, 3), bool)
+  counts = losses.duplicate_pair_counts(everything, everything)
+  assert float(counts["duplicate_item_pairs"]) == 3.0  # C(3, 2)
+  assert float(counts["duplicate_text_pairs"]) == 0.0  # same items already
+  assert float(counts["rows_without_negative"]) == 3.0
+
+
+def test_hard_negatives_never_draw_a_token_identical_text():
+  # Rows 0 and 1 are different items with the same text: with flat logits
+  # the only negatives of item 0 are texts 2 and 3 (and items 2, 3 of
+  # text 0), each drawn half the time.
+  ids = jnp.array([[2, 3, 4], [2, 3, 4], [2, 5, 6], [2, 7, 8]])
+  positives = losses.same_text_mask(ids, jnp.ones_like(ids)) | jnp.eye(
+    4, dtype=bool
+  )
+  keys = jax.random.split(jax.random.key(3), 2000)
+  sample = jax.jit(jax.vmap(losses.sample_hard_negatives, (0, None, None)))
+  text_for_item, item_for_text = map(
+    np.asarray, sample(keys, jnp.zeros((4, 4)), positives)
+  )
+  for drawn in (text_for_item, item_for_text):
+    assert set(np.unique(drawn[:, 0])) == {2, 3}
+    assert set(np.unique(drawn[:, 1])) == {2, 3}
+    np.testing.assert_allclose((drawn[:, 0] == 2).mean(), 0.5, atol=0.05)
+
+
+def test_all_positive_rows_draw_uniformly():
+  # Every row the same item: no negative exists, and the docstring promises
+  # a uniform draw over the 8 indices (it used to always draw index 0).
+  b, n = 8, 4000
+  keys = jax.random.split(jax.random.key(5), n)
+  sample = jax.jit(jax.vmap(losses.sample_hard_negatives, (0, None, None)))
+  for logits in (
+    jnp.zeros((b, b)),
+    jax.random.uniform(jax.random.key(6), (b, b), minval=-14, maxval=14),
+  ):
+    text_for_item, item_for_text = sample(keys, logits, jnp.ones((b, b), bool))
+    for drawn in (text_for_item, item_for_text):
+      counts = np.bincount(np.asarray(drawn[:, 0]), minlength=b)
+      # Binomial(4000, 1/8): mean 500, sd 21; 5 sd either side.
+      assert counts.min() > 395 and counts.max() < 605, counts
+  # A row with a single negative still always draws it, even when its logit
+  # is far below the positives'.
+  positives = jnp.ones((3, 3), bool).at[0, 2].set(False)
+  logits = jnp.array([[50.0, 50.0, -50.0]] * 3)
+  text_for_item, _ = sample(keys[:200], logits, positives)
+  assert (np.asarray(text_for_item)[:, 0] == 2).all()

@@ -247,6 +247,9 @@ def test_zero_weight_skips_the_loss_and_its_inputs(params):
     lambda p: qformer.phase1_losses(p, batch, jax.random.key(1), config), params
   )
   assert sorted(metrics) == [
+    "batch/duplicate_item_pairs",
+    "batch/duplicate_text_pairs",
+    "batch/rows_without_negative",
     "itc/a2b_loss",
     "itc/accuracy",
     "itc/b2a_loss",
@@ -365,3 +368,53 @@ def test_pretrained_text_branch_matches_transformers_bert():
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))
+
+
+def test_identical_texts_are_positives_in_itc_and_never_itm_negatives(
+  params, monkeypatch
+):
+  # Rows 0 and 1: different items, token-identical texts (padding differs).
+  # Rows 2 and 3: one item with two texts.
+  config = tiny_config(
+    losses=dict(itc=1.0, itm=1.0, itg=0.0, ii=0.0, ui=0.0), dropout_rate=0.0
+  )
+  batch = make_batch()
+  batch = {k: batch[k].copy() for k in ("item_cf", "text_ids", "text_mask")}
+  batch["text_mask"][:2] = [1, 1, 1, 0, 0, 0]
+  batch["text_ids"][:2] = [[2, 7, 9, 0, 0, 0], [2, 7, 9, 5, 5, 5]]
+  batch["item_cf"][3] = batch["item_cf"][2]
+  expected = np.eye(4, dtype=bool)
+  expected[0, 1] = expected[1, 0] = expected[2, 3] = expected[3, 2] = True
+  seen = {}
+
+  def spy(name, fn):
+    def wrapped(*args):
+      seen[name] = np.asarray(args[-1] if name == "itm" else args[3])
+      return fn(*args)
+
+    return wrapped
+
+  monkeypatch.setattr(
+    qformer.losses,
+    "item_text_contrastive_loss",
+    spy("itc", qformer.losses.item_text_contrastive_loss),
+  )
+  monkeypatch.setattr(
+    qformer.losses,
+    "sample_hard_negatives",
+    spy("itm", qformer.losses.sample_hard_negatives),
+  )
+  _, metrics = qformer.phase1_losses(
+    params, batch, jax.random.key(0), config, deterministic=True
+  )
+  np.testing.assert_array_equal(seen["itc"], expected)
+  np.testing.assert_array_equal(seen["itm"], expected)
+  assert float(metrics["batch/duplicate_text_pairs"]) == 1.0
+  assert float(metrics["batch/duplicate_item_pairs"]) == 1.0
+  assert float(metrics["batch/rows_without_negative"]) == 0.0
+
+
+def test_feature_normalisation_has_finite_gradient_at_zero():
+  grad = jax.grad(lambda x: qformer._normalize(x).sum())(jnp.zeros((2, 4)))
+  assert bool(jnp.isfinite(grad).all())
+  np.testing.assert_allclose(qformer._normalize(jnp.array([0.0, 2.0])), [0, 1])

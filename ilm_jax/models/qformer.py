@@ -100,7 +100,8 @@ class QFormerLayer(nn.Module):
 
 
 def _normalize(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  # Finite gradients at an exactly-zero vector (see losses.l2_normalize).
+  return losses.l2_normalize(x)
 
 
 class QFormer(nn.Module):
@@ -436,6 +437,16 @@ def _phase1_body(model, batch, enabled, negatives_rng, deterministic):
   if enabled & {"itc", "itm", "itg"}:
     item_cf, ids, mask = batch["item_cf"], batch["text_ids"], batch["text_mask"]
     same_item = losses.duplicate_mask(item_cf)
+    # Different items with token-identical texts are not negatives either:
+    # (item i, text j) would be byte-identical to the true pair (i, i).
+    same_text = losses.same_text_mask(ids, mask)
+    positives = same_item | same_text
+    metrics.update(
+      {
+        f"batch/{k}": v
+        for k, v in losses.duplicate_pair_counts(same_item, same_text).items()
+      }
+    )
   if enabled & {"itc", "itm"}:
     text_features = model.text_features(
       model.encode_text(ids, mask, deterministic)
@@ -447,7 +458,7 @@ def _phase1_body(model, batch, enabled, negatives_rng, deterministic):
         features["item_cf"],
         text_features,
         temperature,
-        same_item,
+        positives,
         c.itc_label_smoothing,
       ),
     )
@@ -459,7 +470,7 @@ def _phase1_body(model, batch, enabled, negatives_rng, deterministic):
       / temperature
     )
     neg_text, neg_item = losses.sample_hard_negatives(
-      negatives_rng, logits, same_item
+      negatives_rng, logits, positives
     )
     # Pairs: matched, (negative item, text), (item, negative text).
     joint_cf += [item_cf, item_cf[neg_item], item_cf]
@@ -534,7 +545,10 @@ def phase1_losses(params, batch, rng, config, deterministic=False):
 
   Returns:
     (total loss, metrics) with "<loss>/loss", "<loss>/accuracy", ... per
-    enabled objective, "temperature" and "loss".
+    enabled objective, "temperature" and "loss"; with ITC, ITM or ITG also
+    "batch/duplicate_item_pairs", "batch/duplicate_text_pairs" (different
+    items, token-identical texts: positives for ITC, never ITM negatives)
+    and "batch/rows_without_negative" (see losses.sample_hard_negatives).
   """
   unknown = set(config.losses) - set(LOSS_NAMES)
   if unknown:
