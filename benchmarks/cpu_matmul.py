@@ -1,0 +1,285 @@
+"""GFLOP/s of the frozen LLM's matmuls on CPU: jnp f32, jnp bf16, oneDNN bf16.
+
+  python -m benchmarks.cpu_matmul                  # shapes, then the stack
+  python -m benchmarks.cpu_matmul --stack=false --tokens=1280
+
+Shapes are SmolLM2-135M's dense layers (hidden 576, MLP 1536, q 576,
+k/v 192, tied vocabulary head 49152) at M = batch x sequence tokens, each
+forward shape and its backward into the inputs (dx = dy @ W^T). Variants:
+
+  f32     jnp.dot, float32 operands (what llm.py runs today)
+  bf16    jnp.dot, bfloat16 operands, float32 result (XLA's own kernels)
+  onednn  ilm_jax.ops.onednn_matmul: the oneDNN custom call, bfloat16
+          operands, float32 result (AMX or AVX512-BF16 kernels)
+
+All variants of a shape run interleaved in this one process (repetition r
+of every variant before repetition r + 1), so other processes' load hits
+them alike; the table gives medians and the load average around each
+shape. With --stack, the same three run a standalone 30-layer SmolLM2-shaped
+decoder stack (no vocabulary head), forward and forward + backward into the
+input embeddings, weights frozen (cast to bf16 once, outside the step, for
+the bf16 variants). The last line is a JSON object of every median.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from ilm_jax.ops import onednn_matmul as om
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tokens", ["512", "1280"], "M values (batch x sequence).")
+flags.DEFINE_integer("repeats", 5, "Interleaved timed repetitions.")
+flags.DEFINE_float("min_time", 0.05, "Seconds per timed repetition (loops).")
+flags.DEFINE_bool("stack", True, "Also time the 30-layer stack.")
+flags.DEFINE_bool("shapes", True, "Time the single matmul shapes.")
+flags.DEFINE_integer("stack_batch", 8, "Stack: rows.")
+flags.DEFINE_integer("stack_seq", 160, "Stack: tokens per row.")
+
+HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = (
+  576,
+  1536,
+  9,
+  3,
+  64,
+  30,
+  49152,
+)
+# name -> (K, N, weight stored transposed): forward shapes; ".bwd" adds dx.
+SHAPES = {
+  "q/o": (HIDDEN, HIDDEN, False),
+  "k/v": (HIDDEN, KV_HEADS * HEAD_DIM, False),
+  "gate/up": (HIDDEN, MLP, False),
+  "down": (MLP, HIDDEN, False),
+  "head (tied, W^T)": (HIDDEN, VOCAB, True),
+}
+
+
+def cpu_summary() -> str:
+  flags_line = ""
+  model = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and not model:
+          model = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+          flags_line = line
+          break
+  except OSError:
+    pass
+  isa = [
+    f
+    for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")
+    if f" {f}" in flags_line
+  ]
+  return f"{model}; {os.cpu_count()} cores; {' '.join(isa) or 'no avx512'}"
+
+
+def load() -> str:
+  return f"{os.getloadavg()[0]:.1f}"
+
+
+def time_interleaved(fns: dict, repeats: int, min_time: float) -> dict:
+  """Median seconds per call of each fn, repetitions interleaved."""
+  loops = {}
+  for name, fn in fns.items():
+    jax.block_until_ready(fn())  # compile
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < min_time:
+      jax.block_until_ready(fn())
+      n += 1
+    loops[name] = max(n, 1)
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(loops[name]):
+        out = fn()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / loops[name])
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_variants(m, k, n, transpose_w, backward):
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(
+    rng.normal(size=(n, k) if transpose_w else (k, n)) * 0.02, jnp.float32
+  )
+  if backward:  # dx[M, K] = dy[M, N] @ W^T: the weight read the other way
+    x = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+    transpose_w = not transpose_w
+  else:
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+
+  def make(use_ffi, a, b):
+    f = jax.jit(
+      lambda a, b: om.matmul_2d(a, b, transpose_w=transpose_w, use_ffi=use_ffi)
+    )
+    return lambda: f(a, b)
+
+  fns = {"f32": make(False, x, w), "bf16": make(False, xb, wb)}
+  if om.available()[0]:
+    fns["onednn"] = make(True, xb, wb)
+  return fns
+
+
+def shapes_table(results):
+  tokens = [int(t) for t in FLAGS.tokens]
+  print(
+    "| M | shape (K x N) | f32 GFLOP/s | bf16 GFLOP/s | oneDNN bf16 GFLOP/s "
+    "| oneDNN / f32 | oneDNN / bf16 | load |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
+  for m in tokens:
+    for name, (k, n, t) in SHAPES.items():
+      for backward in (False, True):
+        kk, nn = (n, k) if backward else (k, n)
+        label = f"{name}{' dx' if backward else ''} ({kk} x {nn})"
+        before = load()
+        med = time_interleaved(
+          matmul_variants(m, k, n, t, backward), FLAGS.repeats, FLAGS.min_time
+        )
+        flops = 2 * m * k * n
+        g = {v: flops / s / 1e9 for v, s in med.items()}
+        results[f"M{m} {label}"] = g
+        one = g.get("onednn", float("nan"))
+        print(
+          f"| {m} | {label} | {g['f32']:.0f} | {g['bf16']:.0f} | {one:.0f} "
+          f"| {one / g['f32']:.2f} | {one / g['bf16']:.2f} "
+          f"| {before}-{load()} |",
+          flush=True,
+        )
+
+
+def stack_params(dtype):
+  rng = np.random.default_rng(0)
+
+  def w(*shape):
+    return jnp.asarray(rng.normal(size=(LAYERS, *shape)) * 0.02, dtype)
+
+  return dict(
+    q=w(HIDDEN, HEADS * HEAD_DIM),
+    k=w(HIDDEN, KV_HEADS * HEAD_DIM),
+    v=w(HIDDEN, KV_HEADS * HEAD_DIM),
+    o=w(HEADS * HEAD_DIM, HIDDEN),
+    gate=w(HIDDEN, MLP),
+    up=w(HIDDEN, MLP),
+    down=w(MLP, HIDDEN),
+  )
+
+
+def stack_forward(params, x, matmul):
+  """SmolLM2's 30 decoder layers (RMSNorm, GQA causal attention, SwiGLU).
+
+  `matmul(x, w)` computes every dense projection; attention scores and
+  values stay float32 einsums, as in llm.py. Returns the final hidden.
+  """
+  b, t, _ = x.shape
+  causal = jnp.tril(jnp.ones((t, t), bool))
+
+  def norm(h):
+    return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-5)
+
+  def layer(h, p):
+    a = norm(h)
+    q = matmul(a, p["q"]).reshape(b, t, KV_HEADS, -1, HEAD_DIM)
+    k = matmul(a, p["k"]).reshape(b, t, KV_HEADS, HEAD_DIM)
+    v = matmul(a, p["v"]).reshape(b, t, KV_HEADS, HEAD_DIM)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k) * HEAD_DIM**-0.5
+    s = jnp.where(causal, s, -1e9)
+    o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, -1), v)
+    h = h + matmul(o.reshape(b, t, -1), p["o"])
+    a = norm(h)
+    mlp = jax.nn.silu(matmul(a, p["gate"])) * matmul(a, p["up"])
+    return h + matmul(mlp, p["down"]), None
+
+  return jax.lax.scan(layer, x, params)[0]
+
+
+def stack_flops(tokens, seq, backward):
+  per_layer = 2 * HIDDEN * (2 * HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM)
+  per_layer += 2 * 3 * HIDDEN * MLP
+  dense = tokens * LAYERS * per_layer
+  attention = tokens * LAYERS * 2 * 2 * seq * HEADS * HEAD_DIM
+  return 2 * dense + 3 * attention if backward else dense + attention
+
+
+def stack_table(results):
+  b, t = FLAGS.stack_batch, FLAGS.stack_seq
+  x = jnp.asarray(
+    np.random.default_rng(1).normal(size=(b, t, HIDDEN)), jnp.float32
+  )
+  p32, p16 = stack_params(jnp.float32), stack_params(jnp.bfloat16)
+  variants = {
+    "f32": (p32, lambda a, w: a @ w),
+    "bf16": (p16, lambda a, w: om.frozen_matmul(a, w, use_ffi=False)),
+  }
+  if om.available()[0]:
+    variants["onednn"] = (
+      p16,
+      lambda a, w: om.frozen_matmul(a, w, use_ffi=True),
+    )
+  print(
+    f"\n30-layer stack, {b} x {t} tokens (seconds per call, GFLOP/s):\n"
+    "| pass | f32 | bf16 | oneDNN bf16 | oneDNN / f32 speedup "
+    "| bf16 / f32 speedup | load |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for backward in (False, True):
+    fns = {}
+    for name, (p, mm) in variants.items():
+      if backward:
+        f = jax.jit(
+          jax.grad(lambda x, p, mm=mm: jnp.sum(stack_forward(p, x, mm) ** 2))
+        )
+      else:
+        f = jax.jit(lambda x, p, mm=mm: stack_forward(p, x, mm))
+      fns[name] = lambda f=f, p=p: f(x, p)
+    before = load()
+    med = time_interleaved(fns, FLAGS.repeats, 0)
+    flops = stack_flops(b * t, t, backward)
+    label = "fwd+bwd (dx)" if backward else "forward"
+    results[f"stack {label}"] = {k: v for k, v in med.items()}
+    one = med.get("onednn", float("nan"))
+
+    def cell(name, med=med, flops=flops):
+      s = med.get(name, float("nan"))
+      return f"{s:.3f} s ({flops / s / 1e9:.0f})"
+
+    print(
+      f"| {label} | {cell('f32')} | {cell('bf16')} | {cell('onednn')} "
+      f"| {med['f32'] / one:.2f} | {med['f32'] / med['bf16']:.2f} "
+      f"| {before}-{load()} |",
+      flush=True,
+    )
+
+
+def main(argv):
+  del argv
+  ok, why = om.available()
+  print(f"cpu: {cpu_summary()}")
+  print(
+    f"jax {jax.__version__}; oneDNN op: {why if ok else 'unavailable: ' + why}"
+    f"; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+  )
+  print(f"load average before: {os.getloadavg()}")
+  results = {}
+  if FLAGS.shapes:
+    shapes_table(results)
+  if FLAGS.stack:
+    stack_table(results)
+  print(f"load average after: {os.getloadavg()}")
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  app.run(main)
