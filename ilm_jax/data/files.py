@@ -38,6 +38,8 @@ import pathlib
 import zlib
 from collections.abc import Iterator, Sequence
 
+from ilm_jax import progress
+
 # How much of a bad line an error message quotes; whole lines of review text
 # would drown the message.
 _MAX_QUOTED = 300
@@ -336,6 +338,13 @@ def iter_lines(
   encoding = text_encoding(path, legacy_encoding)
   line_number = 1
   f, kind = _open_binary(path)
+  # Large dumps (a 1.5M-line metadata file) take minutes: log progress, in
+  # bytes of the file on disk for plain files (decompressed bytes, with no
+  # total, for compressed ones). Nothing is logged for reads under 15 s.
+  bar = progress.Progress(
+    f"reading {path.name} (bytes)",
+    total=path.stat().st_size if kind is None else None,
+  )
   with f:
     while chunk := _read_lines(f, kind, path):
       if line_number == 1 and chunk[0].startswith(_UTF8_BOM):
@@ -343,6 +352,7 @@ def iter_lines(
       lines = _decode_lines(path, line_number, chunk, encoding)
       yield from enumerate(lines, start=line_number)
       line_number += len(lines)
+      bar.update(sum(map(len, chunk)))
 
 
 def parse_id(
