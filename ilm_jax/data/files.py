@@ -102,6 +102,12 @@ class MissingFileError(FileNotFoundError):
   """An expected input file is absent; the message says what and where."""
 
 
+# Errors caused by the user's input files, whose message already names the
+# file (and line and field): entry points print them in one line and exit
+# with status 1 instead of showing a traceback.
+USER_INPUT_ERRORS = (DataError, MissingFileError)
+
+
 def require_file(path: os.PathLike, what: str) -> pathlib.Path:
   """Returns `path` as a Path if it is an existing file.
 

@@ -76,11 +76,7 @@ def main(argv) -> None:
   try:
     found = sources.locate(data_config)
     dataset = sources.build(data_config, found, progress=_progress)
-  except (
-    files.DataError,
-    files.MissingFileError,
-    resources.ResourceError,
-  ) as e:
+  except (*files.USER_INPUT_ERRORS, resources.ResourceError) as e:
     # The message says what is wrong and where; a traceback adds nothing.
     sys.exit(f"prepare: {type(e).__name__}: {e}")
   if found:
