@@ -114,3 +114,20 @@ def test_missing_compiler_is_a_clear_error(monkeypatch):
   monkeypatch.setattr(om.shutil, "which", lambda name: None)
   with pytest.raises(om.OnednnUnavailable, match="C\\+\\+ compiler"):
     om._compiler()
+
+
+@pytest.mark.parametrize("use_ffi", [False, pytest.param(True, marks=needs_op)])
+def test_stored_transpose_gives_the_same_gradient(use_ffi):
+  x, w = _arrays(40, 72, 56, seed=3)
+  wb = w.astype(jnp.bfloat16)
+  wt = jnp.asarray(np.asarray(wb).T.copy())
+
+  def grad(**kw):
+    def f(x):
+      return jnp.sum(om.frozen_matmul(x, wb, use_ffi=use_ffi, **kw) ** 2)
+
+    return jax.jit(jax.grad(f))(x)
+
+  _close(grad(w_t=wt), grad(), 1e-5)
+  want = jax.grad(lambda x: jnp.sum((x @ w) ** 2))(x)
+  _close(grad(w_t=wt), want, 1e-2)

@@ -218,8 +218,9 @@ def matmul_2d(x, w, *, transpose_w=False, out_dtype=jnp.float32, use_ffi=None):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _frozen(x2, w, transpose_w, compute_dtype, use_ffi):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _frozen(x2, w, w_t, transpose_w, compute_dtype, use_ffi):
+  del w_t  # backward only
   return matmul_2d(
     x2.astype(compute_dtype),
     w.astype(compute_dtype),
@@ -228,26 +229,26 @@ def _frozen(x2, w, transpose_w, compute_dtype, use_ffi):
   )
 
 
-def _frozen_fwd(x2, w, transpose_w, compute_dtype, use_ffi):
+def _frozen_fwd(x2, w, w_t, transpose_w, compute_dtype, use_ffi):
+  y = _frozen(x2, w, w_t, transpose_w, compute_dtype, use_ffi)
   # A zero-size array carries x's dtype (residuals must be arrays).
-  return _frozen(x2, w, transpose_w, compute_dtype, use_ffi), (
-    w,
-    jnp.zeros((0,), x2.dtype),
-  )
+  return y, (w, w_t, jnp.zeros((0,), x2.dtype))
 
 
 def _frozen_bwd(transpose_w, compute_dtype, use_ffi, residuals, dy):
-  w, x_like = residuals
-  # y = x @ W  ->  dx = dy @ W^T: the same weight buffer, read the other way.
+  w, w_t, x_like = residuals
+  # y = x @ W  ->  dx = dy @ W^T: the stored transpose if given, else the
+  # same weight buffer read the other way.
+  if w_t is not None:
+    w, transpose_w = w_t, not transpose_w
   dx = matmul_2d(
     dy.astype(compute_dtype),
     w.astype(compute_dtype),
     transpose_w=not transpose_w,
     use_ffi=use_ffi,
   )
-  return dx.astype(
-    x_like.dtype
-  ), None  # None: the frozen weight gets no gradient
+  # None: the frozen weight (and its transpose) get no gradient.
+  return dx.astype(x_like.dtype), None, None
 
 
 _frozen.defvjp(_frozen_fwd, _frozen_bwd)
@@ -257,6 +258,7 @@ def frozen_matmul(
   x,
   w,
   *,
+  w_t=None,
   transpose_w: bool = False,
   compute_dtype=jnp.bfloat16,
   use_ffi: bool | None = None,
@@ -268,6 +270,10 @@ def frozen_matmul(
     w: the frozen weight [K, N], or [N, K] with `transpose_w` (a tied
       embedding used as the output head). Its cotangent is zero: never use
       this for a weight that trains.
+    w_t: optional: the same weight stored transposed (w.T, contiguous),
+      used by the backward dx = dy @ w^T. XLA's bf16 dot is fast only with
+      a row-major [K, N] right operand and as slow as f32 on a transposed
+      one, so the `jnp.dot` path wants it; the oneDNN path reads either.
     transpose_w: read `w` as its transpose.
     compute_dtype: the operands' dtype inside the matmul (bfloat16; float32
       runs oneDNN's f32 kernels). Pass `w` already in it to avoid a cast per
@@ -278,7 +284,9 @@ def frozen_matmul(
   k = x.shape[-1]
   if (w.shape[1] if transpose_w else w.shape[0]) != k:
     raise ValueError(f"frozen_matmul: x {x.shape} and w {w.shape} mismatch")
+  if w_t is not None and w_t.shape != w.shape[::-1]:
+    raise ValueError(f"frozen_matmul: w_t {w_t.shape} is not w {w.shape}^T")
   y = _frozen(
-    x.reshape(-1, k), w, transpose_w, jnp.dtype(compute_dtype), use_ffi
+    x.reshape(-1, k), w, w_t, transpose_w, jnp.dtype(compute_dtype), use_ffi
   )
   return y.reshape(*x.shape[:-1], y.shape[-1])
