@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
   # oneDNN 3.2 (libdnnl.so.3, GNU OpenMP, no other dependency) for the bf16
   # matmul custom call ilm_jax/ops/onednn_matmul.py, built at first use.
   'onednn-cpu-gomp==2023.2.0; sys_platform == "linux" and platform_machine == "x86_64"',
+  "fastapi==0.165.0",  # ilm_jax.serve: the HTTP service
+  "uvicorn==0.54.0",
+  "rapidfuzz==3.14.6",  # catalogue title matching for chat mentions
 ]
 
 EXTRAS = {
@@ -34,6 +37,10 @@ EXTRAS = {
     "torch==2.13.0",
     "transformers==4.57.6",
     "accelerate==1.15.0",  # transformers reads the GGUF reference with it
+    "httpx==0.28.1",  # FastAPI's TestClient
+    # Drives Debian's chromium (apt-get install chromium) for the chat-page
+    # test; it never downloads a browser of its own there.
+    "playwright==1.65.2",
   ],
   "tpu": ["jax[tpu]==0.10.2"],
   "gpu": ["jax[cuda12]==0.10.2"],
@@ -48,7 +55,7 @@ setuptools.setup(
     "JAX/Flax: CF encoder, Q-Former pretraining, frozen-LLM adapter."
   ),
   packages=setuptools.find_packages(include=["ilm_jax", "ilm_jax.*"]),
-  package_data={"ilm_jax": ["data/templates/*.json", "ops/csrc/*"]},
+  package_data={"ilm_jax": ["data/templates/*.json", "ops/csrc/*", "serving/static/*"]},
   python_requires=">=3.11",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS,
