@@ -55,7 +55,9 @@ setuptools.setup(
     "JAX/Flax: CF encoder, Q-Former pretraining, frozen-LLM adapter."
   ),
   packages=setuptools.find_packages(include=["ilm_jax", "ilm_jax.*"]),
-  package_data={"ilm_jax": ["data/templates/*.json", "ops/csrc/*", "serving/static/*"]},
+  package_data={
+    "ilm_jax": ["data/templates/*.json", "ops/csrc/*", "serving/static/*"]
+  },
   python_requires=">=3.11",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS,
