@@ -8,14 +8,17 @@ k/v 192, tied vocabulary head 49152) at M = batch x sequence tokens, each
 forward shape and its backward into the inputs (dx = dy @ W^T). Variants:
 
   f32     jnp.dot, float32 operands (what llm.py runs today)
-  bf16    jnp.dot, bfloat16 operands, float32 result (XLA's own kernels)
+  bf16    jnp.dot, bfloat16 operands, float32 result (XLA's own kernels);
+          the backward reads the weight transposed
+  bf16_wt the same with the weight's transpose stored (a second, row-major
+          copy for dx = dy @ W^T; for the tied head, E^T for the forward)
   onednn  ilm_jax.ops.onednn_matmul: the oneDNN custom call, bfloat16
           operands, float32 result (AMX or AVX512-BF16 kernels)
 
 All variants of a shape run interleaved in this one process (repetition r
 of every variant before repetition r + 1), so other processes' load hits
 them alike; the table gives medians and the load average around each
-shape. With --stack, the same three run a standalone 30-layer SmolLM2-shaped
+shape. With --stack, the same variants run a standalone 30-layer SmolLM2-shaped
 decoder stack (no vocabulary head), forward and forward + backward into the
 input embeddings, weights frozen (cast to bf16 once, outside the step, for
 the bf16 variants). The last line is a JSON object of every median.
@@ -42,6 +45,7 @@ flags.DEFINE_bool("stack", True, "Also time the 30-layer stack.")
 flags.DEFINE_bool("shapes", True, "Time the single matmul shapes.")
 flags.DEFINE_integer("stack_batch", 8, "Stack: rows.")
 flags.DEFINE_integer("stack_seq", 160, "Stack: tokens per row.")
+flags.DEFINE_integer("stack_repeats", 3, "Stack: interleaved repetitions.")
 
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = (
   576,
@@ -119,26 +123,35 @@ def matmul_variants(m, k, n, transpose_w, backward):
   else:
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  # The stored transpose: row-major in the order this product reads it.
+  wt = jnp.asarray(np.asarray(wb).T.copy()) if transpose_w else wb
 
-  def make(use_ffi, a, b):
+  def make(use_ffi, a, b, transpose):
     f = jax.jit(
-      lambda a, b: om.matmul_2d(a, b, transpose_w=transpose_w, use_ffi=use_ffi)
+      lambda a, b: om.matmul_2d(a, b, transpose_w=transpose, use_ffi=use_ffi)
     )
     return lambda: f(a, b)
 
-  fns = {"f32": make(False, x, w), "bf16": make(False, xb, wb)}
+  fns = {
+    "f32": make(False, x, w, transpose_w),
+    "bf16": make(False, xb, wb, transpose_w),
+    "bf16_wt": make(False, xb, wt, False),
+  }
   if om.available()[0]:
-    fns["onednn"] = make(True, xb, wb)
+    fns["onednn"] = make(True, xb, wb, transpose_w)
   return fns
+
+
+VARIANTS = ("f32", "bf16", "bf16_wt", "onednn")
 
 
 def shapes_table(results):
   tokens = [int(t) for t in FLAGS.tokens]
   print(
-    "| M | shape (K x N) | f32 GFLOP/s | bf16 GFLOP/s | oneDNN bf16 GFLOP/s "
-    "| oneDNN / f32 | oneDNN / bf16 | load |"
+    "| M | shape (K x N) | f32 | bf16 | bf16, W^T stored | oneDNN bf16 "
+    "| oneDNN / f32 | oneDNN / best jnp | load |"
   )
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for m in tokens:
     for name, (k, n, t) in SHAPES.items():
       for backward in (False, True):
@@ -152,36 +165,44 @@ def shapes_table(results):
         g = {v: flops / s / 1e9 for v, s in med.items()}
         results[f"M{m} {label}"] = g
         one = g.get("onednn", float("nan"))
+        best = max(g["f32"], g["bf16"], g["bf16_wt"])
+        cells = " | ".join(f"{g.get(v, float('nan')):.0f}" for v in VARIANTS)
         print(
-          f"| {m} | {label} | {g['f32']:.0f} | {g['bf16']:.0f} | {one:.0f} "
-          f"| {one / g['f32']:.2f} | {one / g['bf16']:.2f} "
-          f"| {before}-{load()} |",
+          f"| {m} | {label} | {cells} | {one / g['f32']:.2f} "
+          f"| {one / best:.2f} | {before}-{load()} |",
           flush=True,
         )
 
 
-def stack_params(dtype):
+def stack_params(dtype, transposes=False):
   rng = np.random.default_rng(0)
-
-  def w(*shape):
-    return jnp.asarray(rng.normal(size=(LAYERS, *shape)) * 0.02, dtype)
-
-  return dict(
-    q=w(HIDDEN, HEADS * HEAD_DIM),
-    k=w(HIDDEN, KV_HEADS * HEAD_DIM),
-    v=w(HIDDEN, KV_HEADS * HEAD_DIM),
-    o=w(HEADS * HEAD_DIM, HIDDEN),
-    gate=w(HIDDEN, MLP),
-    up=w(HIDDEN, MLP),
-    down=w(MLP, HIDDEN),
+  shapes = dict(
+    q=(HIDDEN, HEADS * HEAD_DIM),
+    k=(HIDDEN, KV_HEADS * HEAD_DIM),
+    v=(HIDDEN, KV_HEADS * HEAD_DIM),
+    o=(HEADS * HEAD_DIM, HIDDEN),
+    gate=(HIDDEN, MLP),
+    up=(HIDDEN, MLP),
+    down=(MLP, HIDDEN),
   )
+  params = {
+    name: jnp.asarray(rng.normal(size=(LAYERS, *shape)) * 0.02, dtype)
+    for name, shape in shapes.items()
+  }
+  if transposes:  # stored once, as a frozen model would keep them
+    for name in shapes:
+      params[name + "_t"] = jnp.asarray(
+        np.swapaxes(np.asarray(params[name]), 1, 2).copy()
+      )
+  return params
 
 
 def stack_forward(params, x, matmul):
   """SmolLM2's 30 decoder layers (RMSNorm, GQA causal attention, SwiGLU).
 
-  `matmul(x, w)` computes every dense projection; attention scores and
-  values stay float32 einsums, as in llm.py. Returns the final hidden.
+  `matmul(x, w, w_t)` computes every dense projection (`w_t`: the stored
+  transpose or None); attention scores and values stay float32 einsums, as
+  in llm.py. Returns the final hidden.
   """
   b, t, _ = x.shape
   causal = jnp.tril(jnp.ones((t, t), bool))
@@ -190,17 +211,20 @@ def stack_forward(params, x, matmul):
     return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-5)
 
   def layer(h, p):
+    def dense(a, name):
+      return matmul(a, p[name], p.get(name + "_t"))
+
     a = norm(h)
-    q = matmul(a, p["q"]).reshape(b, t, KV_HEADS, -1, HEAD_DIM)
-    k = matmul(a, p["k"]).reshape(b, t, KV_HEADS, HEAD_DIM)
-    v = matmul(a, p["v"]).reshape(b, t, KV_HEADS, HEAD_DIM)
+    q = dense(a, "q").reshape(b, t, KV_HEADS, -1, HEAD_DIM)
+    k = dense(a, "k").reshape(b, t, KV_HEADS, HEAD_DIM)
+    v = dense(a, "v").reshape(b, t, KV_HEADS, HEAD_DIM)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k) * HEAD_DIM**-0.5
     s = jnp.where(causal, s, -1e9)
     o = jnp.einsum("bkgts,bskd->btkgd", jax.nn.softmax(s, -1), v)
-    h = h + matmul(o.reshape(b, t, -1), p["o"])
+    h = h + dense(o.reshape(b, t, -1), "o")
     a = norm(h)
-    mlp = jax.nn.silu(matmul(a, p["gate"])) * matmul(a, p["up"])
-    return h + matmul(mlp, p["down"]), None
+    mlp = jax.nn.silu(dense(a, "gate")) * dense(a, "up")
+    return h + dense(mlp, "down"), None
 
   return jax.lax.scan(layer, x, params)[0]
 
@@ -218,20 +242,26 @@ def stack_table(results):
   x = jnp.asarray(
     np.random.default_rng(1).normal(size=(b, t, HIDDEN)), jnp.float32
   )
-  p32, p16 = stack_params(jnp.float32), stack_params(jnp.bfloat16)
+  p32 = stack_params(jnp.float32)
+  p16 = stack_params(jnp.bfloat16)
+  p16t = stack_params(jnp.bfloat16, transposes=True)
   variants = {
-    "f32": (p32, lambda a, w: a @ w),
-    "bf16": (p16, lambda a, w: om.frozen_matmul(a, w, use_ffi=False)),
+    "f32": (p32, lambda a, w, w_t: a @ w),
+    "bf16": (p16, lambda a, w, w_t: om.frozen_matmul(a, w, use_ffi=False)),
+    "bf16_wt": (
+      p16t,
+      lambda a, w, w_t: om.frozen_matmul(a, w, w_t=w_t, use_ffi=False),
+    ),
   }
   if om.available()[0]:
     variants["onednn"] = (
       p16,
-      lambda a, w: om.frozen_matmul(a, w, use_ffi=True),
+      lambda a, w, w_t: om.frozen_matmul(a, w, use_ffi=True),
     )
   print(
     f"\n30-layer stack, {b} x {t} tokens (seconds per call, GFLOP/s):\n"
-    "| pass | f32 | bf16 | oneDNN bf16 | oneDNN / f32 speedup "
-    "| bf16 / f32 speedup | load |"
+    "| pass | f32 | bf16 | bf16, W^T stored | oneDNN bf16 "
+    "| speedup over f32: bf16 / bf16 W^T / oneDNN | load |"
   )
   print("|---|---|---|---|---|---|---|")
   for backward in (False, True):
@@ -245,22 +275,20 @@ def stack_table(results):
         f = jax.jit(lambda x, p, mm=mm: stack_forward(p, x, mm))
       fns[name] = lambda f=f, p=p: f(x, p)
     before = load()
-    med = time_interleaved(fns, FLAGS.repeats, 0)
+    med = time_interleaved(fns, FLAGS.stack_repeats, 0)
     flops = stack_flops(b * t, t, backward)
     label = "fwd+bwd (dx)" if backward else "forward"
     results[f"stack {label}"] = {k: v for k, v in med.items()}
-    one = med.get("onednn", float("nan"))
 
     def cell(name, med=med, flops=flops):
       s = med.get(name, float("nan"))
       return f"{s:.3f} s ({flops / s / 1e9:.0f})"
 
-    print(
-      f"| {label} | {cell('f32')} | {cell('bf16')} | {cell('onednn')} "
-      f"| {med['f32'] / one:.2f} | {med['f32'] / med['bf16']:.2f} "
-      f"| {before}-{load()} |",
-      flush=True,
+    cells = " | ".join(cell(v) for v in VARIANTS)
+    speed = " / ".join(
+      f"{med['f32'] / med.get(v, float('nan')):.2f}" for v in VARIANTS[1:]
     )
+    print(f"| {label} | {cells} | {speed} | {before}-{load()} |", flush=True)
 
 
 def main(argv):
