@@ -251,7 +251,8 @@ def process(
     raise files.EmptyDatasetError(
       f"{data.name}: no interactions left after {min_interactions}-core "
       f"filtering of {len(data)} rows from {len(data.user_vocab)} users and "
-      f"{len(data.item_vocab)} items (dropped: {kcore_counts}). Lower "
+      f"{len(data.item_vocab)} items (dropped: "
+      f"{ {'duplicate_rows': duplicate_rows} | kcore_counts }). Lower "
       "min_interactions or use more data."
     )
   rows = np.flatnonzero(keep)
@@ -368,8 +369,9 @@ def first_occurrences(data: raw.RawInteractions) -> np.ndarray:
   keys = [rows, data.timestamps[rows], pairs[rows]]
   if data.ratings is not None:
     keys.insert(1, data.ratings[rows])
-  # lexsort: last key first; rows (file order) last, so the first of a group
-  # of equal rows is its earliest line.
+  # lexsort's primary key is the last one; the row number (file order)
+  # breaks the remaining ties, so each group of equal rows starts with its
+  # earliest line, the one kept.
   order = rows[np.lexsort(keys)]
   same = (pairs[order][1:] == pairs[order][:-1]) & (
     data.timestamps[order][1:] == data.timestamps[order][:-1]
