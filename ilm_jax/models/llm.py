@@ -1,9 +1,16 @@
 """A Llama-family decoder-only LLM in Flax linen, used frozen by the ILM.
 
-Covers Llama 1-3, SmolLM and Qwen2-style checkpoints: RMSNorm, rotary
-position embeddings (configurable theta, optional linear or "llama3"
+Covers Llama 1-3, SmolLM, Qwen2/2.5 and Gemma 1/2 checkpoints: RMSNorm,
+rotary position embeddings (configurable theta, optional linear or "llama3"
 frequency scaling), grouped-query attention with optional q/k/v biases,
-SwiGLU MLP, tied or untied output embeddings. The layers are stacked with
+SwiGLU or GeGLU MLP, tied or untied output embeddings. Gemma adds (all
+switched by `LlamaConfig` fields, off by default): embeddings scaled by
+sqrt(hidden); Gemma 2 (Gemma Team, "Gemma 2: Improving Open Language Models
+at a Practical Size", 2024) adds norms after attention and MLP, tanh
+soft-capping of attention scores and final logits, a query scale from
+`query_pre_attn_scalar`, and a sliding attention window on alternate
+layers. Gemma's RMSNorm multiplies by (1 + w): the loader stores 1 + w, so
+the model has one RMSNorm. The layers are stacked with
 `nn.scan`, so compile time does not grow with depth and every parameter has
 a leading "layers" axis. Parameters carry logical axis names
 (vocab, embed, heads, kv_heads, head_dim, mlp, layers) for sharding with the
@@ -58,6 +65,14 @@ class LlamaConfig:
   attention_bias: bool = False  # biases on q/k/v (Qwen2; Llama's option)
   attention_out_bias: bool = False  # bias on the output projection
   rope_scaling: RopeScaling | None = None
+  mlp_activation: str = "silu"  # silu | gelu_tanh | gelu (Gemma: GeGLU)
+  embedding_scale: bool = False  # Gemma: token embeddings * sqrt(hidden)
+  query_scale: float | None = None  # None: head_dim ** -0.5
+  attn_logit_softcap: float | None = None  # Gemma 2: cap * tanh(s / cap)
+  final_logit_softcap: float | None = None  # Gemma 2, on the logits
+  post_norms: bool = False  # Gemma 2: RMSNorm on attention / MLP outputs
+  sliding_window: int | None = None  # keys within this many slots ...
+  sliding_layers: tuple[bool, ...] = ()  # ... for the layers marked True
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators)
   param_dtype: Any = jnp.float32  # storage dtype of the parameters
 
@@ -137,8 +152,19 @@ class RMSNorm(nn.Module):
     return (scale * (x32 * jax.lax.rsqrt(var + c.rms_norm_eps))).astype(c.dtype)
 
 
+_ACTIVATIONS = {
+  "silu": nn.silu,
+  "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+  "gelu": lambda x: nn.gelu(x, approximate=False),
+}
+
+
+def _softcap(x, cap):
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
 class DecoderLayer(nn.Module):
-  """One pre-norm block: GQA self-attention then a SwiGLU MLP."""
+  """One pre-norm block: GQA self-attention then a gated MLP."""
 
   config: LlamaConfig
 
@@ -158,7 +184,8 @@ class DecoderLayer(nn.Module):
       q = q + self._bias("q_bias", (h, d), _Q_AXES[1:])
       k = k + self._bias("k_bias", (kvh, d), _KV_AXES[1:])
       v = v + self._bias("v_bias", (kvh, d), _KV_AXES[1:])
-    q = _rotate(q, *rope) * jnp.asarray(d**-0.5, c.dtype)
+    scale = d**-0.5 if c.query_scale is None else c.query_scale
+    q = _rotate(q, *rope) * jnp.asarray(scale, c.dtype)
     k = _rotate(k, *rope)
     new_kv = None
     if cache is not None:
@@ -179,6 +206,10 @@ class DecoderLayer(nn.Module):
     scores = jnp.einsum(
       "btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32
     )
+    scores = _softcap(scores, c.attn_logit_softcap)
+    if isinstance(allowed, tuple):  # (global, sliding-window) masks
+      sliding = jnp.asarray(c.sliding_layers, bool)[layer]
+      allowed = jnp.where(sliding, allowed[1], allowed[0])
     scores = jnp.where(allowed[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
@@ -194,7 +225,8 @@ class DecoderLayer(nn.Module):
     shape = (c.hidden_size, c.intermediate_size)
     gate = x @ self._weight("gate", shape, ("embed", "mlp"))
     up = x @ self._weight("up", shape, ("embed", "mlp"))
-    return (nn.silu(gate) * up) @ self._weight(
+    act = _ACTIVATIONS[c.mlp_activation]
+    return (act(gate) * up) @ self._weight(
       "down", shape[::-1], ("mlp", "embed")
     )
 
@@ -209,8 +241,13 @@ class DecoderLayer(nn.Module):
       cache_index,
       layer,
     )
+    if self.config.post_norms:
+      y = RMSNorm(self.config, name="attn_post_norm")(y)
     x = x + y
-    x = x + self._mlp(RMSNorm(self.config, name="mlp_norm")(x))
+    y = self._mlp(RMSNorm(self.config, name="mlp_norm")(x))
+    if self.config.post_norms:
+      y = RMSNorm(self.config, name="mlp_post_norm")(y)
+    x = x + y
     return (x, layer + 1), new_kv
 
 
@@ -251,6 +288,16 @@ class Llama(nn.Module):
 
   def setup(self):
     c = self.config
+    if c.mlp_activation not in _ACTIVATIONS:
+      raise ValueError(
+        f"LlamaConfig.mlp_activation={c.mlp_activation!r}; expected one of "
+        f"{sorted(_ACTIVATIONS)}."
+      )
+    if c.sliding_window is not None and len(c.sliding_layers) != c.num_layers:
+      raise ValueError(
+        f"LlamaConfig.sliding_layers has {len(c.sliding_layers)} entries; "
+        f"expected num_layers={c.num_layers} with sliding_window set."
+      )
     self.embedding = self.param(
       "embedding",
       nn.with_logical_partitioning(_KERNEL_INIT, ("vocab", "embed")),
@@ -275,19 +322,30 @@ class Llama(nn.Module):
       )
 
   def embed(self, input_ids):
-    """Returns the input embeddings [..., hidden] of token ids."""
-    return jnp.take(self.embedding, input_ids, axis=0).astype(self.config.dtype)
+    """Returns the input embeddings [..., hidden] of token ids.
+
+    With `embedding_scale` (Gemma) they are multiplied by sqrt(hidden) in
+    the compute dtype, as in the reference; `input_embeds` passed to
+    `__call__` are used as given, i.e. they live in this scaled space.
+    """
+    c = self.config
+    x = jnp.take(self.embedding, input_ids, axis=0).astype(c.dtype)
+    if c.embedding_scale:
+      x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
+    return x
 
   def logits(self, hidden):
-    """Maps final hidden states to float32 vocabulary logits."""
+    """Maps final hidden states to float32 vocabulary logits (soft-capped
+    with `final_logit_softcap`)."""
     dt = self.config.dtype
     if self.config.tie_word_embeddings:
       w, spec = self.embedding, "...e,ve->...v"
     else:
       w, spec = self.lm_head, "...e,ev->...v"
-    return jnp.einsum(
+    logits = jnp.einsum(
       spec, hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32
     )
+    return _softcap(logits, self.config.final_logit_softcap)
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
     """Same as the module-level `init_cache` for this model's config."""
@@ -366,6 +424,14 @@ class Llama(nn.Module):
     allowed = causal[None] & key_mask[:, None, :]
     if key_visibility is not None:
       allowed = key_visibility.astype(bool)
+    if c.sliding_window is not None:
+      # Keys less than `sliding_window` slots back, as the reference's mask
+      # (slot distance: with tree attention a beam's ancestors may be
+      # nearer in tokens than in slots, which matters only past the window).
+      near = key_slots[None, :] > (query_slots + index)[:, None] - (
+        c.sliding_window
+      )
+      allowed = (allowed, allowed & near[None])
 
     if layer_params is None:
       (x, _), new_kv = self.layers((x, 0), cache, rope, allowed, index)

@@ -25,8 +25,19 @@ from ilm_jax.models import llm, llm_tokenizer
 
 # GGUF architectures whose tensors map onto `llm.Llama` (see _gguf_config).
 GGUF_ARCHITECTURES = ("llama",)
-# Hugging Face `model_type`s we load; Qwen2 adds q/k/v biases.
-HF_MODEL_TYPES = ("llama", "qwen2")
+# Hugging Face `model_type`s we load; Qwen2 adds q/k/v biases, Gemma GeGLU,
+# (1 + w) norm scales and scaled embeddings, Gemma 2 the rest listed in
+# llm.py's docstring.
+HF_MODEL_TYPES = ("llama", "qwen2", "gemma", "gemma2")
+_GEMMA = ("gemma", "gemma2")
+# HF activation names (their ACT2FN keys) -> llm.LlamaConfig.mlp_activation.
+_HF_ACTIVATIONS = {
+  "silu": "silu",
+  "swish": "silu",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_new": "gelu_tanh",
+  "gelu": "gelu",
+}
 # Names `load_pretrained` resolves to an embedded checkpoint.
 EMBEDDED = {"smollm2-135m-instruct": resources.SMOLLM2_135M_INSTRUCT}
 
@@ -42,6 +53,9 @@ def _stack_layers(per_layer: list[dict]) -> dict:
   return stacked
 
 
+_NORMS = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
+
+
 def _to_params(embedding, layers, final_norm, lm_head, config):
   """Assembles the Flax param tree from HF-layout [out, in] matrices."""
   e, h, kvh, d = (
@@ -53,8 +67,7 @@ def _to_params(embedding, layers, final_norm, lm_head, config):
   per_layer = []
   for w in layers:
     layer = dict(
-      attn_norm=dict(scale=w["attn_norm"]),
-      mlp_norm=dict(scale=w["mlp_norm"]),
+      {name: dict(scale=w[name]) for name in _NORMS if name in w},
       q=w["q"].T.reshape(e, h, d),
       k=w["k"].T.reshape(e, kvh, d),
       v=w["v"].T.reshape(e, kvh, d),
@@ -229,8 +242,13 @@ def _hf_config(cfg: dict, **dtypes) -> llm.LlamaConfig:
       f"Unsupported model_type {model_type!r}; expected one "
       f"of {HF_MODEL_TYPES}."
     )
-  if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
-    raise ValueError("Only SwiGLU MLPs without biases are supported.")
+  activation = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")
+  if activation not in _HF_ACTIVATIONS or cfg.get("mlp_bias"):
+    raise ValueError(
+      f"config.json: hidden_act={activation!r}, mlp_bias="
+      f"{cfg.get('mlp_bias')}; supported: gated MLPs without biases and "
+      f"activations {sorted(_HF_ACTIVATIONS)}."
+    )
   if model_type == "qwen2" and cfg.get("use_sliding_window"):
     raise ValueError("Sliding-window attention is not supported.")
   scaling = cfg.get("rope_scaling")
@@ -247,6 +265,22 @@ def _hf_config(cfg: dict, **dtypes) -> llm.LlamaConfig:
     )
   heads = cfg["num_attention_heads"]
   bias = model_type == "qwen2" or cfg.get("attention_bias", False)
+  gemma2 = {}
+  if model_type == "gemma2":
+    layers = cfg["num_hidden_layers"]
+    # transformers' default: layers 0, 2, 4, ... use the window.
+    kinds = cfg.get("layer_types") or [
+      "sliding_attention" if i % 2 == 0 else "full_attention"
+      for i in range(layers)
+    ]
+    gemma2 = dict(
+      query_scale=float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5,
+      attn_logit_softcap=cfg.get("attn_logit_softcapping", 50.0),
+      final_logit_softcap=cfg.get("final_logit_softcapping", 30.0),
+      post_norms=True,
+      sliding_window=cfg.get("sliding_window", 4096),
+      sliding_layers=tuple(k == "sliding_attention" for k in kinds),
+    )
   return llm.LlamaConfig(
     vocab_size=cfg["vocab_size"],
     hidden_size=cfg["hidden_size"],
@@ -257,10 +291,15 @@ def _hf_config(cfg: dict, **dtypes) -> llm.LlamaConfig:
     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
     rope_theta=float(cfg.get("rope_theta", 10_000.0)),
     rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    tie_word_embeddings=bool(
+      cfg.get("tie_word_embeddings", model_type in _GEMMA)
+    ),
     attention_bias=bool(bias),
     attention_out_bias=bool(model_type == "llama" and bias),
     rope_scaling=scaling or None,
+    mlp_activation=_HF_ACTIVATIONS[activation],
+    embedding_scale=model_type in _GEMMA,
+    **gemma2,
     **dtypes,
   )
 
@@ -278,11 +317,9 @@ def load_hf_dir(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
     (config, params, tokenizer or None when the directory has none).
   """
   path = pathlib.Path(path)
-  config = _hf_config(
-    json.loads((path / "config.json").read_text()),
-    dtype=dtype,
-    param_dtype=param_dtype,
-  )
+  raw_config = json.loads((path / "config.json").read_text())
+  config = _hf_config(raw_config, dtype=dtype, param_dtype=param_dtype)
+  gemma = raw_config.get("model_type") in _GEMMA
   index = path / "model.safetensors.index.json"
   if index.exists():
     where = json.loads(index.read_text())["weight_map"]
@@ -299,7 +336,10 @@ def load_hf_dir(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
 
   def get(name):
     tensors.remove(name)
-    return files[where[name]].get_tensor(name).astype(np.float32)
+    value = files[where[name]].get_tensor(name).astype(np.float32)
+    if gemma and name.endswith("norm.weight"):
+      value = value + 1.0  # Gemma's RMSNorm scales by (1 + w)
+    return value
 
   hf_names = dict(
     attn_norm="input_layernorm",
@@ -312,6 +352,12 @@ def load_hf_dir(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
     up="mlp.up_proj",
     down="mlp.down_proj",
   )
+  if config.post_norms:  # Gemma 2's names for its four norms
+    hf_names.update(
+      attn_post_norm="post_attention_layernorm",
+      mlp_norm="pre_feedforward_layernorm",
+      mlp_post_norm="post_feedforward_layernorm",
+    )
   layers = []
   for i in range(config.num_layers):
     prefix = f"model.layers.{i}."
