@@ -10,13 +10,17 @@ prompt plus generation; generation then continues one token id at a time.
 `model.apply({'params': p}, input_ids=..., input_embeds=..., attention_mask=
 ..., cache=..., last_only=...) -> (logits, cache)` (`last_only`: logits of
 the last column only, [batch, 1, vocab]), `model.init_cache(batch, max_len)`,
-and caches whose non-scalar leaves have the batch on axis 0. Params are jit
-arguments, never closed over (XLA would constant-fold them).
+and caches whose non-scalar leaves have the batch on axis 0. Beam search
+also passes `positions` ([batch, time] rotary positions) and
+`key_visibility` ([batch, time, cache_len] bool, which cache slots each new
+token attends to): all beams of a row share one cache row (tree attention),
+so the prompt is cached once per row and no cache is reordered. Params are
+jit arguments, never closed over (XLA would constant-fold them).
 """
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -239,6 +243,21 @@ class BeamResult(NamedTuple):
   sequence_ids: jax.Array | None
 
 
+class _BeamState(NamedTuple):
+  """The beam search loop's state ([B] rows, [K] beams, [T] steps)."""
+
+  step: jax.Array  # scalar int32
+  logits: jax.Array  # [B, K, V] next-token logits of each live beam
+  cache: Any  # the model's cache: B rows of prompt + K * T beam slots
+  live_tokens: jax.Array  # [B, K, T] tokens of the live (unfinished) beams
+  live_scores: jax.Array  # [B, K] their log-probabilities (-inf: none)
+  live_nodes: jax.Array  # [B, K] their trie nodes (0 when unconstrained)
+  ancestry: jax.Array  # [B, K, K * T] the beam slots each live beam sees
+  pool_tokens: jax.Array  # [B, K, T] the best finished sequences so far
+  pool_scores: jax.Array  # [B, K] their log-probabilities, best first
+  pool_nodes: jax.Array  # [B, K] their final trie nodes
+
+
 def _beam_core(
   model,
   params,
@@ -250,66 +269,143 @@ def _beam_core(
   num_beams,
   num_steps,
   pad_id,
+  keep_unfinished,
 ):
-  """Beam search; `expand(logp [B,K,V], node [B,K])` lists the candidates.
+  """Beam search with a pool of finished hypotheses and tree attention.
 
-  Finished beams compete as candidates that append nothing, so the result
-  is the best `num_beams` finished sequences the search met. Log-probs are
-  never positive, so a finished beam can only be overtaken by a better one.
+  `expand(logp [B,K,V], node [B,K])` lists each beam's candidates as
+  (token, log-prob, next node, finishes), each [B, K, C]. Every step the K
+  best unfinished candidates stay live and every finished candidate
+  competes for the pool of the K best finished sequences, as common beam
+  search implementations do (a finished sequence never takes a live
+  beam's slot). A row stops when no live beam can still beat the worst
+  pooled sequence: log-probs are never positive, so that bound is exact.
+
+  All K beams of a row share one cache row (the prompt is stored once, not
+  K times): step t writes the K chosen tokens into slots P + t*K .. P +
+  t*K + K - 1, and each beam's query sees the prompt and the slots of its
+  own ancestors (`key_visibility`), so no cache is ever reordered.
+
+  Args:
+    keep_unfinished: at the end, let beams still live after `num_steps`
+      compete with the pool (truncated sequences), else pool only.
   """
+  prompt = prompt_ids if prompt_embeds is None else prompt_embeds
+  b, p = prompt.shape[:2]
+  k, t = num_beams, num_steps
+  if prompt_mask is None:
+    prompt_mask = jnp.ones((b, p), jnp.int32)
+  prompt_mask = prompt_mask.astype(bool)
   logits, cache = _prefill(
-    model, params, prompt_ids, prompt_embeds, prompt_mask, num_steps
+    model, params, prompt_ids, prompt_embeds, prompt_mask, k * t
   )
-  b, k = logits.shape[0], num_beams
-  cache = jax.tree.map(lambda x: jnp.repeat(x, k, 0) if x.ndim else x, cache)
-  logits = jnp.repeat(logits, k, 0)
+  # The next position of every row: its count of real prompt tokens.
+  positions = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None]
+  seen_prompt = jnp.broadcast_to(prompt_mask[:, None, :], (b, k, p))
+  beam_slots = jnp.arange(k * t).reshape(t, k)
   rows = jnp.arange(b)[:, None]
   step_inputs = _step_inputs(model, params)
+  neg_inf = jnp.full((b, k), -jnp.inf)
+
+  def row_done(state):
+    best_live = jnp.max(state.live_scores, axis=1)
+    worst_pooled = state.pool_scores[:, -1]
+    return (best_live == -jnp.inf) | (best_live < worst_pooled)
 
   def cond(state):
-    step, _, scores, _, done, *_ = state
-    return (step < num_steps) & ~jnp.all(done | (scores == -jnp.inf))
+    return (state.step < t) & ~jnp.all(row_done(state))
 
   def body(state):
-    step, tokens, scores, node, done, logits, cache = state
-    logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, -1)
-    tok, lp, next_node, ends = expand(logp, node)  # each [B, K, C]
+    s = state.step
+    logp = jax.nn.log_softmax(state.logits, axis=-1)
+    tok, lp, nodes, ends = expand(logp, state.live_nodes)
     c = tok.shape[-1]
-    extend = jnp.where(done[..., None], -jnp.inf, scores[..., None] + lp)
-    stay = jnp.where(done, scores, -jnp.inf)
-    scores, pick = jax.lax.top_k(
-      jnp.concatenate([extend.reshape(b, k * c), stay], axis=1), k
+    scores = (state.live_scores[..., None] + lp).reshape(b, k * c)
+    tok, nodes, ends = (x.reshape(b, k * c) for x in (tok, nodes, ends))
+    parents = jnp.arange(k * c) // c
+
+    def extended(tokens, pick):
+      parent = parents[pick]
+      return tokens[rows, parent].at[:, :, s].set(tok[rows, pick]), parent
+
+    # Finished candidates compete with the pool.
+    pool_scores, pick = jax.lax.top_k(
+      jnp.concatenate(
+        [state.pool_scores, jnp.where(ends, scores, -jnp.inf)], axis=1
+      ),
+      k,
     )
-    is_stay = pick >= k * c
-    flat = jnp.minimum(pick, k * c - 1)
-    parent = jnp.where(is_stay, pick - k * c, flat // c)
-
-    def take(x):
-      return jnp.take_along_axis(x.reshape(b, k * c), flat, axis=1)
-
-    new_tok = jnp.where(is_stay, pad_id, take(tok)).astype(jnp.int32)
-    node = jnp.where(is_stay, node[rows, parent], take(next_node))
-    done = jnp.where(is_stay, True, take(ends))
-    tokens = tokens[rows, parent].at[:, :, step].set(new_tok)
-    order = (rows * k + parent).reshape(-1)
-    cache = jax.tree.map(lambda x: x[order] if x.ndim else x, cache)
-    logits, cache = _step(
-      model, params, new_tok.reshape(-1), cache, step_inputs
+    from_pool = pick < k
+    cand = jnp.maximum(pick - k, 0)
+    cand_tokens, _ = extended(state.live_tokens, cand)
+    pool_tokens = jnp.where(
+      from_pool[..., None],
+      state.pool_tokens[rows, jnp.minimum(pick, k - 1)],
+      cand_tokens,
     )
-    return step + 1, tokens, scores, node, done, logits, cache
+    pool_nodes = jnp.where(
+      from_pool,
+      state.pool_nodes[rows, jnp.minimum(pick, k - 1)],
+      nodes[rows, cand],
+    )
+    # Unfinished candidates become the live beams.
+    live_scores, pick = jax.lax.top_k(jnp.where(ends, -jnp.inf, scores), k)
+    live_tokens, parent = extended(state.live_tokens, pick)
+    new_tok = jnp.where(live_scores > -jnp.inf, tok[rows, pick], pad_id)
+    ancestry = state.ancestry[rows, parent] | (
+      jnp.arange(k * t) == beam_slots[s][:, None]
+    )
+    visible = jnp.concatenate([seen_prompt, ancestry], axis=2)
+    logits, cache = model.apply(
+      {"params": params},
+      input_ids=new_tok,
+      attention_mask=jnp.ones_like(new_tok),
+      positions=jnp.broadcast_to(positions + s, (b, k)),
+      cache=state.cache,
+      key_visibility=visible,
+      **step_inputs,
+    )
+    return _BeamState(
+      step=s + 1,
+      logits=logits,
+      cache=cache,
+      live_tokens=live_tokens,
+      live_scores=live_scores,
+      live_nodes=nodes[rows, pick],
+      ancestry=ancestry,
+      pool_tokens=pool_tokens,
+      pool_scores=pool_scores,
+      pool_nodes=pool_nodes,
+    )
 
-  scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))
-  state = (
-    0,
-    jnp.full((b, k, num_steps), pad_id, jnp.int32),
-    scores,
-    jnp.zeros((b, k), jnp.int32),
-    jnp.zeros((b, k), bool),
-    logits,
-    cache,
+  empty_tokens = jnp.full((b, k, t), pad_id, jnp.int32)
+  zeros = jnp.zeros((b, k), jnp.int32)
+  state = _BeamState(
+    step=jnp.zeros((), jnp.int32),
+    logits=jnp.broadcast_to(logits[:, None], (b, k, logits.shape[-1])),
+    cache=cache,
+    live_tokens=empty_tokens,
+    live_scores=jnp.where(jnp.arange(k) == 0, 0.0, neg_inf),
+    live_nodes=zeros,
+    ancestry=jnp.zeros((b, k, k * t), bool),
+    pool_tokens=empty_tokens,
+    pool_scores=neg_inf,
+    pool_nodes=zeros,
   )
-  _, tokens, scores, node, *_ = jax.lax.while_loop(cond, body, state)
-  return tokens, scores, node
+  state = jax.lax.while_loop(cond, body, state)
+  tokens, scores, nodes = state.pool_tokens, state.pool_scores, state.pool_nodes
+  if keep_unfinished:
+    scores, pick = jax.lax.top_k(
+      jnp.concatenate([scores, state.live_scores], axis=1), k
+    )
+    from_pool = (pick < k)[..., None]
+    tokens = jnp.where(
+      from_pool,
+      tokens[rows, jnp.minimum(pick, k - 1)],
+      state.live_tokens[rows, jnp.maximum(pick - k, 0)],
+    )
+    nodes = jnp.zeros_like(pick)
+  return tokens, scores, nodes
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("num_beams",))
@@ -351,6 +447,7 @@ def beam_search(
     num_beams=num_beams,
     num_steps=max_new_tokens,
     pad_id=pad_id,
+    keep_unfinished=True,
   )
   return BeamResult(tokens, scores, None)
 
@@ -504,6 +601,7 @@ def _constrained(
     num_beams=num_beams,
     num_steps=max_depth,
     pad_id=pad_id,
+    keep_unfinished=False,
   )
   found = scores > -jnp.inf
   sequence_ids = jnp.where(found, trie["sequence_ids"][node], -1)

@@ -55,7 +55,10 @@ class BigramLM(nn.Module):
     attention_mask=None,
     cache=None,
     last_only=False,
+    positions=None,
+    key_visibility=None,
   ):
+    del positions, key_visibility  # the previous token is all it reads
     table = self.param("table", nn.initializers.zeros, PROBS.shape)
     if input_embeds is not None:  # one-hot rows
       input_ids = jnp.argmax(input_embeds, axis=-1)
@@ -99,8 +102,11 @@ def brute_force(last_token):
 
 # After d instead of <s>: d .1*.4 = .04, ab .1*.5*.6 = .03, a .1*.25 = .025,
 # bd .3*.1*.4 = .012, ac .1*.15*.6 = .009, abb .1*.5*.1*.6 = .003. With 3
-# beams the search prunes "a <eos>" (.025) at step 2, when the prefixes
-# "a b" (.05), "d <eos>" (.04) and "b d" (.03) fill the beams.
+# beams, "a <eos>" (.025) finishes at step 2 while the prefixes "a b" (.05)
+# and "b d" (.03) stay live: a search whose finished titles kept their beam
+# slots pruned it there (returning bd, .012, third); the finished pool keeps
+# it, and at step 3 the pool (.04, .03, .025) beats every live prefix
+# ("a b b" .005), so 3 beams already give the exact top 3.
 HAND_RANKING_AFTER_D = [
   (3, 0.04),
   (0, 0.03),
@@ -109,7 +115,6 @@ HAND_RANKING_AFTER_D = [
   (1, 0.009),
   (5, 0.003),
 ]
-THREE_BEAMS_AFTER_D = [(3, 0.04), (0, 0.03), (4, 0.012)]
 
 
 @pytest.mark.parametrize("num_beams", [3, 8])
@@ -130,8 +135,7 @@ def test_constrained_beam_search_returns_best_titles(num_beams):
     num_beams=num_beams,
     pad_id=PAD,
   )
-  after_d = THREE_BEAMS_AFTER_D if num_beams == 3 else HAND_RANKING_AFTER_D
-  for row, expected in enumerate([HAND_RANKING, after_d]):
+  for row, expected in enumerate([HAND_RANKING, HAND_RANKING_AFTER_D]):
     found = min(num_beams, len(TITLES))
     ids = [int(i) for i in result.sequence_ids[row]]
     assert ids[:found] == [i for i, _ in expected[:found]]
