@@ -180,3 +180,32 @@ def test_family_features_are_read_from_config_json(family):
     assert not config.embedding_scale and config.mlp_activation == "silu"
   assert config.attention_bias == (name == "qwen2")
   assert (config.rope_scaling is not None) == (name == "llama3")
+
+
+# Parameter counts the model publishers state for these checkpoints.
+PUBLISHED_COUNTS = {
+  "llama-3.2-1b-instruct": 1_235_814_400,
+  "llama-3.1-8b-instruct": 8_030_261_248,
+  "qwen2.5-1.5b-instruct": 1_543_714_304,
+  "gemma-2-2b-it": 2_614_341_888,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_COUNTS))
+def test_known_architectures_have_the_published_parameter_counts(name):
+  config = llm_loading.architecture(name)
+  shapes = jax.eval_shape(
+    lambda: llm.Llama(config).init(
+      jax.random.key(0), np.zeros((1, 1), np.int32)
+    )
+  )
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert count == PUBLISHED_COUNTS[name]
+
+
+def test_known_name_without_weights_says_where_to_put_them(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setenv(llm_loading.LLM_DIR_ENV, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="llama-3.2-1b-instruct.*ILM_"):
+    llm_loading.load_pretrained("llama-3.2-1b-instruct")

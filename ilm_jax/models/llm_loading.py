@@ -41,6 +41,121 @@ _HF_ACTIVATIONS = {
 # Names `load_pretrained` resolves to an embedded checkpoint.
 EMBEDDED = {"smollm2-135m-instruct": resources.SMOLLM2_135M_INSTRUCT}
 
+# Well-known Hugging Face checkpoints by name: the architecture fields of
+# their config.json, so that `architecture(name)` works without weights
+# (the TPU compile check), and `load_pretrained(name)` reads the directory
+# `<LLM_DIR_ENV or ~/.cache/ilm_jax/llm>/<name>` that the user downloaded.
+LLM_DIR_ENV = "ILM_LLM_DIR"
+_LLAMA3 = dict(
+  model_type="llama",
+  vocab_size=128_256,
+  rope_theta=500_000.0,
+  rms_norm_eps=1e-5,
+  hidden_act="silu",
+  max_position_embeddings=131_072,
+)
+_LLAMA3_ROPE = dict(
+  rope_type="llama3",
+  low_freq_factor=1.0,
+  high_freq_factor=4.0,
+  original_max_position_embeddings=8192,
+)
+KNOWN_HF = {
+  "llama-3.2-1b-instruct": dict(
+    _LLAMA3,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+  ),
+  "llama-3.1-8b-instruct": dict(
+    _LLAMA3,
+    hidden_size=4096,
+    intermediate_size=14_336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=False,
+    rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
+  ),
+  "qwen2.5-1.5b-instruct": dict(
+    model_type="qwen2",
+    vocab_size=151_936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+  ),
+  "gemma-2-2b-it": dict(
+    model_type="gemma2",
+    vocab_size=256_000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    rms_norm_eps=1e-6,
+  ),
+}
+
+
+def llm_dir() -> pathlib.Path:
+  """Where named Hugging Face checkpoints (KNOWN_HF) are looked up."""
+  default = pathlib.Path.home() / ".cache" / "ilm_jax" / "llm"
+  return pathlib.Path(os.environ.get(LLM_DIR_ENV) or default)
+
+
+def _known_dir(name: str) -> pathlib.Path:
+  path = llm_dir() / name
+  if not (path / "config.json").exists():
+    raise FileNotFoundError(
+      f"ilm.llm.checkpoint={name!r} names a known architecture, but "
+      f"{path} holds no config.json. Put the model's Hugging Face directory "
+      f"(config.json, *.safetensors, tokenizer.json) there, set "
+      f"${LLM_DIR_ENV} to the folder holding it, or set ilm.llm.checkpoint "
+      "to its path."
+    )
+  return path
+
+
+def architecture(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
+  """The `llm.LlamaConfig` of a checkpoint spec, reading no weights.
+
+  Args:
+    spec: as for `load_pretrained`; a KNOWN_HF name needs no files.
+    dtype: compute dtype of the returned config.
+    param_dtype: parameter dtype of the returned config.
+
+  Returns:
+    llm.LlamaConfig.
+  """
+  dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+  if spec in KNOWN_HF:
+    return _hf_config(KNOWN_HF[spec], **dtypes)
+  if spec in EMBEDDED:
+    (path,) = resources.fetch(EMBEDDED[spec]).values()
+  else:
+    path = pathlib.Path(spec)
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return _hf_config(json.loads((path / "config.json").read_text()), **dtypes)
+  return _gguf_config(_GGUFReader(path), **dtypes)
+
 
 def _stack_layers(per_layer: list[dict]) -> dict:
   """Turns a list of per-layer param dicts into one dict of stacked arrays."""
@@ -387,7 +502,8 @@ def load_pretrained(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
   """Loads an embedded checkpoint by name, a .gguf file or an HF directory.
 
   Args:
-    spec: a key of EMBEDDED (e.g. "smollm2-135m-instruct") or a path.
+    spec: a key of EMBEDDED (e.g. "smollm2-135m-instruct"), a key of
+      KNOWN_HF (its directory under `llm_dir()`), or a path.
     dtype: compute dtype of the returned config.
     param_dtype: dtype of the returned params.
 
@@ -396,6 +512,8 @@ def load_pretrained(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
   """
   if spec in EMBEDDED:
     (path,) = resources.fetch(EMBEDDED[spec]).values()
+  elif spec in KNOWN_HF:
+    path = _known_dir(spec)
   else:
     path = pathlib.Path(spec)
   if pathlib.Path(path).is_dir():
