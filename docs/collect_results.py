@@ -11,7 +11,7 @@ import pathlib
 import re
 
 DOCS = pathlib.Path(__file__).parent
-AREAS = ("data", "cf", "qformer", "llm", "ilm")
+AREAS = ("data", "cf", "qformer", "llm", "ilm", "reliability")
 MARKER = "<!-- collected from docs/results/{}.md -->"
 
 
