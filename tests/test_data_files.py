@@ -37,3 +37,34 @@ def test_decode_error_names_the_line(tmp_path, monkeypatch, chunk_bytes):
 def test_long_lines_are_quoted_in_part():
   error = files.FormatError("f.json", 7, "x" * 1000, "bad")
   assert str(error) == "f.json:7: bad. Line content: '" + "x" * 300 + "...'"
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 22])
+def test_bom_is_removed_once_plain_or_gzipped(
+  tmp_path, monkeypatch, chunk_bytes
+):
+  monkeypatch.setattr(files, "_CHUNK_BYTES", chunk_bytes)
+  # Only the mark at the very start goes; a second one is text (U+FEFF).
+  content = b"\xef\xbb\xbf1::2\n\xef\xbb\xbfx\n"
+  expected = [(1, "1::2"), (2, "\ufeffx")]
+  (tmp_path / "plain.dat").write_bytes(content)
+  assert list(files.iter_lines(tmp_path / "plain.dat")) == expected
+  assert list(files.iter_lines(tmp_path / "plain.dat", "latin-1")) == expected
+  with gzip.open(tmp_path / "packed.dat", "wb") as f:
+    f.write(content)
+  assert list(files.iter_lines(tmp_path / "packed.dat")) == expected
+
+
+def test_parse_helpers_by_hand(tmp_path):
+  path = tmp_path / "f"
+  assert files.parse_id("  6 \t", path, 1, "", "user") == "6"
+  assert files.parse_timestamp("978300760.0", path, 1, "", "t") == 978300760
+  assert files.parse_timestamp(str(2**63 - 1), path, 1, "", "t") == 2**63 - 1
+  with pytest.raises(files.FormatError, match="'t' is out of range"):
+    files.parse_timestamp(str(2**63), path, 1, "", "t")
+  with pytest.raises(files.FormatError, match="'t' is not a whole number"):
+    files.parse_timestamp("1.5", path, 1, "", "t")
+  assert files.parse_rating("-3.4e38", path, 1, "", "r") == -3.4e38
+  assert files.numbers_in_range(0, 5.0)
+  assert not files.numbers_in_range(-1, 5.0)
+  assert not files.numbers_in_range(0, float("nan"))
