@@ -5,6 +5,7 @@ the data uses ("Matrix, The (1999)" and "The Godfather (1972)"), with the
 expected match of every mention checked by hand.
 """
 
+import numpy as np
 import pytest
 
 from ilm_jax.serving import catalog as catalog_lib
@@ -202,3 +203,47 @@ def test_metadata_summary_states_only_catalogue_facts(catalog):
   assert grounding.fix_articles("It is a action movie.") == (
     "It is an action movie."
   )
+
+
+def test_masked_trie_keeps_only_allowed_items_with_the_full_shapes():
+  from ilm_jax import decoding  # noqa: PLC0415
+  from ilm_jax.serving import recommender  # noqa: PLC0415
+
+  sequences = [[1, 2], [1, 3], [4]]
+  full = decoding.TokenTrie(sequences, eos_id=9)
+  masked = recommender.masked_trie(full, sequences, np.array([0, 2]), 9)
+  for name, array in full.arrays().items():
+    assert masked.arrays()[name].shape == array.shape, name
+  assert (masked.max_children, masked.max_depth) == (2, 3)
+
+  # Walk the masked trie: root -> 1 -> 2 -> eos ends at item 0; the root's
+  # other child 4 -> eos ends at item 2; token 3 is gone.
+  def child(node, token):
+    lo, hi = masked.offsets[node], masked.offsets[node + 1]
+    edges = dict(
+      zip(masked.edge_tokens[lo:hi], masked.edge_targets[lo:hi], strict=True)
+    )
+    return edges.get(token)
+
+  assert child(child(0, 1), 3) is None
+  assert masked.sequence_ids[child(child(child(0, 1), 2), 9)] == 0
+  assert masked.sequence_ids[child(child(0, 4), 9)] == 2
+  assert sorted(int(i) for i in masked.sequence_ids if i >= 0) == [0, 2]
+
+
+def test_trim_padding_drops_all_padding_columns_in_multiples():
+  from ilm_jax.serving import recommender  # noqa: PLC0415
+
+  mask = np.zeros((2, 128), bool)
+  mask[0, -40:] = True
+  mask[1, -70:] = True  # the longest row: 70 real -> 96 kept
+  batch = dict(
+    attention_mask=mask,
+    input_ids=np.arange(256).reshape(2, 128),
+    entity_index=np.zeros((2, 4)),
+  )
+  out = recommender.trim_padding(batch)
+  assert out["attention_mask"].shape == (2, 96)
+  assert out["attention_mask"].sum() == 110  # no real token lost
+  assert out["input_ids"][0, 0] == 32 and out["input_ids"][1, -1] == 255
+  assert out["entity_index"].shape == (2, 4)

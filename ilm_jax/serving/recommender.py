@@ -45,6 +45,7 @@ BEAM_BUCKETS = (5, 10, 20, 50)  # num_beams is static: a few shapes only
 MAX_K = BEAM_BUCKETS[-1]
 REASON_TOKENS = 32  # generated tokens per reason
 DESCRIPTION_TOKENS = 48
+PROMPT_MULTIPLE = 32  # prompt lengths after trimming the left padding
 
 
 class NoExportError(FileNotFoundError):
@@ -104,6 +105,30 @@ def _bucket(n: int) -> int:
 
 def _stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def trim_padding(batch: dict, multiple: int = PROMPT_MULTIPLE) -> dict:
+  """Drops the leading columns that are padding in every row.
+
+  Generation prompts are left-padded to `max_len`; the LLM would still run
+  every padded column. The kept length is rounded up to `multiple` (each
+  distinct length compiles the decoders once).
+
+  Args:
+    batch: encoded generation prompts, [B, L] token arrays.
+    multiple: kept lengths are multiples of this (or L).
+
+  Returns:
+    The batch with every [B, L] array cut to its last L' columns.
+  """
+  mask = batch["attention_mask"]
+  length = mask.shape[1]
+  real = int(mask.sum(axis=1).max())
+  keep = min(length, -(-real // multiple) * multiple)
+  return {
+    k: v[:, length - keep :] if v.ndim == 2 and v.shape[1] == length else v
+    for k, v in batch.items()
+  }
 
 
 def masked_trie(
@@ -196,11 +221,21 @@ class Recommender:
     self._embed = jax.jit(self.model.input_embeddings)
     self._lock = threading.Lock()
     if warmup:
-      start = time.perf_counter()
-      # The shapes the service uses: chat (k=5) and /v1/recommend (k=10).
-      for k in (5, 10):
-        self.recommend([0], k=k, reasons=True)
-      logging.info("Decoders compiled in %.1fs.", time.perf_counter() - start)
+      self.warmup()
+
+  def warmup(self) -> float:
+    """Compiles the decoders for the common request shapes; returns seconds.
+
+    A full history with k=5 (chat) and k=10 (/v1/recommend), reasons for
+    the last three items; other prompt lengths or k compile on first use.
+    """
+    start = time.perf_counter()
+    history = list(range(min(self.max_history, len(self.catalog) - 10)))
+    for k in (5, 10):
+      self.recommend(history, k=k, reasons=True)
+    seconds = time.perf_counter() - start
+    logging.info("Decoders compiled in %.1fs.", seconds)
+    return seconds
 
   @classmethod
   def from_workdir(
@@ -290,8 +325,8 @@ class Recommender:
     raise UnknownItemError(f"Unknown user id {user!r}.", [])
 
   def _search(self, requests, trie, num_beams):
-    batch = _stack(
-      [self.encoder.encode(r, with_target=False) for r in requests]
+    batch = trim_padding(
+      _stack([self.encoder.encode(r, with_target=False) for r in requests])
     )
     embeds = self._embed(self.params, batch)
     result = decoding.constrained_beam_search(
@@ -401,6 +436,7 @@ class Recommender:
   # Text ------------------------------------------------------------------
 
   def _greedy(self, batch: dict, max_new_tokens: int) -> list[str]:
+    batch = trim_padding(batch)
     embeds = self._embed(self.params, batch)
     tokens = decoding.greedy(
       self.model.llm,
