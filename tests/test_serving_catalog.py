@@ -236,13 +236,15 @@ def test_trim_padding_drops_all_padding_columns_in_multiples():
 
   mask = np.zeros((2, 128), bool)
   mask[0, -40:] = True
-  mask[1, -70:] = True  # the longest row: 70 real -> 96 kept
+  mask[1, -70:] = True  # the longest row: 70 real -> 128 kept (64s)
   batch = dict(
     attention_mask=mask,
     input_ids=np.arange(256).reshape(2, 128),
     entity_index=np.zeros((2, 4)),
   )
   out = recommender.trim_padding(batch)
+  assert out["attention_mask"].shape == (2, 128)
+  out = recommender.trim_padding(batch, buckets=4)  # multiples of 32
   assert out["attention_mask"].shape == (2, 96)
   assert out["attention_mask"].sum() == 110  # no real token lost
   assert out["input_ids"][0, 0] == 32 and out["input_ids"][1, -1] == 255

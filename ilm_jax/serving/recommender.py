@@ -45,7 +45,9 @@ BEAM_BUCKETS = (5, 10, 20, 50)  # num_beams is static: a few shapes only
 MAX_K = BEAM_BUCKETS[-1]
 REASON_TOKENS = 32  # generated tokens per reason
 DESCRIPTION_TOKENS = 48
-PROMPT_MULTIPLE = 32  # prompt lengths after trimming the left padding
+# Prompts keep half or all of max_len after trimming the left padding:
+# two shapes per decoder, each compiled once (~20 s on 2 CPU cores).
+PROMPT_BUCKETS = 2
 
 
 class NoExportError(FileNotFoundError):
@@ -107,16 +109,16 @@ def _stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def trim_padding(batch: dict, multiple: int = PROMPT_MULTIPLE) -> dict:
+def trim_padding(batch: dict, buckets: int = PROMPT_BUCKETS) -> dict:
   """Drops the leading columns that are padding in every row.
 
   Generation prompts are left-padded to `max_len`; the LLM would still run
-  every padded column. The kept length is rounded up to `multiple` (each
-  distinct length compiles the decoders once).
+  every padded column. The kept length is rounded up to a multiple of
+  L / buckets (each distinct length compiles the decoders once).
 
   Args:
     batch: encoded generation prompts, [B, L] token arrays.
-    multiple: kept lengths are multiples of this (or L).
+    buckets: kept lengths are multiples of ceil(L / buckets).
 
   Returns:
     The batch with every [B, L] array cut to its last L' columns.
@@ -124,6 +126,7 @@ def trim_padding(batch: dict, multiple: int = PROMPT_MULTIPLE) -> dict:
   mask = batch["attention_mask"]
   length = mask.shape[1]
   real = int(mask.sum(axis=1).max())
+  multiple = -(-length // buckets)
   keep = min(length, -(-real // multiple) * multiple)
   return {
     k: v[:, length - keep :] if v.ndim == 2 and v.shape[1] == length else v
@@ -226,13 +229,14 @@ class Recommender:
   def warmup(self) -> float:
     """Compiles the decoders for the common request shapes; returns seconds.
 
-    A full history with k=5 (chat) and k=10 (/v1/recommend), reasons for
-    the last three items; other prompt lengths or k compile on first use.
+    One item and a full history (short and long prompts), k=5 (chat) and
+    k=10 (/v1/recommend), with reasons; other k compile on first use.
     """
     start = time.perf_counter()
-    history = list(range(min(self.max_history, len(self.catalog) - 10)))
-    for k in (5, 10):
-      self.recommend(history, k=k, reasons=True)
+    full = list(range(min(self.max_history, len(self.catalog) - 10)))
+    for history in ([0], full):
+      for k in (5, 10):
+        self.recommend(history, k=k, reasons=True)
     seconds = time.perf_counter() - start
     logging.info("Decoders compiled in %.1fs.", seconds)
     return seconds
