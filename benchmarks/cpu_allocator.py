@@ -1,7 +1,7 @@
 """glibc malloc against preloaded allocators, on the frozen LLM's step.
 
-  python -m benchmarks.cpu_allocator                      # glibc, mimalloc, tcmalloc
-  python -m benchmarks.cpu_allocator --configs=glibc,mimalloc --rounds=3
+  python -m benchmarks.cpu_allocator --batch=4 --seq=128 --repeats=2
+  python -m benchmarks.cpu_allocator --configs=glibc,mimalloc --repeats=0
 
 An allocator is chosen per process, so each configuration runs in its own
 child process, started through `ilm_jax.allocator.reexec_with_preload` (the
@@ -32,12 +32,13 @@ import sys
 
 from absl import app, flags
 
+# Its flags --batch, --seq (fwd_bwd shape) and --repeats (timed fwd_bwd calls
+# per process; 0: fresh-buffer test only) apply here too.
+from benchmarks import llm_throughput as lt
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["glibc", "mimalloc", "tcmalloc"], "Allocators.")
 flags.DEFINE_integer("rounds", 2, "Round-robin rounds (processes per config).")
-flags.DEFINE_integer("batch", 4, "fwd_bwd rows.")
-flags.DEFINE_integer("seq", 128, "fwd_bwd tokens per row.")
-flags.DEFINE_integer("repeats", 2, "Timed fwd_bwd calls per process (0: skip).")
 flags.DEFINE_bool("child", False, "Internal: measure in this process.")
 
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -62,10 +63,7 @@ def child():
   allocator.reexec_with_preload()
   import time
 
-  import jax
   import numpy as np
-
-  from benchmarks import llm_throughput as lt
 
   load_before = os.getloadavg()[0]
   FLAGS.weights, FLAGS.dtype = "random", "float32"
@@ -88,7 +86,6 @@ def child():
       times.append(time.perf_counter() - start)
     result["fwd_bwd_s"] = statistics.median(times)
   result["load"] = [load_before, os.getloadavg()[0]]
-  del jax
   print("RESULT " + json.dumps(result), flush=True)
 
 
