@@ -17,9 +17,10 @@ the machine's load hits every configuration alike. Each child measures:
           shape), median of --repeats after one warm-up.
 
 Configurations: glibc (`ILM_JAX_ALLOCATOR=system`), mimalloc (the
-cmeel-mimalloc wheel, the default), mimalloc_nopurge (mimalloc with
-MIMALLOC_PURGE_DELAY=-1), mimalloc_purge10 (mimalloc's own 10 ms purge
-delay), tcmalloc (/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 from
+cmeel-mimalloc wheel as `reexec_with_preload` sets it up: never purge,
+MIMALLOC_PURGE_DELAY=-1), mimalloc_purge10 (mimalloc's own default, freed
+memory returned to the OS after 10 ms), mimalloc_purge1000 (after 1 s),
+tcmalloc (/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 from
 Debian's libtcmalloc-minimal4, the reference; skipped if absent). The last
 line is a JSON object of the medians per configuration.
 """
@@ -37,7 +38,11 @@ from absl import app, flags
 from benchmarks import llm_throughput as lt
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["glibc", "mimalloc", "tcmalloc"], "Allocators.")
+flags.DEFINE_list(
+  "configs",
+  ["glibc", "mimalloc", "mimalloc_purge10", "tcmalloc"],
+  "Allocators.",
+)
 flags.DEFINE_integer("rounds", 2, "Round-robin rounds (processes per config).")
 flags.DEFINE_bool("child", False, "Internal: measure in this process.")
 
@@ -45,9 +50,13 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 CONFIGS = {
   "glibc": {"ILM_JAX_ALLOCATOR": "system"},
   "mimalloc": {"ILM_JAX_ALLOCATOR": "mimalloc"},
-  "mimalloc_nopurge": {
+  "mimalloc_nopurge": {  # the same as "mimalloc"
     "ILM_JAX_ALLOCATOR": "mimalloc",
     "MIMALLOC_PURGE_DELAY": "-1",
+  },
+  "mimalloc_purge1000": {
+    "ILM_JAX_ALLOCATOR": "mimalloc",
+    "MIMALLOC_PURGE_DELAY": "1000",
   },
   "mimalloc_purge10": {
     "ILM_JAX_ALLOCATOR": "mimalloc",

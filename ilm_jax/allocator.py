@@ -32,9 +32,11 @@ from absl import logging
 ENV = "ILM_JAX_ALLOCATOR"
 GUARD = "ILM_JAX_ALLOCATOR_REEXEC"
 # mimalloc options for the re-executed process (its own environment wins).
-# Freed memory stays committed for 1 s before mimalloc returns it to the
-# OS, so a step's large buffers are reused rather than faulted in again.
-MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "1000"}
+# mimalloc returns freed memory to the OS 10 ms after it is freed by
+# default; a training step lasts seconds, so its large buffers would be
+# faulted in again each step. -1: never purge (tcmalloc-like; the process
+# keeps its peak footprint, as it would need it again next step anyway).
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "-1"}
 
 
 def mimalloc_library() -> pathlib.Path | None:
