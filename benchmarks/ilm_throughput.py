@@ -1,29 +1,48 @@
-r"""Phase-2 throughput: the ILM training step and generative evaluation.
+r"""Phase-2 throughput, before and after: training prompts/s, evaluated users/s.
 
   python -m benchmarks.ilm_throughput --config=configs/ml1m.py:cpu \
     --workdir=/tmp/ilm_ml1m
 
-Needs a workdir where the cf phase (and, for the Q-Former adapter, the
-qformer phase) already ran: the benchmark builds the real phase-2 task
-(ilm_jax/phases/ilm.py: frozen SmolLM2, CF tables, Q-Former, prompts) and
-times:
+Needs a workdir where the cf and qformer phases already ran (the README's
+main command, or `--config.phases=cf,qformer`). Builds the real phase-2 task
+(ilm_jax/phases/ilm.py: frozen SmolLM2, CF tables, Q-Former, prompts) twice,
+with the settings of commit `BASELINE` ("before") and with the config as
+given ("after"), and times, back to back in this one process:
 
-  train   the trainer's own jitted step (train.make_train_step: grads for
-          the adapter only, AdamW, the config's freeze rules) on batches
-          from the phase's grain pipeline, after two untimed steps; as
-          steps/s, examples/s, tokens/s (padded, and the real share) and
-          achieved GFLOP/s from an analytic count of the step's matmuls
-          (XLA's own cost analysis counts the scanned LLM layer body once,
-          so it undercounts 30-layer SmolLM2 several-fold).
-  eval    users/s of the generative ranking evaluator (trie-constrained
-          beam search over all titles, seen and unseen templates) on
-          `--eval_users` users, after one untimed pass that compiles.
+  train  the trainer's own jitted step (train.make_train_step: gradients
+         for the adapter only, AdamW, the config's freeze rules), for each
+         adapter of --adapters. Before: mixed-task batches, every prompt
+         padded to 160 tokens, titles written beside the soft tokens, the
+         first 64 answer positions scored. After: the config (one-task
+         batches, each task padded to its own length, soft tokens only).
+         Each distinct batch shape is compiled untimed, then timed over
+         --repeats steps; prompts/s is the batch size over the mean step
+         time weighted by the task mix (`ilm.data.task_weights`).
+  eval   users/s of the generative ranking evaluator (trie-constrained
+         beam search over all titles, one seen and one unseen prompt per
+         user) on --eval_users users, after an untimed first batch that
+         compiles. Before: the beam search of commit BASELINE (read with
+         `git show`: finished titles keep their beam slots, K copies of
+         each prompt's cache, reordered every step) on 160-token prompts;
+         after: the current one (a pool of finished titles, exact early
+         stop, one cache row per prompt), prompts trimmed to their length.
+  check  on --check_users users, the top-10 lists of both beam searches on
+         the same (after) prompts: overlap and whether the new best score
+         is at least the old one.
 
-Params are the run's initialisation (speed does not depend on values).
-Reports the load average: other processes slow every figure down.
+The last line printed is one JSON object with the headline figures (ILM =
+the Q-Former adapter). Params are the run's initialisation (speed does not
+depend on their values). The load average is printed: other processes slow
+every figure down, so compare figures of one run only.
 """
 
+import contextlib
+import importlib.util
+import json
 import os
+import pathlib
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -34,136 +53,292 @@ from ml_collections import config_flags
 
 from benchmarks import llm_throughput
 from ilm_jax import optim, sharding, train, tree_utils
+from ilm_jax.data import ilm_tasks
+from ilm_jax.evaluators import generative
 from ilm_jax.phases import ilm as ilm_phase
+
+BASELINE = "d18ed58"  # the last commit before the phase-2 speed work
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/ml1m.py:cpu", "Experiment config."
 )
 _WORKDIR = flags.DEFINE_string(
-  "workdir", None, "A workdir with the cf (and qformer) phase outputs."
+  "workdir", None, "A workdir with the cf and qformer phase outputs."
 )
-_STEPS = flags.DEFINE_integer("steps", 6, "Timed training steps.")
+_ADAPTERS = flags.DEFINE_list(
+  "adapters",
+  ["qformer", "mlp", "prompt"],
+  "Adapters whose training step is timed (qformer = the ILM, mlp = "
+  "CoLLM-style, prompt = text-only with 20 learned tokens).",
+)
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed steps per batch shape.")
 _EVAL_USERS = flags.DEFINE_integer(
-  "eval_users", 16, "Users evaluated (0: skip the evaluation timing)."
+  "eval_users", 32, "Users evaluated per setting (0: skip)."
+)
+_CHECK_USERS = flags.DEFINE_integer(
+  "check_users", 8, "Users whose top-10 lists are compared (0: skip)."
 )
 
 
-def step_flops(model, batch_size, max_len, entities) -> dict[str, float]:
-  """Analytic matmul FLOPs of one phase-2 training step, by part.
-
-  LLM: forward over every position (the vocabulary head only over the
-  `max_target_tokens` scored ones), then the backward pass into its inputs
-  only (its weights are frozen: one more forward's worth of matmuls).
-  Q-Former (queries only, every entity slot of the batch) and projector:
-  forward and backward with weight gradients (3x forward).
-  """
-  c = model.llm.config
-  tokens = batch_size * max_len
-  dense, attention = llm_throughput.matmul_flops(c, tokens, max_len)
-  head = 2 * c.hidden_size * c.vocab_size
-  llm_forward = (
-    dense
-    - tokens * head
-    + batch_size * model.max_target_tokens * head
-    + attention
+def before_settings(config):
+  """The phase-2 data settings of commit BASELINE."""
+  config = config.copy_and_resolve_references()
+  config.ilm.data.update(
+    titles_with_soft=True, max_len=160, one_task_batches=False
   )
-  flops = dict(llm=2.0 * llm_forward, adapter=0.0)
-  if model.qformer is not None:
-    q = model.qformer.config
-    nq, h, cf_tokens = q.num_queries, q.hidden_size, q.num_cf_tokens
-    per_layer = nq * (
-      2 * 4 * h * h + 2 * 2 * nq * h + 2 * 2 * h * q.intermediate_size
-    )
-    cross_layers = -(-q.num_layers // q.cross_attention_freq)
-    per_cross = nq * (2 * 2 * h * h + 2 * 2 * cf_tokens * h)
-    per_cross += 2 * 2 * cf_tokens * h * h  # keys and values of CF tokens
-    per_entity = q.num_layers * per_layer + cross_layers * per_cross
-    per_entity += nq * 2 * h * c.hidden_size  # the linear projector
-    flops["adapter"] = 3.0 * batch_size * entities * per_entity
-  return flops
+  return config
 
 
-def time_training(task, phase_config, mesh, steps: int) -> dict:
-  """Steps/s of the trainer's own step on the phase's batches."""
+def with_adapter(config, adapter):
+  config = config.copy_and_resolve_references()
+  config.ilm.model.adapter = adapter
+  if adapter == "prompt":  # the README's text-only row
+    config.ilm.model.tokens_per_entity = 20
+  return config
+
+
+def legacy_decoding():
+  """ilm_jax/decoding.py as of commit BASELINE, imported from git."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    source = subprocess.run(
+      ["git", "show", f"{BASELINE}:ilm_jax/decoding.py"],
+      cwd=root,
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
+  except (OSError, subprocess.CalledProcessError) as e:
+    raise SystemExit(
+      f"The 'before' beam search is read from git commit {BASELINE} of "
+      f"{root}; run the benchmark from a git checkout ({e})."
+    ) from e
+  path = pathlib.Path(tempfile.mkdtemp()) / "decoding_before.py"
+  path.write_text(source)
+  spec = importlib.util.spec_from_file_location("decoding_before", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _mean_step_seconds(step_fn, state, batch, rng, repeats):
+  """Compiles (untimed), then the mean of `repeats` timed steps."""
+  state, _ = step_fn(state, batch, rng)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    state, _ = step_fn(state, batch, rng)
+  jax.block_until_ready(state)
+  return state, (time.perf_counter() - start) / repeats
+
+
+def time_training(config, workdir, mesh, repeats) -> dict:
+  """Prompts/s of the trainer's step under the config's task mix."""
+  phase2 = ilm_phase.make_task(config, workdir)
+  task, data = phase2.task, config.ilm.data
   params = tree_utils.unbox(task.init_params(jax.random.key(0)))
-  tx, frozen_mask, schedule = optim.make(phase_config.optim, params, steps)
+  tx, frozen_mask, schedule = optim.make(config.ilm.optim, params, 100)
   state = dict(
     step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
   )
-  # Not donated (unlike the trainer): the frozen LLM arrays are shared with
-  # the params the evaluation timing builds afterwards.
   step_fn = jax.jit(train.make_train_step(task, tx, frozen_mask, schedule))
-  batch = sharding.put_global_batch(next(task.train_iterator), mesh)
   rng = jax.random.key(1)
-  compiled = step_fn.lower(state, batch, rng).compile()
-  real_tokens = []
-  for i in range(steps + 2):  # two untimed steps: warm caches
-    if i == 2:
-      jax.block_until_ready(state)
-      start = time.perf_counter()
-    real_tokens.append(float(np.mean(batch["attention_mask"])))
-    state, _ = compiled(state, batch, rng)
-    batch = sharding.put_global_batch(next(task.train_iterator), mesh)
-  jax.block_until_ready(state)
+  # One batch per distinct shape (per task with one-task batches).
+  batches = {}
+  shapes = len(phase2.sampler.tasks) if data.one_task_batches else 1
+  while len(batches) < shapes:
+    batch = next(task.train_iterator)
+    key = "mixed"
+    if data.one_task_batches:
+      key = ilm_tasks.TASKS[int(batch["task"][0])]
+    batches.setdefault(key, batch)
+  seconds, tokens = {}, {}
+  for key, batch in batches.items():
+    state, seconds[key] = _mean_step_seconds(
+      step_fn, state, sharding.put_global_batch(batch, mesh), rng, repeats
+    )
+    tokens[key] = batch["input_ids"].shape[1]
+  weights = data.task_weights.to_dict()
+  if data.one_task_batches:
+    total = sum(weights[k] for k in seconds)
+    step = sum(weights[k] / total * seconds[k] for k in seconds)
+    length = sum(weights[k] / total * tokens[k] for k in tokens)
+  else:
+    step, length = seconds["mixed"], tokens["mixed"]
+  batch_size = config.ilm.train.batch_size
+  return dict(
+    prompts_per_s=batch_size / step,
+    step_s=step,
+    tokens_per_prompt=length,
+    per_shape={k: dict(tokens=tokens[k], step_s=seconds[k]) for k in seconds},
+  )
+
+
+def ranking_evaluator(config, workdir, users):
+  phase2 = ilm_phase.make_task(config, workdir)
+  ranking = next(
+    e
+    for e in phase2.task.evaluators
+    if e.config["type"] == "generative_ranking"
+  )
+  ranking.users = ranking.users[:users]
+  params = tree_utils.unbox(phase2.task.init_params(jax.random.key(0)))
+  return ranking, params
+
+
+@contextlib.contextmanager
+def evaluator_patched(decoding_module, trim):
+  """Runs the ranking evaluator with another beam search / no trimming."""
+  saved = generative.decoding, generative._PROMPT_LENGTH_STEP
+  generative.decoding = decoding_module
+  if not trim:
+    generative._PROMPT_LENGTH_STEP = 1 << 30  # keeps every column
+  try:
+    yield
+  finally:
+    generative.decoding, generative._PROMPT_LENGTH_STEP = saved
+
+
+def time_eval(ranking, params) -> dict:
+  users = ranking.users
+  ranking.users = users[: ranking.batch_size]
+  list(ranking.run(params))  # compiles
+  ranking.users = users
+  start = time.perf_counter()
+  results = dict(ranking.run(params))
   elapsed = time.perf_counter() - start
   return dict(
-    steps_per_s=steps / elapsed,
-    entity_slots=int(batch["entity_kind"].shape[1]),
-    real_token_share=float(np.mean(real_tokens)),
+    users_per_s=len(users) / elapsed,
+    seconds=elapsed,
+    users=int(results["users"]),
+    hr10_seen=results["sequential/seen/hr@10"],
+  )
+
+
+def compare_lists(ranking, params, decoding_before, users) -> dict:
+  """Top-10 lists of both beam searches on the same prompts."""
+  requests = [
+    ranking.sampler.evaluation_request("sequential", int(u), "test", False, i)
+    for i, u in enumerate(ranking.users[:users])
+  ]
+  lists = []
+  for module in (decoding_before, generative.decoding):
+    out = []
+    for real, batch in ranking._batches(requests):
+      result = module.constrained_beam_search(
+        ranking.model.llm,
+        params["llm"],
+        ranking.trie,
+        prompt_embeds=ranking._embed(params, batch),
+        prompt_mask=batch["attention_mask"],
+        num_beams=ranking.num_beams,
+        pad_id=ranking.tokenizer.pad_id,
+      )
+      out.append(
+        (
+          np.asarray(result.sequence_ids)[:real],
+          np.asarray(result.scores)[:real],
+        )
+      )
+    lists.append([np.concatenate(x) for x in zip(*out, strict=True)])
+  (old_ids, old_scores), (new_ids, new_scores) = lists
+  overlap = [
+    len(set(a) & set(b)) / len(a) for a, b in zip(old_ids, new_ids, strict=True)
+  ]
+  return dict(
+    users=len(requests),
+    top10_overlap=float(np.mean(overlap)),
+    identical_lists=float(
+      np.mean(
+        [list(a) == list(b) for a, b in zip(old_ids, new_ids, strict=True)]
+      )
+    ),
+    new_best_at_least_old=float(
+      np.mean(new_scores[:, 0] >= old_scores[:, 0] - 1e-4)
+    ),
   )
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
-  mesh = sharding.make_mesh(config.mesh)
-  phase2 = ilm_phase.make_task(config, _WORKDIR.value)
-  ilm_config = config.ilm
+  after = _CONFIG.value
+  before = before_settings(after)
+  workdir = _WORKDIR.value
+  mesh = sharding.make_mesh(after.mesh)
   print(
-    f"ILM adapter={ilm_config.model.adapter}, LLM "
-    f"{ilm_config.llm.checkpoint} ({ilm_config.llm.dtype}); "
+    f"LLM {after.ilm.llm.checkpoint} ({after.ilm.llm.dtype}); "
     f"{jax.device_count()} {jax.devices()[0].platform} device(s); "
     f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-    f"allocator: {llm_throughput.allocator()}"
+    f"allocator: {llm_throughput.allocator()}; before = commit {BASELINE}",
+    flush=True,
   )
-  batch_size, max_len = ilm_config.train.batch_size, ilm_config.data.max_len
-  figures = time_training(phase2.task, ilm_config, mesh, _STEPS.value)
-  rate = figures["steps_per_s"]
-  flops = step_flops(phase2.model, batch_size, max_len, figures["entity_slots"])
-  total = sum(flops.values())
-  print(
-    f"train (batch {batch_size} x {max_len} tokens): {rate:.3f} steps/s, "
-    f"{rate * batch_size:.2f} examples/s, "
-    f"{rate * batch_size * max_len:,.0f} tokens/s "
-    f"({figures['real_token_share']:.0%} real); "
-    f"{total / 1e9:,.0f} GFLOP/step (LLM {flops['llm'] / 1e9:,.0f}, "
-    f"adapter {flops['adapter'] / 1e9:,.1f}; analytic) = "
-    f"{total * rate / 1e9:.1f} GFLOP/s"
-  )
-  if not _EVAL_USERS.value:
-    return
+  summary = {}
+  train_figures = {}
+  for adapter in _ADAPTERS.value:
+    figures = {}
+    for name, config in (("before", before), ("after", after)):
+      figures[name] = time_training(
+        with_adapter(config, adapter), workdir, mesh, _REPEATS.value
+      )
+      shapes = ", ".join(
+        f"{k} {v['tokens']} tok {v['step_s']:.2f} s"
+        for k, v in figures[name]["per_shape"].items()
+      )
+      print(
+        f"train {adapter} {name}: {figures[name]['prompts_per_s']:.2f} "
+        f"prompts/s ({figures[name]['tokens_per_prompt']:.0f} padded tokens "
+        f"per prompt; {shapes}; load {os.getloadavg()[0]:.1f})",
+        flush=True,
+      )
+    speedup = (
+      figures["after"]["prompts_per_s"] / figures["before"]["prompts_per_s"]
+    )
+    print(f"train {adapter} speedup: {speedup:.2f}x", flush=True)
+    train_figures[adapter] = figures
+    summary[f"train_speedup_{adapter}"] = round(speedup, 3)
+  if "qformer" in train_figures:
+    ilm = train_figures["qformer"]
+    summary.update(
+      train_prompts_per_s_before=round(ilm["before"]["prompts_per_s"], 4),
+      train_prompts_per_s_after=round(ilm["after"]["prompts_per_s"], 4),
+      train_speedup=summary["train_speedup_qformer"],
+    )
 
-  ranking = next(
-    e
-    for e in phase2.task.evaluators
-    if e.config["type"] == "generative_ranking"
-  )
-  ranking.users = ranking.users[: _EVAL_USERS.value]
-  params = tree_utils.unbox(phase2.task.init_params(jax.random.key(0)))
-  list(ranking.run(params))  # compiles
-  start = time.perf_counter()
-  results = dict(ranking.run(params))
-  elapsed = time.perf_counter() - start
-  prompts = 2 * len(ranking.config["tasks"]) * len(ranking.users)
-  print(
-    f"eval (generative ranking, {ranking.num_beams} beams, batch "
-    f"{ranking.batch_size}, tasks {list(ranking.config['tasks'])}, seen + "
-    f"unseen): {prompts} prompts of {int(results['users'])} users in "
-    f"{elapsed:.1f} s = {prompts / elapsed:.2f} prompts/s, "
-    f"{len(ranking.users) / elapsed:.2f} users/s"
-  )
-  print(f"load average at the end {os.getloadavg()[0]:.1f}")
+  if _EVAL_USERS.value:
+    decoding_before = legacy_decoding()
+    eval_figures = {}
+    for name, config, module, trim in (
+      ("before", before, decoding_before, False),
+      ("after", after, generative.decoding, True),
+    ):
+      ranking, params = ranking_evaluator(config, workdir, _EVAL_USERS.value)
+      with evaluator_patched(module, trim):
+        eval_figures[name] = time_eval(ranking, params)
+      print(
+        f"eval {name}: {eval_figures[name]['users_per_s']:.3f} users/s "
+        f"({eval_figures[name]['users']} users, {ranking.num_beams} beams, "
+        f"batch {ranking.batch_size}, {eval_figures[name]['seconds']:.0f} s; "
+        f"load {os.getloadavg()[0]:.1f})",
+        flush=True,
+      )
+      if name == "after" and _CHECK_USERS.value:
+        check = compare_lists(
+          ranking, params, decoding_before, _CHECK_USERS.value
+        )
+        print(f"check (same prompts, both beam searches): {check}", flush=True)
+        summary["top10_overlap"] = round(check["top10_overlap"], 4)
+    summary.update(
+      eval_users_per_s_before=round(eval_figures["before"]["users_per_s"], 4),
+      eval_users_per_s_after=round(eval_figures["after"]["users_per_s"], 4),
+      eval_speedup=round(
+        eval_figures["after"]["users_per_s"]
+        / eval_figures["before"]["users_per_s"],
+        3,
+      ),
+    )
+  summary["load_average"] = round(os.getloadavg()[0], 2)
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

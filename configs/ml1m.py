@@ -178,9 +178,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Phase 2: the ILM (ilm_jax/phases/ilm.py). Baselines are variants of
   # this block; see README / docs/RESULTS.md for their command lines.
-  # CPU sizing (measured): with 5 history items the longest ML-1M prompt
-  # (sequential, titles beside soft tokens) is 154 tokens, so max_len 160
-  # truncates nothing; a step of 8 x 160 tokens takes ~10 s on 2 cores.
+  # CPU sizing (docs/results/ilm.md): with 5 history items and item
+  # mentions as soft tokens only, prompt + answer is at most 102 tokens
+  # (sequential), 70 (straightforward), 98 (conversation); descriptions run
+  # longer but only their first max_target_tokens answer tokens are scored.
   history = {"full": 20, "cpu": 5, "tiny": 3}[mode]
   config.ilm = ml_collections.ConfigDict(
     dict(
@@ -194,14 +195,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         adapter="qformer",  # qformer (ILM) | mlp (CoLLM) | none (text)
         tokens_per_entity=qformer_model.num_queries,
         qformer_init="phase1",  # phase1 | random (ILM-rand)
-        max_target_tokens=64,  # answer tokens scored per example
+        max_target_tokens=64,  # answer tokens scored per example, at most
         mlp_hidden_dim=1024,  # adapter="mlp" only
       ),
       data=dict(
         templates="",  # "" = ilm_jax/data/templates/prompts.json
         max_history=history,  # items in {history}, most recent last
         max_len={"full": 1024, "cpu": 160, "tiny": 128}[mode],  # prompt+answer
-        titles_with_soft=True,  # write each item's title before its tokens
+        # Each global batch holds one task and takes that task's length
+        # (the longest of a seeded sample of its prompts, rounded up, at most
+        # max_len), so short tasks do not pay for the longest one's padding.
+        # False: mixed batches, all padded to max_len.
+        one_task_batches=True,
+        # Write each item's title before its soft tokens. The paper's
+        # prompts mention items by soft tokens only (False), which also
+        # halves the sequential prompt (79 vs 137 tokens).
+        titles_with_soft=False,
         system_prompt="You are a helpful movie recommender.",
         task_weights=dict(
           sequential=0.4, straightforward=0.2, description=0.2, conversation=0.2

@@ -11,6 +11,7 @@ the train part of each sequence (items[:-2]); evaluation targets follow the
 OpenP5 split (valid: items[-2], test: items[-1]).
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -19,6 +20,7 @@ import numpy as np
 from ilm_jax.data import processing, prompts
 
 TASKS = ("sequential", "straightforward", "description", "conversation")
+_GROUP_STREAM = 1  # keeps the per-batch task draws apart from the examples
 RECOMMENDATION_TASKS = ("sequential", "straightforward")
 
 
@@ -91,10 +93,27 @@ class TaskSampler:
       items[bounds[u] : bounds[u + 1]] for u in range(self.dataset.num_users)
     ]
 
-  def training_request(self, index: int) -> prompts.Request:
-    """The request of training example `index` (deterministic)."""
+  def task_of_group(self, group: int) -> str:
+    """The task of every example in batch `group` (one-task batches)."""
+    rng = np.random.default_rng([self.seed, _GROUP_STREAM, group])
+    return self.tasks[rng.choice(len(self.tasks), p=self.task_probs)]
+
+  def training_request(
+    self, index: int, group: int | None = None, task: str | None = None
+  ) -> prompts.Request:
+    """The request of training example `index` (deterministic).
+
+    Args:
+      index: the example number.
+      group: if given, the task is `task_of_group(group)` (all examples of
+        a batch share it, so the batch takes that task's length); else each
+        example draws its own task.
+      task: force this task (e.g. to sample one task's prompt lengths).
+    """
     rng = np.random.default_rng([self.seed, index])
-    task = self.tasks[rng.choice(len(self.tasks), p=self.task_probs)]
+    drawn = self.tasks[rng.choice(len(self.tasks), p=self.task_probs)]
+    if task is None:
+      task = drawn if group is None else self.task_of_group(group)
     template = self.templates[task].seen[
       rng.integers(len(self.templates[task].seen))
     ]
@@ -201,14 +220,75 @@ class TaskSampler:
     )
 
 
+def task_lengths(
+  sampler: TaskSampler,
+  encoder: prompts.PromptEncoder,
+  *,
+  max_len: int,
+  max_answer_tokens: int,
+  samples: int = 512,
+  multiple: int = 8,
+) -> tuple[dict[str, int], dict[str, int]]:
+  """Per-task encoded length and answer width, from a sample of prompts.
+
+  Each task's length is the longest prompt + scored answer (at most
+  `max_answer_tokens` answer tokens) among `samples` seeded training
+  requests of that task, rounded up to `multiple`, at most `max_len`; its
+  answer width likewise.
+  Rarer, longer examples are cut as usual (oldest history items first,
+  then answer tokens) and counted in the encoder's stats.
+
+  Args:
+    sampler: the run's task sampler.
+    encoder: an encoder whose `max_len` is the int cap (its stats are left
+      as they were).
+    max_len: the cap on the encoded length.
+    max_answer_tokens: the cap on the answer width.
+    samples: requests drawn per task.
+    multiple: lengths are rounded up to a multiple of this (fewer shapes).
+
+  Returns:
+    ({task: length}, {task: answer width}) for every task with templates.
+  """
+  stats = dataclasses.replace(encoder.stats)
+  lengths, answers = {}, {}
+  # Every task with templates: evaluators may use a task training skips.
+  for task in [t for t in TASKS if t in sampler.templates]:
+    longest, answer = 1, 1
+    for index in range(samples):
+      example = encoder.encode(sampler.training_request(index, task=task))
+      answer_length = int(example["loss_mask"].sum())
+      # Answer tokens past the scored ones need no room.
+      scored = min(answer_length, max_answer_tokens)
+      prompt_length = int(example["attention_mask"].sum()) - answer_length
+      longest = max(longest, prompt_length + scored)
+      answer = max(answer, scored)
+    lengths[task] = min(max_len, -(-longest // multiple) * multiple)
+    answers[task] = min(max_answer_tokens, -(-answer // multiple) * multiple)
+  encoder.stats = stats
+  return lengths, answers
+
+
 class TrainingPrompts(grain.MapDataset):
-  """Encoded training examples: element k = encode(training_request(k))."""
+  """Encoded training examples: element k = encode(training_request(k)).
+
+  With `group_size` (the global batch size), examples k of one group
+  k // group_size share one task, so an unshuffled iterator (the examples
+  are independent draws already) yields one-task batches whose arrays take
+  that task's encoded length. Batches then vary in shape by task (one
+  compiled step per task) instead of all padding to the longest task.
+  """
 
   def __init__(
-    self, sampler: TaskSampler, encoder: prompts.PromptEncoder, length: int
+    self,
+    sampler: TaskSampler,
+    encoder: prompts.PromptEncoder,
+    length: int,
+    group_size: int = 0,
   ):
     super().__init__()
     self._sampler, self._encoder, self._length = sampler, encoder, length
+    self._group_size = group_size
 
   def __len__(self) -> int:
     return self._length
@@ -219,7 +299,9 @@ class TrainingPrompts(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    request = self._sampler.training_request(index % self._length)
+    index %= self._length
+    group = index // self._group_size if self._group_size else None
+    request = self._sampler.training_request(index, group)
     example = self._encoder.encode(request)
     example["task"] = np.int32(TASKS.index(request.task))
     return example

@@ -164,7 +164,13 @@ class ShuffledBatchIndices(grain.MapDataset):
   from a permutation seeded by (seed, epoch). Use `.repeat()` to run forever.
   """
 
-  def __init__(self, examples: np.ndarray, batch_size: int, seed: int):
+  def __init__(
+    self,
+    examples: np.ndarray,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+  ):
     super().__init__()
     if len(examples) < batch_size:
       raise ValueError(
@@ -174,6 +180,7 @@ class ShuffledBatchIndices(grain.MapDataset):
     self._examples = examples
     self._batch_size = batch_size
     self._seed = seed
+    self._shuffle = shuffle
     self._lock = threading.Lock()
     self._permutations: dict[int, np.ndarray] = {}
 
@@ -181,6 +188,8 @@ class ShuffledBatchIndices(grain.MapDataset):
     return len(self._examples) // self._batch_size
 
   def _permutation(self, epoch: int) -> np.ndarray:
+    if not self._shuffle:
+      return self._examples
     with self._lock:
       if epoch not in self._permutations:
         # Prefetch threads may straddle an epoch boundary; keep two epochs.
@@ -236,6 +245,7 @@ def training_iterator(
   process_count: int = 1,
   transform: Callable[[Batch], Batch] | None = None,
   read_options: grain.ReadOptions | None = None,
+  shuffle: bool = True,
 ) -> grain.DatasetIterator:
   """An endless, deterministic, checkpointable iterator of training batches.
 
@@ -248,6 +258,9 @@ def training_iterator(
     transform: optional function applied to each gathered batch (e.g. a
       vectorised tokenizer).
     read_options: grain prefetch settings; default 2 threads, 8 batches.
+    shuffle: False keeps the examples in order (for datasets whose elements
+      are independent random draws already, and whose consecutive examples
+      must stay in one batch, e.g. one-task phase-2 batches).
 
   Returns:
     A grain DatasetIterator of dict batches. `get_state()` returns
@@ -259,7 +272,7 @@ def training_iterator(
     num_threads=2, prefetch_buffer_size=8
   )
   batches = (
-    ShuffledBatchIndices(examples, batch_size, seed)
+    ShuffledBatchIndices(examples, batch_size, seed, shuffle)
     .repeat()
     .map(GatherBatch(dataset, transform))
   )

@@ -16,7 +16,13 @@ Layout of one encoded example (length L, up to E entities):
   entity_mask [E]    real entities
   attention_mask [L] real tokens
   targets [L]        the next token (training); loss_mask [L] where it counts
+  answer_positions [A]  the first A loss positions, in order (0 past the
+                     end, where loss_mask is False): the only positions
+                     whose vocabulary logits training needs
 Training examples are right-padded; generation prompts are left-padded.
+L and A can differ per task (`max_len`, `max_answer_tokens` as mappings):
+batches of one task then take that task's shape, so short tasks do not pay
+for the longest one's padding.
 """
 
 import dataclasses
@@ -24,7 +30,7 @@ import json
 import pathlib
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -129,8 +135,9 @@ class PromptEncoder:
     item_titles: Sequence[str],
     *,
     tokens_per_entity: int,
-    max_len: int,
+    max_len: int | Mapping[str, int],
     max_entities: int,
+    max_answer_tokens: int | Mapping[str, int] = 64,
     soft_tokens: bool = True,
     titles_with_soft: bool = False,
     system_prompt: str = "",
@@ -140,8 +147,11 @@ class PromptEncoder:
     tokenizer: an `llm_tokenizer.LlmTokenizer`.
     item_titles: title of every item (CF-table row order).
     tokens_per_entity: soft tokens per user or item.
-    max_len: sequence length (prompt + target).
+    max_len: sequence length (prompt + target), or a length per task
+      name (every task that will be encoded must be listed).
     max_entities: entities per example (the user plus history items).
+    max_answer_tokens: answer positions listed in `answer_positions`
+      (int or per task); answer tokens beyond it are not scored.
     soft_tokens: False for the text-only baseline (titles, no soft tokens).
     titles_with_soft: also write each item's title before its soft tokens.
     system_prompt: a system message; "" keeps the chat template's default.
@@ -153,6 +163,7 @@ class PromptEncoder:
     self.item_titles = list(item_titles)
     self.tokens_per_entity = tokens_per_entity
     self.max_len = max_len
+    self.max_answer_tokens = max_answer_tokens
     self.max_entities = max_entities
     self.soft_tokens = soft_tokens
     self.titles_with_soft = titles_with_soft
@@ -160,6 +171,14 @@ class PromptEncoder:
     self.learned_prompt = learned_prompt
     self.stats = EncodeStats()
     self._separator = tokenizer.encode(", ", add_special_tokens=False)
+
+  def length(self, task: str) -> int:
+    """Encoded length L of `task`'s examples."""
+    return _per_task(self.max_len, task, "max_len")
+
+  def answer_tokens(self, task: str) -> int:
+    """Width A of `task`'s answer_positions."""
+    return _per_task(self.max_answer_tokens, task, "max_answer_tokens")
 
   def _text(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False)
@@ -224,6 +243,7 @@ class PromptEncoder:
   def encode(self, request: Request, with_target: bool = True) -> dict:
     """Encodes one request; training layout if with_target else generation."""
     history = list(request.history)
+    max_len = self.length(request.task)
     target = (
       self._text(request.target_text) + [self.tokenizer.eos_id]
       if with_target
@@ -231,7 +251,7 @@ class PromptEncoder:
     )
     while True:
       ids, soft, entities = self._prompt(request, history)
-      too_long = len(ids) + len(target) > self.max_len
+      too_long = len(ids) + len(target) > max_len
       if (too_long or len(entities) > self.max_entities) and history:
         history.pop(0)  # drop the oldest item first
         self.stats.history_items_truncated += 1
@@ -242,19 +262,21 @@ class PromptEncoder:
         f"{len(entities)} entities > max_entities="
         f"{self.max_entities} for task {request.task!r}."
       )
-    room = self.max_len - len(ids)
+    room = max_len - len(ids)
     if room < (1 if with_target else 0):
       raise ValueError(
         f"The prompt of task {request.task!r} needs "
-        f"{len(ids)} tokens; max_len={self.max_len}."
+        f"{len(ids)} tokens; max_len={max_len}."
       )
     if len(target) > room:
       self.stats.target_tokens_truncated += len(target) - room
       target = target[:room]
-    return self._arrays(ids, soft, entities, target, request, with_target)
+    return self._arrays(
+      ids, soft, entities, target, request, with_target, max_len
+    )
 
-  def _arrays(self, ids, soft, entities, target, request, with_target):
-    length, pad = self.max_len, self.tokenizer.pad_id
+  def _arrays(self, ids, soft, entities, target, request, with_target, length):
+    pad = self.tokenizer.pad_id
     sequence = ids + target
     n = len(sequence)
     # Right-pad for training, left-pad for generation.
@@ -284,4 +306,22 @@ class PromptEncoder:
       # Position t predicts token t+1: the loss covers the target tokens.
       out["targets"][: n - 1] = sequence[1:]
       out["loss_mask"][len(ids) - 1 : n - 1] = True
+    answer = np.flatnonzero(out["loss_mask"])[
+      : self.answer_tokens(request.task)
+    ]
+    out["answer_positions"] = np.zeros(
+      self.answer_tokens(request.task), np.int32
+    )
+    out["answer_positions"][: len(answer)] = answer
     return out
+
+
+def _per_task(value, task: str, name: str) -> int:
+  """`value` itself, or its entry for `task` when it is a mapping."""
+  if not isinstance(value, Mapping):
+    return int(value)
+  if task not in value:
+    raise ValueError(
+      f"{name} has no entry for task {task!r}; it lists {sorted(value)}."
+    )
+  return int(value[task])

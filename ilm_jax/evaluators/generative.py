@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ilm_jax import decoding, metrics, resources
+from ilm_jax import decoding, metrics, progress, resources
 from ilm_jax.evaluators import common
 from ilm_jax.models import bert
 
@@ -94,6 +94,21 @@ def ranked_list_metrics(
   )
 
 
+_PROMPT_LENGTH_STEP = 16
+_TOKEN_AXIS_KEYS = ("input_ids", "soft_entity", "soft_slot", "attention_mask")
+
+
+def _trim_left_padding(batch: dict) -> dict:
+  """Drops leading all-padding columns of a left-padded generation batch."""
+  length = batch["attention_mask"].shape[1]
+  longest = int(batch["attention_mask"].sum(axis=1).max())
+  keep = min(length, -(-longest // _PROMPT_LENGTH_STEP) * _PROMPT_LENGTH_STEP)
+  return {
+    k: v[:, length - keep :] if k in _TOKEN_AXIS_KEYS else v
+    for k, v in batch.items()
+  }
+
+
 class _PromptEvaluator:
   """Shared setup: model functions, the encoder, the subset, batching."""
 
@@ -118,12 +133,25 @@ class _PromptEvaluator:
     self.batch_size = config.get("batch_size", 8)
     self._embed = jax.jit(model.input_embeddings)
 
-  def _batches(self, requests, with_target=False):
+  def _batches(self, requests, with_target=False, what=None):
+    """(real rows, batch) of `requests` in fixed-size batches.
+
+    Generation prompts are left-padded to their task's training length;
+    columns that are padding in every row are dropped, down to a multiple
+    of `_PROMPT_LENGTH_STEP` (few distinct shapes, so few compilations):
+    the prefill pays only for the batch's longest prompt.
+    """
+    bar = progress.Progress(what or self.name, total=len(requests))
     for start in range(0, len(requests), self.batch_size):
       chunk = requests[start : start + self.batch_size]
       real = len(chunk)
       chunk = chunk + [chunk[-1]] * (self.batch_size - real)  # fixed shape
-      yield real, _stack([self.encoder.encode(r, with_target) for r in chunk])
+      batch = _stack([self.encoder.encode(r, with_target) for r in chunk])
+      if not with_target:
+        batch = _trim_left_padding(batch)
+      yield real, batch
+      bar.update(real)
+    bar.done()
 
 
 @common.register("generative_ranking")
@@ -140,9 +168,9 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
     )
     self.num_beams = config.get("num_beams", 10)
 
-  def _rank(self, params, requests):
+  def _rank(self, params, requests, what):
     ranked = []
-    for real, batch in self._batches(requests):
+    for real, batch in self._batches(requests, what=what):
       embeds = self._embed(params, batch)
       result = decoding.constrained_beam_search(
         self.model.llm,
@@ -166,10 +194,12 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
           )
           for i, u in enumerate(self.users)
         ]
-        ranked = self._rank(params, requests)
+        which = "unseen" if unseen else "seen"
+        ranked = self._rank(
+          params, requests, f"{self.name} {task}/{which} users"
+        )
         targets = np.array([r.target_item for r in requests])
         values = ranked_list_metrics(ranked, targets, self.dataset.num_items)
-        which = "unseen" if unseen else "seen"
         for metric, per_user in values.items():
           yield f"{task}/{which}/{metric}", float(per_user.mean())
     yield "users", len(self.users)
@@ -241,9 +271,9 @@ class DescriptionEvaluator(_PromptEvaluator):
     self._log_likelihood = jax.jit(self.model.answer_log_likelihood)
     self._item_text_embeddings = None
 
-  def _generate(self, params, requests):
+  def _generate(self, params, requests, what):
     texts = []
-    for real, batch in self._batches(requests):
+    for real, batch in self._batches(requests, what=what):
       embeds = self._embed(params, batch)
       tokens = decoding.greedy(
         self.model.llm,
@@ -269,15 +299,19 @@ class DescriptionEvaluator(_PromptEvaluator):
         )
         for n, i in enumerate(self.items)
       ]
-      generated = self._generate(params, requests)
+      which = "unseen" if unseen else "seen"
+      generated = self._generate(
+        params, requests, f"{self.name} {which} descriptions"
+      )
       similarity = sentence_embeddings(generated) @ self._item_text_embeddings.T
       consistent = similarity.argmax(axis=1) == self.items
       nll, tokens = 0.0, 0
-      for real, batch in self._batches(requests, with_target=True):
+      for real, batch in self._batches(
+        requests, with_target=True, what=f"{self.name} {which} perplexity"
+      ):
         log_probs, mask, _, _ = self._log_likelihood(params, batch)
         nll -= float(np.asarray(log_probs)[:real].sum())
         tokens += int(np.asarray(mask)[:real].sum())
-      which = "unseen" if unseen else "seen"
       yield (
         f"description/{which}/semantic_consistency",
         float(consistent.mean()),

@@ -93,10 +93,14 @@ class IlmModel:
       return_hidden=True,
     )
     # Vocabulary logits only where the answer is predicted: the first
-    # max_target_tokens loss positions of each row, in order.
-    order = jnp.argsort(~batch["loss_mask"], axis=1, stable=True)[
-      :, : self.max_target_tokens
-    ]
+    # answer positions of each row, in order (listed by the encoder, whose
+    # per-task width sets how many; else the first max_target_tokens).
+    if "answer_positions" in batch:
+      order = batch["answer_positions"]
+    else:
+      order = jnp.argsort(~batch["loss_mask"], axis=1, stable=True)[
+        :, : self.max_target_tokens
+      ]
     hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
     targets = jnp.take_along_axis(batch["targets"], order, axis=1)
     mask = jnp.take_along_axis(batch["loss_mask"], order, axis=1)

@@ -103,12 +103,25 @@ def build_prompting(config, dataset, tokenizer):
     dataset.item_titles,
     tokens_per_entity=config.ilm.model.tokens_per_entity,
     max_len=data_config.max_len,
+    max_answer_tokens=config.ilm.model.max_target_tokens,
     max_entities=1 + max(data_config.max_history, 3),
     soft_tokens=config.ilm.model.adapter in ("qformer", "mlp"),
     titles_with_soft=data_config.titles_with_soft,
     system_prompt=data_config.system_prompt,
     learned_prompt=config.ilm.model.adapter == "prompt",
   )
+  if data_config.one_task_batches:
+    lengths, answers = ilm_tasks.task_lengths(
+      sampler,
+      encoder,
+      max_len=data_config.max_len,
+      max_answer_tokens=config.ilm.model.max_target_tokens,
+    )
+    logging.info(
+      "One-task batches; tokens per task (prompt + answer, scored answer): %s.",
+      ", ".join(f"{t} {lengths[t]}/{answers[t]}" for t in lengths),
+    )
+    encoder.max_len, encoder.max_answer_tokens = lengths, answers
   return sampler, encoder
 
 
@@ -118,6 +131,7 @@ class Phase2:
 
   task: train.Task
   model: ilm.IlmModel
+  sampler: ilm_tasks.TaskSampler
   encoder: prompts.PromptEncoder
   examples: ilm_tasks.TrainingPrompts
 
@@ -164,8 +178,12 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
       params["prompt" if model.adapter == "prompt" else "proj"] = adapter
     return params
 
+  one_task = ilm_config.data.one_task_batches
   examples = ilm_tasks.TrainingPrompts(
-    sampler, encoder, ilm_config.data.examples_per_epoch
+    sampler,
+    encoder,
+    ilm_config.data.examples_per_epoch,
+    group_size=ilm_config.train.batch_size if one_task else 0,
   )
   iterator = pipeline.training_iterator(
     examples,
@@ -173,6 +191,9 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     seed=config.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    # Examples are independent draws already; one-task batches need
+    # consecutive examples to stay together.
+    shuffle=not one_task,
   )
   evaluators = common.from_config(
     ilm_config.evals,
@@ -190,7 +211,9 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     train_iterator=iterator,
     evaluators=evaluators,
   )
-  return Phase2(task=task, model=model, encoder=encoder, examples=examples)
+  return Phase2(
+    task=task, model=model, sampler=sampler, encoder=encoder, examples=examples
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
