@@ -253,3 +253,106 @@ def test_titles_that_do_not_round_trip_are_reported_at_trie_build(caplog):
   children = trie.edge_tokens[trie.offsets[a] : trie.offsets[a + 1]]
   assert sorted(children) == sorted(_ids("B", "[UNK]"))
   assert (trie.sequence_ids >= 0).sum() == 3  # the duplicate shares a leaf
+
+
+def test_answer_positions_list_the_scored_positions_in_order():
+  # The REQUEST's answer "B <eos>" is predicted at positions 13 and 14.
+  out = _encoder(max_answer_tokens=4).encode(REQUEST)
+  np.testing.assert_array_equal(out["answer_positions"], [13, 14, 0, 0])
+  assert not out["loss_mask"][0]  # padding slots point at a masked position
+  # Narrower than the answer: only the first positions are scored.
+  out = _encoder(max_answer_tokens=1).encode(REQUEST)
+  np.testing.assert_array_equal(out["answer_positions"], [13])
+
+
+def test_per_task_lengths_shape_each_task_and_name_a_missing_task():
+  encoder = _encoder(
+    max_len={"sequential": 18, "description": 30},
+    max_answer_tokens={"sequential": 2, "description": 5},
+  )
+  out = encoder.encode(REQUEST)
+  assert out["input_ids"].shape == (18,) and out["answer_positions"].shape == (
+    2,
+  )
+  # Left-padded generation layout takes the task's length too.
+  gen = encoder.encode(REQUEST, with_target=False)
+  assert gen["input_ids"].shape == (18,) and gen["attention_mask"][-14:].all()
+  with pytest.raises(ValueError, match="no entry for task 'conversation'"):
+    encoder.encode(
+      prompts.Request("conversation", "I liked {liked} .", liked=(0,))
+    )
+
+
+def _sampler(**weights):
+  dataset = processing.process(synthetic.generate())
+  return ilm_tasks.TaskSampler(
+    dataset,
+    prompts.load_templates(),
+    max_history=3,
+    seed=5,
+    task_weights=weights
+    or dict(sequential=1, straightforward=1, description=1, conversation=1),
+  )
+
+
+def test_one_task_batches_share_their_group_task_in_order():
+  sampler = _sampler()
+  encoder = _encoder(max_len=200, max_entities=6)
+  examples = ilm_tasks.TrainingPrompts(sampler, encoder, 64, group_size=8)
+  tasks = [ilm_tasks.TASKS[int(examples[k]["task"])] for k in range(32)]
+  for group in range(4):
+    expected = sampler.task_of_group(group)
+    assert tasks[8 * group : 8 * group + 8] == [expected] * 8
+  # The unshuffled iterator keeps consecutive examples in one batch.
+  from ilm_jax.data import pipeline  # noqa: PLC0415
+
+  iterator = pipeline.training_iterator(examples, 8, seed=0, shuffle=False)
+  for group in range(3):
+    batch = next(iterator)
+    assert set(batch["task"].tolist()) == {
+      ilm_tasks.TASKS.index(sampler.task_of_group(group))
+    }
+  # Over many groups the tasks follow the weights (all four appear).
+  drawn = {sampler.task_of_group(g) for g in range(200)}
+  assert drawn == set(ilm_tasks.TASKS)
+
+
+def test_task_lengths_are_the_rounded_longest_sample_within_the_caps():
+  sampler = _sampler(sequential=1)
+  encoder = _encoder(max_len=200, max_entities=6)
+  lengths, answers = ilm_tasks.task_lengths(
+    sampler, encoder, max_len=200, max_answer_tokens=3, samples=20, multiple=8
+  )
+  assert set(lengths) == set(ilm_tasks.TASKS)  # every task with templates
+  for task in ilm_tasks.TASKS:
+    longest = 0
+    for index in range(20):
+      out = encoder.encode(sampler.training_request(index, task=task))
+      answer = int(out["loss_mask"].sum())
+      longest = max(
+        longest, int(out["attention_mask"].sum()) - answer + min(answer, 3)
+      )
+    assert lengths[task] == min(200, -(-longest // 8) * 8)
+    assert answers[task] == 3  # every answer has >= 3 tokens; capped at 3
+  assert encoder.stats == prompts.EncodeStats()  # measuring is not counted
+
+
+def test_generation_batches_drop_all_padding_columns_in_steps():
+  from ilm_jax.evaluators import generative  # noqa: PLC0415
+
+  mask = np.zeros((2, 40), bool)
+  mask[0, -20:] = True
+  mask[1, -5:] = True
+  batch = dict(
+    input_ids=np.arange(80).reshape(2, 40),
+    soft_entity=np.zeros((2, 40)),
+    soft_slot=np.zeros((2, 40)),
+    attention_mask=mask,
+    entity_kind=np.zeros((2, 3)),
+  )
+  out = generative._trim_left_padding(batch)
+  # Longest prompt 20 tokens -> 32 columns (steps of 16), the last ones.
+  assert out["input_ids"].shape == (2, 32)
+  np.testing.assert_array_equal(out["input_ids"][0], np.arange(8, 40))
+  np.testing.assert_array_equal(out["attention_mask"], mask[:, 8:])
+  assert out["entity_kind"].shape == (2, 3)  # not a token axis
