@@ -240,7 +240,12 @@ def test_trim_padding_drops_all_padding_columns_in_multiples():
   batch = dict(
     attention_mask=mask,
     input_ids=np.arange(256).reshape(2, 128),
+    soft_entity=np.zeros((2, 128)),
+    soft_slot=np.zeros((2, 128)),
     entity_index=np.zeros((2, 4)),
+    entity_kind=np.zeros((2, 4)),
+    entity_mask=np.zeros((2, 4)),
+    targets=np.zeros((2, 128)),  # training only: dropped
   )
   out = recommender.trim_padding(batch)
   assert out["attention_mask"].shape == (2, 128)
@@ -248,4 +253,4 @@ def test_trim_padding_drops_all_padding_columns_in_multiples():
   assert out["attention_mask"].shape == (2, 96)
   assert out["attention_mask"].sum() == 110  # no real token lost
   assert out["input_ids"][0, 0] == 32 and out["input_ids"][1, -1] == 255
-  assert out["entity_index"].shape == (2, 4)
+  assert out["entity_index"].shape == (2, 4) and "targets" not in out

@@ -45,6 +45,10 @@ BEAM_BUCKETS = (5, 10, 20, 50)  # num_beams is static: a few shapes only
 MAX_K = BEAM_BUCKETS[-1]
 REASON_TOKENS = 32  # generated tokens per reason
 DESCRIPTION_TOKENS = 48
+ANSWER_PREFIX_ROOM = 32  # title tokens a reason prompt can carry
+# The per-token [B, L] arrays of an encoded prompt (what the LLM reads).
+TOKEN_KEYS = ("input_ids", "soft_entity", "soft_slot", "attention_mask")
+ENTITY_KEYS = ("entity_kind", "entity_index", "entity_mask")
 # Prompts keep half or all of max_len after trimming the left padding:
 # two shapes per decoder, each compiled once (~20 s on 2 CPU cores).
 PROMPT_BUCKETS = 2
@@ -121,17 +125,17 @@ def trim_padding(batch: dict, buckets: int = PROMPT_BUCKETS) -> dict:
     buckets: kept lengths are multiples of ceil(L / buckets).
 
   Returns:
-    The batch with every [B, L] array cut to its last L' columns.
+    What the model reads for generation: TOKEN_KEYS cut to their last L'
+    columns, and ENTITY_KEYS.
   """
   mask = batch["attention_mask"]
   length = mask.shape[1]
   real = int(mask.sum(axis=1).max())
   multiple = -(-length // buckets)
   keep = min(length, -(-real // multiple) * multiple)
-  return {
-    k: v[:, length - keep :] if v.ndim == 2 and v.shape[1] == length else v
-    for k, v in batch.items()
-  }
+  out = {k: batch[k][:, length - keep :] for k in TOKEN_KEYS}
+  out.update({k: batch[k] for k in ENTITY_KEYS})
+  return out
 
 
 def masked_trie(
@@ -198,9 +202,16 @@ class Recommender:
     self.catalog = catalog_lib.Catalog(
       dataset.item_titles, dataset.item_ids, dataset.item_attributes, popularity
     )
-    self.sampler, self.encoder = ilm_phase.build_prompting(
-      self.config, dataset, self.tokenizer
-    )
+    try:
+      self.sampler, self.encoder = ilm_phase.build_prompting(
+        self.config, dataset, self.tokenizer
+      )
+    except (AttributeError, KeyError) as e:
+      raise NoExportError(
+        f"The export's config lacks the field {e} (written by an older "
+        "ilm_jax); re-run its export phase with this code: python -m "
+        "ilm_jax.main --config=CONFIG --workdir=WORKDIR --config.phases=export"
+      ) from e
     self.templates = self.sampler.templates
     self.max_history = self.config.ilm.data.max_history
     self.max_liked = self.sampler.max_liked
@@ -454,19 +465,25 @@ class Recommender:
     return [self.tokenizer.decode(row) for row in np.asarray(tokens)]
 
   def _with_answer_prefix(self, example: dict, prefix: Sequence[int]) -> dict:
-    """Appends answer tokens to a left-padded generation prompt."""
+    """A generation prompt with answer tokens appended (left-padded).
+
+    The prompt gains ANSWER_PREFIX_ROOM columns whatever the prefix length,
+    so every reason batch of one prompt length has one shape.
+    """
     n = len(prefix)
-    if example["attention_mask"][:n].any():
-      raise ValueError("No room for the answer prefix in max_len.")
-    out = dict(example)
+    out = {k: v for k, v in example.items() if k not in TOKEN_KEYS}
     for name, fill in (
       ("input_ids", None),
       ("soft_entity", -1),
       ("soft_slot", 0),
       ("attention_mask", True),
     ):
+      pad = self.tokenizer.pad_id if fill is None else fill
+      head = np.full(
+        ANSWER_PREFIX_ROOM - n, pad if name != "attention_mask" else False
+      )
       tail = np.asarray(prefix if fill is None else [fill] * n)
-      out[name] = np.concatenate([example[name][n:], tail]).astype(
+      out[name] = np.concatenate([head, example[name], tail]).astype(
         example[name].dtype
       )
     return out
@@ -492,7 +509,11 @@ class Recommender:
         prefix = self.tokenizer.encode(
           f"{rec.title}.", add_special_tokens=False
         )
-        examples.append(self._with_answer_prefix(base, prefix))
+        # A title longer than the room is cut: the model then continues
+        # the title, which fails the check, and the metadata reason is used.
+        examples.append(
+          self._with_answer_prefix(base, prefix[:ANSWER_PREFIX_ROOM])
+        )
       size = _bucket(len(examples))
       examples += [examples[-1]] * (size - len(examples))
       with self._lock:
