@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ilm_jax import experiment
+from ilm_jax.data import files
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -74,7 +75,11 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
   )
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value)
+  except files.USER_INPUT_ERRORS as e:
+    # The message names the file (and line and field): one line, status 1.
+    raise SystemExit(f"FATAL: {type(e).__name__}: {e}") from None
 
 
 if __name__ == "__main__":

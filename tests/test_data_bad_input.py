@@ -503,3 +503,32 @@ def test_prepare_cli_reports_bad_input_in_one_line(tmp_path):
   assert np.all(
     [not line.startswith("  File") for line in proc.stderr.splitlines()]
   )
+
+
+def test_main_reports_bad_input_in_one_line(tmp_path):
+  shutil.copy(BAD / "reviews_Beauty_5.json.gz", tmp_path)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ilm_jax.main",
+      "--config=configs/ml1m.py:tiny",
+      f"--workdir={tmp_path / 'work'}",
+      "--config.data.dataset=amazon",
+      f"--config.data.path={tmp_path}",
+      f"--config.data.cache_dir={tmp_path / 'cache'}",
+      "--config.phases=cf",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    check=False,
+    timeout=300,
+  )
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+    f"FATAL: CorruptFileError: {tmp_path / 'reviews_Beauty_5.json.gz'}: "
+    "truncated or corrupt gzip file (Compressed file ended before the "
+    "end-of-stream marker was reached); download or copy it again."
+  )
