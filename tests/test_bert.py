@@ -159,3 +159,16 @@ def test_item_text_embeddings_are_cached_on_disk_by_content(
   )
   with pytest.raises(AssertionError, match="recomputed"):  # other content
     generative.cached_sentence_embeddings(texts[:1], tmp_path)
+
+
+def test_mean_pool_of_an_all_zero_sentence_has_finite_gradients():
+  hidden = jnp.zeros((1, 3, 4))
+  mask = jnp.array([[1, 1, 0]])
+  assert np.all(np.asarray(bert.mean_pool(hidden, mask)) == 0)
+  grad = jax.grad(lambda h: bert.mean_pool(h, mask).sum())(hidden)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  # A real sentence still comes out unit-norm.
+  hidden = jnp.arange(12.0).reshape(1, 3, 4)
+  np.testing.assert_allclose(
+    np.linalg.norm(np.asarray(bert.mean_pool(hidden, mask))), 1.0, rtol=1e-6
+  )

@@ -23,7 +23,7 @@ import numpy as np
 import safetensors.numpy
 import tokenizers
 
-from ilm_jax import resources
+from ilm_jax import losses, resources
 
 # BLIP-2 adds a new [DEC] token as the ITG decoder's BOS and resizes the
 # vocabulary; MiniLM's vocab has 994 never-trained [unusedN] slots, so we use
@@ -188,9 +188,7 @@ def mean_pool(hidden, token_mask):
   """
   weights = token_mask.astype(hidden.dtype)[..., None]
   pooled = (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
-  return pooled / jnp.maximum(
-    jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12
-  )
+  return losses.l2_normalize(pooled)  # finite gradients at a zero vector
 
 
 def minilm_files(minilm_dir=None) -> dict[str, pathlib.Path]:
