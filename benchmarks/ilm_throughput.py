@@ -16,7 +16,7 @@ given ("after"), and times, back to back in this one process:
          first 64 answer positions scored. After: the config (one-task
          batches, each task padded to its own length, soft tokens only).
          Each distinct batch shape is compiled untimed, then timed over
-         --repeats steps; prompts/s is the batch size over the mean step
+         --steps steps; prompts/s is the batch size over the mean step
          time weighted by the task mix (`ilm.data.task_weights`).
   eval   users/s of the generative ranking evaluator (trie-constrained
          beam search over all titles, one seen and one unseen prompt per
@@ -71,7 +71,7 @@ _ADAPTERS = flags.DEFINE_list(
   "Adapters whose training step is timed (qformer = the ILM, mlp = "
   "CoLLM-style, prompt = text-only with 20 learned tokens).",
 )
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed steps per batch shape.")
+_STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per batch shape.")
 _EVAL_USERS = flags.DEFINE_integer(
   "eval_users", 32, "Users evaluated per setting (0: skip)."
 )
@@ -279,7 +279,7 @@ def main(argv):
     figures = {}
     for name, config in (("before", before), ("after", after)):
       figures[name] = time_training(
-        with_adapter(config, adapter), workdir, mesh, _REPEATS.value
+        with_adapter(config, adapter), workdir, mesh, _STEPS.value
       )
       shapes = ", ".join(
         f"{k} {v['tokens']} tok {v['step_s']:.2f} s"
