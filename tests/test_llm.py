@@ -294,3 +294,26 @@ def test_unstacked_layers_give_the_scanned_results():
     np.testing.assert_allclose(
       unstacked_cache[name], scanned_cache[name], atol=1e-6
     )
+
+
+def test_remat_gives_the_same_loss_and_input_gradients_with_less_memory():
+  model, params = init_params(TINY)
+  remat = llm.Llama(TINY.replace(remat=True))
+  ids, mask = left_padded_batch()
+  embeds = params["embedding"][ids]
+
+  def loss(model, embeds):
+    logits, _ = apply(model, params, input_embeds=embeds, attention_mask=mask)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  (value, g), (value_remat, g_remat) = grad(model, embeds), grad(remat, embeds)
+  np.testing.assert_allclose(value_remat, value, rtol=1e-6)
+  np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-7)
+
+  # Fewer residuals kept for the backward pass: the saved activations.
+  def saved_bytes(model):
+    _, vjp = jax.vjp(lambda e: loss(model, e), embeds)
+    return sum(x.nbytes for x in jax.tree.leaves(vjp))
+
+  assert saved_bytes(remat) < saved_bytes(model)

@@ -73,6 +73,10 @@ class LlamaConfig:
   post_norms: bool = False  # Gemma 2: RMSNorm on attention / MLP outputs
   sliding_window: int | None = None  # keys within this many slots ...
   sliding_layers: tuple[bool, ...] = ()  # ... for the layers marked True
+  # Recompute each layer in the backward pass instead of keeping its
+  # activations (jax.checkpoint, saving nothing but the layer inputs): the
+  # frozen LLM's activations otherwise dominate phase-2 memory at 1B+.
+  remat: bool = False
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators)
   param_dtype: Any = jnp.float32  # storage dtype of the parameters
 
@@ -304,8 +308,15 @@ class Llama(nn.Module):
       (c.vocab_size, c.hidden_size),
       c.param_dtype,
     )
+    layer_cls = DecoderLayer
+    if c.remat:
+      layer_cls = nn.remat(
+        DecoderLayer,
+        policy=jax.checkpoint_policies.nothing_saveable,
+        prevent_cse=False,  # not needed inside scan
+      )
     self.layers = nn.scan(
-      DecoderLayer,
+      layer_cls,
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
