@@ -42,7 +42,9 @@ EXTRAS = {
     # test; it never downloads a browser of its own there.
     "playwright==1.65.2",
   ],
-  "tpu": ["jax[tpu]==0.10.2"],
+  # libtpu 0.0.42.* (what jax 0.10.2 pins): TPU runtime, and the compiler
+  # that ilm_jax.compile_check uses on CPU hosts. Never in the base install.
+  "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],
   "gpu": ["jax[cuda12]==0.10.2"],
   "tfds": ["tensorflow-datasets"],
 }
