@@ -295,9 +295,17 @@ def _sampler(**weights):
   )
 
 
+def _dataset_encoder(sampler):
+  """The word-level encoder over every item of the sampler's dataset."""
+  titles = ["A B C"[2 * (i % 3)] for i in range(sampler.dataset.num_items)]
+  return prompts.PromptEncoder(
+    _tokenizer(), titles, tokens_per_entity=2, max_len=200, max_entities=6
+  )
+
+
 def test_one_task_batches_share_their_group_task_in_order():
   sampler = _sampler()
-  encoder = _encoder(max_len=200, max_entities=6)
+  encoder = _dataset_encoder(sampler)
   examples = ilm_tasks.TrainingPrompts(sampler, encoder, 64, group_size=8)
   tasks = [ilm_tasks.TASKS[int(examples[k]["task"])] for k in range(32)]
   for group in range(4):
@@ -319,7 +327,7 @@ def test_one_task_batches_share_their_group_task_in_order():
 
 def test_task_lengths_are_the_rounded_longest_sample_within_the_caps():
   sampler = _sampler(sequential=1)
-  encoder = _encoder(max_len=200, max_entities=6)
+  encoder = _dataset_encoder(sampler)
   lengths, answers = ilm_tasks.task_lengths(
     sampler, encoder, max_len=200, max_answer_tokens=3, samples=20, multiple=8
   )
@@ -356,3 +364,66 @@ def test_generation_batches_drop_all_padding_columns_in_steps():
   np.testing.assert_array_equal(out["input_ids"][0], np.arange(8, 40))
   np.testing.assert_array_equal(out["attention_mask"], mask[:, 8:])
   assert out["entity_kind"].shape == (2, 3)  # not a token axis
+
+
+def _templates_file(tmp_path, task, template):
+  raw = json.loads(prompts.DEFAULT_TEMPLATES.read_text())
+  raw[task] = dict(raw[task], seen=[template])
+  path = tmp_path / "templates.json"
+  path.write_text(json.dumps(raw))
+  return path
+
+
+def test_a_placeholder_the_task_never_fills_is_rejected_at_load(tmp_path):
+  path = _templates_file(tmp_path, "description", "Describe {item} for {user}.")
+  with pytest.raises(prompts.TemplateError) as error:
+    prompts.load_templates(path)
+  message = str(error.value)
+  assert str(path) in message and "'description'" in message
+  assert "unfilled placeholder {user}" in message and "allows {item}" in message
+
+
+def test_unknown_task_in_a_templates_file_is_named(tmp_path):
+  raw = json.loads(prompts.DEFAULT_TEMPLATES.read_text())
+  raw["sequentail"] = raw["sequential"]
+  path = tmp_path / "templates.json"
+  path.write_text(json.dumps(raw))
+  with pytest.raises(prompts.TemplateError, match="unknown task 'sequentail'"):
+    prompts.load_templates(path)
+
+
+@pytest.mark.parametrize(
+  "template, kind",
+  [("{user} liked {movie} .", "unknown"), ("{user} and {item} .", "unfilled")],
+)
+def test_encode_rejects_bad_placeholders_without_load_templates(template, kind):
+  request = prompts.Request("sequential", template, user=1, history=(0,))
+  with pytest.raises(prompts.TemplateError, match=f"{kind} placeholder"):
+    _encoder().encode(request)
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (dict(history=(0, 3)), r"\{history\} id 3 is out of range .*< 3"),
+    (dict(history=(-1,)), r"\{history\} id -1"),
+    (dict(user=-1), r"\{user\} id -1 is out of range \(ids are >= 0 and"),
+    (dict(user=5), r"\{user\} id 5 is out of range .*< 5"),
+  ],
+)
+def test_out_of_range_entity_ids_are_errors_never_clipped(changes, message):
+  request = prompts.Request(**{**REQUEST.__dict__, **changes})
+  with pytest.raises(ValueError, match=message):
+    _encoder(num_users=5).encode(request)
+
+
+def test_empty_history_is_counted_and_warned(caplog):
+  encoder = _encoder()
+  request = prompts.Request(**{**REQUEST.__dict__, "history": ()})
+  with caplog.at_level("WARNING"):
+    out = encoder.encode(request)
+  assert encoder.stats.empty_histories == 1
+  assert "empty history" in caplog.text
+  assert out["entity_mask"].sum() == 1  # the user only
+  encoder.encode(REQUEST)
+  assert encoder.stats.empty_histories == 1

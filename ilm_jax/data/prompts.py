@@ -33,9 +33,19 @@ import string
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from absl import logging
 
 ITEM, USER, PROMPT = 0, 1, 2  # PROMPT: the text-only baseline's learned prompt
 PROMPT_PLACEHOLDERS = ("user", "history", "item", "liked")
+# What each task's requests fill: a template may use only these (a
+# description request has no user, so "{user}" there would have nothing to
+# show).
+TASK_PLACEHOLDERS = {
+  "sequential": ("user", "history"),
+  "straightforward": ("user",),
+  "description": ("item",),
+  "conversation": ("liked",),
+}
 TARGET_FIELDS = ("title", "text", "reason")
 DEFAULT_TEMPLATES = pathlib.Path(__file__).parent / "templates" / "prompts.json"
 _MARKER = "\x00{}\x00"  # survives the chat template, never in real text
@@ -60,6 +70,38 @@ def _fields(template: str) -> list[str]:
   ]
 
 
+def check_placeholders(task: str, template: str, where: str = "") -> None:
+  """Raises TemplateError unless `template` is well-formed for `task`.
+
+  Args:
+    task: a task name of TASK_PLACEHOLDERS.
+    template: the prompt template.
+    where: what to name in the message (file, task, template number).
+
+  Raises:
+    TemplateError: an unknown task, a malformed template, or a placeholder
+      that is unknown or that the task's requests never fill.
+  """
+  where = where or f"task {task!r}"
+  if task not in TASK_PLACEHOLDERS:
+    raise TemplateError(
+      f"{where}: unknown task {task!r}; known: {', '.join(TASK_PLACEHOLDERS)}"
+    )
+  try:
+    names = _fields(template)
+  except ValueError as e:
+    raise TemplateError(f"{where}: {e}: {template!r}") from e
+  allowed = TASK_PLACEHOLDERS[task]
+  for name in names:
+    if name not in allowed:
+      kind = "unknown" if name not in PROMPT_PLACEHOLDERS else "unfilled"
+      raise TemplateError(
+        f"{where}: {kind} placeholder {{{name}}} in {template!r}; "
+        f"task {task!r} allows "
+        f"{', '.join('{' + p + '}' for p in allowed)}"
+      )
+
+
 def load_templates(
   path: str | pathlib.Path | None = None,
 ) -> dict[str, TaskTemplates]:
@@ -76,17 +118,9 @@ def load_templates(
       continue
     for kind in ("seen", "unseen"):
       for number, template in enumerate(spec[kind]):
-        where = f"{path}: task {task!r}, {kind} template {number}"
-        try:
-          names = _fields(template)
-        except ValueError as e:
-          raise TemplateError(f"{where}: {e}: {template!r}") from e
-        for name in names:
-          if name not in PROMPT_PLACEHOLDERS:
-            raise TemplateError(
-              f"{where}: unknown placeholder {{{name}}} in {template!r}; "
-              f"allowed: {', '.join('{' + p + '}' for p in PROMPT_PLACEHOLDERS)}"
-            )
+        check_placeholders(
+          task, template, f"{path}: task {task!r}, {kind} template {number}"
+        )
     for name in _fields(spec["target"]):
       if name not in TARGET_FIELDS:
         raise TemplateError(
@@ -124,6 +158,9 @@ class EncodeStats:
 
   history_items_truncated: int = 0
   target_tokens_truncated: int = 0
+  # Sequential requests whose history is empty (as given or after
+  # truncation): their prompt mentions no item.
+  empty_histories: int = 0
 
 
 class PromptEncoder:
@@ -142,6 +179,7 @@ class PromptEncoder:
     titles_with_soft: bool = False,
     system_prompt: str = "",
     learned_prompt: bool = False,
+    num_users: int | None = None,
   ):
     """Args:
     tokenizer: an `llm_tokenizer.LlmTokenizer`.
@@ -158,6 +196,8 @@ class PromptEncoder:
     learned_prompt: start the user message with one PROMPT entity of
       tokens_per_entity soft tokens (prompt tuning; the text-only baseline
       trains only these).
+    num_users: rows of the user table, to check user ids (None: only
+      checks that they are not negative).
     """
     self.tokenizer = tokenizer
     self.item_titles = list(item_titles)
@@ -169,6 +209,7 @@ class PromptEncoder:
     self.titles_with_soft = titles_with_soft
     self.system_prompt = system_prompt
     self.learned_prompt = learned_prompt
+    self.num_users = num_users
     self.stats = EncodeStats()
     self._separator = tokenizer.encode(", ", add_special_tokens=False)
 
@@ -240,8 +281,37 @@ class PromptEncoder:
         self._entity_tokens(kind, index, entities, ids, soft)
     return ids, soft, entities
 
+  def _check(self, request: Request) -> None:
+    """Placeholders fit the task; every entity id names a real row."""
+    check_placeholders(request.task, request.template)
+    names = _fields(request.template)
+    items = len(self.item_titles)
+    checks = [
+      ("item", [request.item], items),
+      ("history", request.history, items),
+      ("liked", request.liked, items),
+      ("user", [request.user], self.num_users),
+    ]
+    for name, ids, count in checks:
+      if name not in names:
+        continue
+      for entity in ids:
+        if entity < 0 or (count is not None and entity >= count):
+          upper = "" if count is None else f" and < {count}"
+          raise ValueError(
+            f"Task {request.task!r}: {{{name}}} id {entity} is out of "
+            f"range (ids are >= 0{upper}); a wrong id would show another "
+            "entity's soft tokens."
+          )
+
   def encode(self, request: Request, with_target: bool = True) -> dict:
-    """Encodes one request; training layout if with_target else generation."""
+    """Encodes one request; training layout if with_target else generation.
+
+    Raises:
+      TemplateError: the template has a placeholder the task never fills.
+      ValueError: an entity id is out of range, or the prompt cannot fit.
+    """
+    self._check(request)
     history = list(request.history)
     max_len = self.length(request.task)
     target = (
@@ -257,6 +327,15 @@ class PromptEncoder:
         self.stats.history_items_truncated += 1
         continue
       break
+    if "history" in _fields(request.template) and not history:
+      self.stats.empty_histories += 1
+      if self.stats.empty_histories == 1:
+        logging.warning(
+          "A %s prompt has an empty history (given %d items); its prompt "
+          "mentions no item. Counted in empty_histories.",
+          request.task,
+          len(request.history),
+        )
     if len(entities) > self.max_entities:
       raise ValueError(
         f"{len(entities)} entities > max_entities="

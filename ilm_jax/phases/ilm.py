@@ -109,6 +109,7 @@ def build_prompting(config, dataset, tokenizer):
     titles_with_soft=data_config.titles_with_soft,
     system_prompt=data_config.system_prompt,
     learned_prompt=config.ilm.model.adapter == "prompt",
+    num_users=dataset.num_users,
   )
   if data_config.one_task_batches:
     lengths, answers = ilm_tasks.task_lengths(
@@ -236,6 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     steps=result.step,
     history_items_truncated=phase2.encoder.stats.history_items_truncated,
     target_tokens_truncated=phase2.encoder.stats.target_tokens_truncated,
+    empty_histories=phase2.encoder.stats.empty_histories,
   )
   for evaluator in phase2.task.evaluators:
     summary.update(
