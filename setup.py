@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
   # oneDNN 3.2 (libdnnl.so.3, GNU OpenMP, no other dependency) for the bf16
   # matmul custom call ilm_jax/ops/onednn_matmul.py, built at first use.
   'onednn-cpu-gomp==2023.2.0; sys_platform == "linux" and platform_machine == "x86_64"',
+  # mimalloc (libmimalloc.so.3), preloaded by ilm_jax/allocator.py: glibc's
+  # malloc page-faults through every buffer above 32 MiB at each step.
+  'cmeel-mimalloc==3.4.3; sys_platform == "linux"',
   "fastapi==0.165.0",  # ilm_jax.serve: the HTTP service
   "uvicorn==0.54.0",
   "rapidfuzz==3.14.6",  # catalogue title matching for chat mentions
