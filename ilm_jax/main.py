@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ilm_jax import experiment
+from ilm_jax import allocator, experiment
 from ilm_jax.data import files
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,6 +62,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Once, before JAX starts: re-executes with mimalloc preloaded (glibc's
+  # malloc page-faults through large buffers every step). Opt out:
+  # ILM_JAX_ALLOCATOR=system.
+  allocator.reexec_with_preload()
   if _MULTIHOST.value:
     jax.distributed.initialize()
   if jax.process_index() != 0:
