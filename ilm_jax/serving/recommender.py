@@ -224,6 +224,9 @@ class Recommender:
       users=jnp.concatenate([users, users.mean(0, keepdims=True)], axis=0),
     )
     self.params = params
+    # The encoder checks user ids against the table it is given: this one
+    # has the mean user as its last row.
+    self.encoder.num_users = self.mean_user + 1
     self._user_index = {u: n for n, u in enumerate(bundle.user_ids)}
     self.trie, self.trie_report = generative.build_title_trie(
       self.tokenizer, dataset.item_titles
