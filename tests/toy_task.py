@@ -69,12 +69,22 @@ def make_task(batch_size: int, step_delay: float = 0.0) -> train.Task:
     time.sleep(step_delay)
     return example
 
+  # Each process takes its slice of every global batch (as the real
+  # pipelines shard by process index), so any process count sees the same
+  # global batches.
+  per_process = batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+
+  def own_slice(batch):
+    return {k: v[start : start + per_process] for k, v in batch.items()}
+
   dataset = (
     grain.MapDataset.source(examples())
     .shuffle(seed=1)
     .repeat()
     .map(slow)
-    .batch(batch_size // jax.process_count(), drop_remainder=True)
+    .batch(batch_size, drop_remainder=True)
+    .map(own_slice)
   )
   return train.Task(
     name="toy",
