@@ -247,7 +247,14 @@ def compile_step(init, loss_fn, batch, phase_config, mesh, mesh_config):
     name="compile_check", init_params=init, loss_fn=loss_fn, train_iterator=None
   )
   step = jax.jit(
-    train.make_train_step(task, tx, frozen_mask, schedule),
+    train.make_train_step(
+      task,
+      tx,
+      frozen_mask,
+      schedule,
+      mesh=mesh,
+      axis_rules=sharding.activation_rules(mesh_config, mesh),
+    ),
     in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,

@@ -26,6 +26,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ilm_jax import tree_utils
 
 BATCH_AXES = ("data", "fsdp")
+# Activation logical axes (ilm_jax/models/llm.py) -> mesh axes, used unless
+# `config.mesh.logical_axis_rules` names them: the batch over the
+# data-parallel axes, attention heads and MLP columns over `model` (as the
+# weights producing them), everything else unconstrained by name.
+ACTIVATION_RULES = (
+  ("activation_batch", BATCH_AXES),
+  ("activation_heads", "model"),
+  ("activation_kv_heads", None),
+  ("activation_mlp", "model"),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_head_dim", None),
+)
 
 
 class MeshConfigError(ValueError):
@@ -164,6 +177,29 @@ def param_shardings(
   return jax.tree_util.tree_map_with_path(
     spec_for, params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
   )
+
+
+def activation_rules(
+  mesh_config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple:
+  """Logical axis rules for activations on `mesh` (config first).
+
+  Returns:
+    ((logical name, mesh axes or None), ...): the config's rules followed by
+    ACTIVATION_RULES for names the config does not set; mesh axes that
+    `mesh` lacks are dropped.
+  """
+  rules = [tuple(r) for r in mesh_config.get("logical_axis_rules", ())]
+  named = {name for name, _ in rules}
+  rules += [r for r in ACTIVATION_RULES if r[0] not in named]
+
+  def keep(axes):
+    if axes is None or isinstance(axes, str):
+      return axes if axes in mesh.axis_names else None
+    kept = tuple(a for a in axes if a in mesh.axis_names)
+    return kept or None
+
+  return tuple((name, keep(axes)) for name, axes in rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -101,13 +102,26 @@ def _log_parameter_overview(params: Params, frozen: Any) -> None:
   logging.info("Parameter overview:\n%s", "\n".join(lines))
 
 
-def make_train_step(task: Task, tx, frozen_mask, schedule):
+def make_train_step(
+  task: Task, tx, frozen_mask, schedule, mesh=None, axis_rules=()
+):
   """The train step's body (jit it): grads only for trainable leaves.
 
-  Public for the benchmarks, which time exactly this step.
+  Public for the benchmarks, which time exactly this step. With `mesh`, the
+  step is traced under `mesh` (as the abstract mesh) and `nn.logical_axis_rules(
+  axis_rules)` so that the models' activation sharding constraints apply.
   """
 
   def train_step(state, batch, base_rng):
+    if mesh is None:
+      return _train_step(state, batch, base_rng)
+    with (
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+      nn.logical_axis_rules(axis_rules),
+    ):
+      return _train_step(state, batch, base_rng)
+
+  def _train_step(state, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state["step"])
     params = state["params"]
     trainable = tree_utils.select(params, frozen_mask, keep=False)
@@ -298,7 +312,14 @@ def train(
 
   # --- Step.
   step_fn = jax.jit(
-    make_train_step(task, tx, frozen_mask, schedule),
+    make_train_step(
+      task,
+      tx,
+      frozen_mask,
+      schedule,
+      mesh=mesh,
+      axis_rules=sharding.activation_rules(mesh_config, mesh),
+    ),
     in_shardings=(
       state_shardings,
       sharding.batch_sharding(mesh),

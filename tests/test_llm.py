@@ -5,10 +5,12 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import common
+from ilm_jax import sharding
 from ilm_jax.models import llm
 
 TINY = llm.LlamaConfig(
@@ -317,3 +319,46 @@ def test_remat_gives_the_same_loss_and_input_gradients_with_less_memory():
     return sum(x.nbytes for x in jax.tree.leaves(vjp))
 
   assert saved_bytes(remat) < saved_bytes(model)
+
+
+def test_activation_constraints_apply_under_the_mesh_and_keep_results():
+  # (data, fsdp, model) = (2, 1, 2): heads and MLP columns over model.
+  config = TINY.replace(vocab_size=96)
+  model, params = init_params(config)
+  ids, mask = left_padded_batch()
+  ids, mask = np.concatenate([ids, ids]), np.concatenate([mask, mask])
+  expected, _ = apply(model, params, input_ids=ids, attention_mask=mask)
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(shape=dict(data=2, fsdp=1, model=2))),
+    jax.devices()[:4],
+  )
+  rules = sharding.activation_rules(common.mesh_config(), mesh)
+  assert dict(rules)["activation_batch"] == ("data", "fsdp")
+  assert dict(rules)["activation_heads"] == "model"
+
+  def forward(params, ids, mask):
+    return model.apply({"params": params}, input_ids=ids, attention_mask=mask)[
+      0
+    ]
+
+  def constrained(params, ids, mask):  # as train.make_train_step traces
+    with (
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+      nn.logical_axis_rules(rules),
+    ):
+      return forward(params, ids, mask)
+
+  lowered = jax.jit(constrained).lower(params, ids, mask)
+  params_on_mesh = jax.device_put(params, sharding.replicated(mesh))
+  logits = jax.jit(constrained)(params_on_mesh, ids, mask)
+  text = lowered.as_text()
+  # Embeddings, q, k, v, gate, up and each layer's output are constrained.
+  assert text.count("sharding_constraint") >= 7
+  assert (
+    jax.jit(forward)
+    .lower(params, ids, mask)
+    .as_text()
+    .count("sharding_constraint")
+    == 0
+  )  # no mesh, no rules: no constraints
+  np.testing.assert_allclose(logits, expected, atol=1e-5)

@@ -130,6 +130,30 @@ def _param(module, name, shape, axes, init, dtype):
 
 
 _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+# Logical names of activation axes (distinct from the parameter names: the
+# batch is split over fsdp while parameters' embed axis is too). They only
+# act under `nn.logical_axis_rules` and a mesh set with `jax.set_mesh` (the
+# trainer's step; see sharding.activation_rules); elsewhere they are no-ops.
+_ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
+_ACT_HEADS = (
+  "activation_batch",
+  "activation_length",
+  "activation_heads",
+  "activation_head_dim",
+)
+_ACT_KV = (
+  "activation_batch",
+  "activation_length",
+  "activation_kv_heads",
+  "activation_head_dim",
+)
+_ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
+
+
+def _constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
 _Q_AXES = ("embed", "heads", "head_dim")
 _KV_AXES = ("embed", "kv_heads", "head_dim")
 _O_AXES = ("heads", "head_dim", "embed")
@@ -184,6 +208,11 @@ class DecoderLayer(nn.Module):
     q = jnp.einsum("bte,ehd->bthd", x, self._weight("q", (e, h, d), _Q_AXES))
     k = jnp.einsum("bte,ekd->btkd", x, self._weight("k", (e, kvh, d), _KV_AXES))
     v = jnp.einsum("bte,ekd->btkd", x, self._weight("v", (e, kvh, d), _KV_AXES))
+    q, k, v = (
+      _constrain(q, _ACT_HEADS),
+      _constrain(k, _ACT_KV),
+      _constrain(v, _ACT_KV),
+    )
     if c.attention_bias:
       q = q + self._bias("q_bias", (h, d), _Q_AXES[1:])
       k = k + self._bias("k_bias", (kvh, d), _KV_AXES[1:])
@@ -227,8 +256,10 @@ class DecoderLayer(nn.Module):
   def _mlp(self, x):
     c = self.config
     shape = (c.hidden_size, c.intermediate_size)
-    gate = x @ self._weight("gate", shape, ("embed", "mlp"))
-    up = x @ self._weight("up", shape, ("embed", "mlp"))
+    gate = _constrain(
+      x @ self._weight("gate", shape, ("embed", "mlp")), _ACT_MLP
+    )
+    up = _constrain(x @ self._weight("up", shape, ("embed", "mlp")), _ACT_MLP)
     act = _ACTIVATIONS[c.mlp_activation]
     return (act(gate) * up) @ self._weight(
       "down", shape[::-1], ("mlp", "embed")
@@ -251,7 +282,7 @@ class DecoderLayer(nn.Module):
     y = self._mlp(RMSNorm(self.config, name="mlp_norm")(x))
     if self.config.post_norms:
       y = RMSNorm(self.config, name="mlp_post_norm")(y)
-    x = x + y
+    x = _constrain(x + y, _ACT_EMBED)
     return (x, layer + 1), new_kv
 
 
@@ -409,7 +440,7 @@ class Llama(nn.Module):
     if (input_ids is None) == (input_embeds is None):
       raise ValueError("Pass exactly one of input_ids and input_embeds.")
     x = self.embed(input_ids) if input_embeds is None else input_embeds
-    x = x.astype(c.dtype)
+    x = _constrain(x.astype(c.dtype), _ACT_EMBED)
     b, t = x.shape[:2]
     mask = (
       jnp.ones((b, t), bool)
