@@ -34,10 +34,6 @@ from ml_collections import config_flags
 from ilm_jax import optim, sharding, train, tree_utils
 from ilm_jax.models import ilm, llm, llm_loading, qformer
 
-_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e-16", "see module docstring")
-_PHASES = flags.DEFINE_list("phases", ["qformer", "ilm"], "which steps")
-
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -361,12 +357,17 @@ def run(config, topology: str, phases=("qformer", "ilm")) -> dict:
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   try:
-    run(_CONFIG.value, _TOPOLOGY.value, tuple(_PHASES.value))
+    run(f.config, f.topology, tuple(f.phases))
   except ValueError as e:
     print(f"compile_check: {e}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: benchmarks import this module's functions.
+  config_flags.DEFINE_config_file("config", lock_config=True)
+  flags.DEFINE_string("topology", "v5e-16", "see the module docstring")
+  flags.DEFINE_list("phases", ["qformer", "ilm"], "which train steps")
   app.run(main)
