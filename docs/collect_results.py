@@ -11,7 +11,7 @@ import pathlib
 import re
 
 DOCS = pathlib.Path(__file__).parent
-AREAS = ("data", "cf", "qformer", "llm", "ilm", "pod", "reliability")
+AREAS = ("data", "cf", "qformer", "llm", "ilm", "serving", "pod", "reliability")
 MARKER = "<!-- collected from docs/results/{}.md -->"
 
 
