@@ -16,6 +16,7 @@ import tokenizers
 import torch
 import transformers
 
+from configs import common
 from ilm_jax.models import llm, llm_loading, llm_tokenizer
 
 
@@ -278,3 +279,53 @@ def test_tokenizer_from_hf_dir_matches_transformers(tmp_path):
     text, add_special_tokens=False
   )
   assert ours.decode(ours.encode(" abc cab")) == " abc cab"
+
+
+def test_sharded_loading_reads_per_device_blocks_and_equals_host_loading(
+  tmp_path, monkeypatch
+):
+  cfg = transformers.LlamaConfig(
+    **{**TINY_LLAMA3, "attention_bias": True}, attn_implementation="eager"
+  )
+  ref = randomize(transformers.LlamaForCausalLM(cfg), seed=5)
+  ref.save_pretrained(tmp_path, max_shard_size="20KB")
+  _, host, _ = llm_loading.load_hf_dir(tmp_path)
+  mesh = jax.make_mesh(
+    (1, 2, 2),
+    ("data", "fsdp", "model"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=jax.devices()[:4],
+  )
+  rules = [tuple(r) for r in common.mesh_config().logical_axis_rules]
+  blocks = []
+  read_block = llm_loading._read_block
+
+  def recording(tensor, first, second, transpose, index):
+    block = read_block(tensor, first, second, transpose, index)
+    blocks.append((first, second, block.size))
+    return block
+
+  monkeypatch.setattr(llm_loading, "_read_block", recording)
+  config, sharded, _ = llm_loading.load_hf_dir_sharded(tmp_path, mesh, rules)
+  assert jax.tree.structure(sharded) == jax.tree.structure(host)
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(sharded),
+    jax.tree.leaves(host),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), str(path))
+  # q is [layers, embed/fsdp, heads/model, head_dim]: each device read a
+  # quarter of each layer's q matrix, never the whole.
+  assert tuple(sharded["layers"]["q"].sharding.spec) == (
+    None,
+    "fsdp",
+    "model",
+    None,
+  )
+  q_reads = [size for first, second, size in blocks if second == (4, 16)]
+  assert q_reads and max(q_reads) == 32 * 4 * 16 // 4
+  np.testing.assert_allclose(
+    forward(llm.Llama(config), sharded, *batch(64)),
+    forward(llm.Llama(config), host, *batch(64)),
+    atol=1e-5,
+  )

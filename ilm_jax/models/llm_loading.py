@@ -519,3 +519,184 @@ def load_pretrained(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
   if pathlib.Path(path).is_dir():
     return load_hf_dir(path, dtype, param_dtype)
   return load_gguf(path, dtype, param_dtype)
+
+
+def _flat_indices(index: tuple, dims: tuple) -> np.ndarray:
+  """Flat (row-major) indices into `dims` of the block `index` selects."""
+  ranges = [np.arange(*s.indices(n)) for s, n in zip(index, dims, strict=True)]
+  if not ranges:
+    return np.zeros((), np.int64)
+  return np.ravel_multi_index(np.ix_(*ranges), dims)
+
+
+def _read_block(tensor, first_dims, second_dims, transpose, index):
+  """The block `index` of P = reshape(W.T or W, first_dims + second_dims).
+
+  W is the 2-D (or 1-D) stored tensor, with `transpose` its rows are the
+  flattened `second_dims` and columns the `first_dims`. Only the bounding
+  box of the block is read from the file (safetensors `get_slice`).
+  """
+  n = len(first_dims)
+  first = _flat_indices(index[:n], first_dims)
+  second = _flat_indices(index[n:], second_dims)
+  if not second_dims:  # 1-D tensor
+    lo, hi = int(first.min()), int(first.max()) + 1
+    return np.asarray(tensor[lo:hi])[first - lo]
+  rows, cols = (second, first) if transpose else (first, second)
+  r_lo, r_hi = int(rows.min()), int(rows.max()) + 1
+  c_lo, c_hi = int(cols.min()), int(cols.max()) + 1
+  box = np.asarray(tensor[r_lo:r_hi, c_lo:c_hi])
+  rows, cols = rows - r_lo, cols - c_lo
+  if transpose:  # block[first..., second...] = W[second, first]
+    return box[
+      rows.reshape((1,) * first.ndim + rows.shape),
+      cols.reshape(cols.shape + (1,) * rows.ndim),
+    ]
+  return box[
+    rows.reshape(rows.shape + (1,) * cols.ndim),
+    cols.reshape((1,) * rows.ndim + cols.shape),
+  ]
+
+
+def load_hf_dir_sharded(
+  path: os.PathLike, mesh, rules, dtype=jnp.float32, param_dtype=jnp.float32
+):
+  """Like `load_hf_dir`, but every device's shard is read on its own.
+
+  Each parameter is a `jax.make_array_from_callback` array whose callback
+  reads, from the memory-mapped safetensors, only the bounding box of that
+  device's block (for stacked layers, layer by layer), so an 8B model is
+  never materialised whole on the host: the peak is about one block.
+
+  Args:
+    path: as for `load_hf_dir`.
+    mesh: the device mesh.
+    rules: logical axis rules (config.mesh.logical_axis_rules).
+    dtype: compute dtype of the returned config.
+    param_dtype: dtype of the returned params (norm scales stay float32).
+
+  Returns:
+    (config, params on `mesh` laid out by `rules`, tokenizer or None).
+  """
+  import flax.linen as nn  # noqa: PLC0415 (only this loader needs flax)
+  import jax  # noqa: PLC0415
+
+  path = pathlib.Path(path)
+  raw = json.loads((path / "config.json").read_text())
+  config = _hf_config(raw, dtype=dtype, param_dtype=param_dtype)
+  gemma = raw.get("model_type") in _GEMMA
+  index = path / "model.safetensors.index.json"
+  if index.exists():
+    where = json.loads(index.read_text())["weight_map"]
+  else:
+    with safetensors.safe_open(path / "model.safetensors", "numpy") as f:
+      where = dict.fromkeys(f.keys(), "model.safetensors")
+  files = {
+    name: safetensors.safe_open(path / name, "numpy")
+    for name in set(where.values())
+  }
+  e, h, kvh, d = (
+    config.hidden_size,
+    config.num_heads,
+    config.num_kv_heads,
+    config.head_dim,
+  )
+  i = config.intermediate_size
+  hf = dict(
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+  )
+  if config.post_norms:
+    hf.update(
+      attn_post_norm="post_attention_layernorm",
+      mlp_norm="pre_feedforward_layernorm",
+      mlp_post_norm="post_feedforward_layernorm",
+    )
+  # ours -> (stored name, first dims, second dims, transpose) per layer.
+  layout = {
+    "q": ("weight", (e,), (h, d), True),
+    "k": ("weight", (e,), (kvh, d), True),
+    "v": ("weight", (e,), (kvh, d), True),
+    "o": ("weight", (h, d), (e,), True),
+    "gate": ("weight", (e,), (i,), True),
+    "up": ("weight", (e,), (i,), True),
+    "down": ("weight", (i,), (e,), True),
+  }
+  sources = {}  # param path -> (per-layer names or name, dims..., norm)
+  for ours, (suffix, first, second, transpose) in layout.items():
+    names = [
+      f"model.layers.{n}.{hf[ours]}.{suffix}" for n in range(config.num_layers)
+    ]
+    sources[("layers", ours)] = (names, first, second, transpose)
+    bias = f"model.layers.0.{hf[ours]}.bias"
+    if bias in where and ours in ("q", "k", "v", "o"):
+      names = [
+        f"model.layers.{n}.{hf[ours]}.bias" for n in range(config.num_layers)
+      ]
+      sources[("layers", f"{ours}_bias")] = (names, second, (), False)
+  for norm in _NORMS:
+    if norm in hf:
+      names = [
+        f"model.layers.{n}.{hf[norm]}.weight" for n in range(config.num_layers)
+      ]
+      sources[("layers", norm, "scale")] = (names, (e,), (), False)
+  sources[("embedding",)] = (
+    "model.embed_tokens.weight",
+    (config.vocab_size, e),
+    (),
+    False,
+  )
+  sources[("final_norm", "scale")] = ("model.norm.weight", (e,), (), False)
+  if not config.tie_word_embeddings:
+    sources[("lm_head",)] = ("lm_head.weight", (e,), (config.vocab_size,), True)
+
+  specs = llm.logical_partition_specs(config)
+
+  def build(key, source):
+    names, first, second, transpose = source
+    if key == ("embedding",):  # stored [vocab, embed], used as is
+      first, second = (config.vocab_size,), (e,)
+    is_norm = key[-1] == "scale"
+    dtype_ = jnp.float32 if is_norm else param_dtype
+    stacked = isinstance(names, list)
+
+    def read(name, block_index):
+      tensor = files[where[name]].get_slice(name)
+      block = _read_block(tensor, first, second, transpose, block_index)
+      block = block.astype(np.float32)
+      if gemma and is_norm:
+        block = block + 1.0
+      return block
+
+    def callback(block_index):
+      if not stacked:
+        return read(names, block_index).astype(dtype_)
+      layers = range(*block_index[0].indices(len(names)))
+      return np.stack([read(names[n], block_index[1:]) for n in layers]).astype(
+        dtype_
+      )
+
+    shape = ((len(names),) if stacked else ()) + first + second
+    spec = specs
+    for k in key:
+      spec = spec[k]
+    sharding = nn.logical_to_mesh_sharding(spec, mesh, rules)
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+  params = {}
+  for key, source in sources.items():
+    node = params
+    for k in key[:-1]:
+      node = node.setdefault(k, {})
+    node[key[-1]] = build(key, source)
+  tokenizer = None
+  if (path / "tokenizer.json").exists():
+    tokenizer = llm_tokenizer.LlmTokenizer.from_hf_dir(path)
+  return config, params, tokenizer
