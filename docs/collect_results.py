@@ -11,7 +11,17 @@ import pathlib
 import re
 
 DOCS = pathlib.Path(__file__).parent
-AREAS = ("data", "cf", "qformer", "llm", "ilm", "serving", "pod", "reliability")
+AREAS = (
+  "data",
+  "cf",
+  "qformer",
+  "llm",
+  "cpu_runtime",
+  "ilm",
+  "serving",
+  "pod",
+  "reliability",
+)
 MARKER = "<!-- collected from docs/results/{}.md -->"
 
 
