@@ -190,6 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         checkpoint="smollm2-135m-instruct",  # or a .gguf / HF directory
         dtype="bfloat16" if full else "float32",  # compute dtype
         param_dtype="bfloat16" if full else "float32",  # frozen weights
+        # Recompute the LLM's layers in the backward pass (saves activation
+        # memory for large LLMs; configs/ml1m_llama3_*.py turn it on).
+        remat=False,
       ),
       model=dict(
         adapter="qformer",  # qformer (ILM) | mlp (CoLLM) | none (text)

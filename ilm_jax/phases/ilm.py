@@ -52,11 +52,13 @@ def load_llm(llm_config: ml_collections.ConfigDict):
         f"ilm.llm.{field}={llm_config[field]!r}; expected one "
         f"of {sorted(_DTYPES)}."
       )
-  return llm_loading.load_pretrained(
+  config, params, tokenizer = llm_loading.load_pretrained(
     llm_config.checkpoint,
     dtype=_DTYPES[llm_config.dtype],
     param_dtype=_DTYPES[llm_config.param_dtype],
   )
+  # Recompute layers in the backward pass (large LLMs on accelerators).
+  return config.replace(remat=llm_config.remat), params, tokenizer
 
 
 def _logically_partitioned(llm_config, llm_params):
