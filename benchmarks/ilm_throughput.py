@@ -15,8 +15,8 @@ given ("after"), and times, back to back in this one process:
          padded to 160 tokens, titles written beside the soft tokens, the
          first 64 answer positions scored. After: the config (one-task
          batches, each task padded to its own length, soft tokens only).
-         Each distinct batch shape is compiled untimed, then timed over
-         --steps steps; prompts/s is the batch size over the mean step
+         Every distinct batch shape is compiled first (untimed), then each
+         is timed over --steps steps; prompts/s is the batch size over the mean step
          time weighted by the task mix (`ilm.data.task_weights`).
   eval   users/s of the generative ranking evaluator (trie-constrained
          beam search over all titles, one seen and one unseen prompt per
@@ -122,9 +122,7 @@ def legacy_decoding():
 
 
 def _mean_step_seconds(step_fn, state, batch, rng, repeats):
-  """Compiles (untimed), then the mean of `repeats` timed steps."""
-  state, _ = step_fn(state, batch, rng)
-  jax.block_until_ready(state)
+  """The mean of `repeats` timed steps (compiled beforehand)."""
   start = time.perf_counter()
   for _ in range(repeats):
     state, _ = step_fn(state, batch, rng)
@@ -152,10 +150,16 @@ def time_training(config, workdir, mesh, repeats) -> dict:
     if data.one_task_batches:
       key = ilm_tasks.TASKS[int(batch["task"][0])]
     batches.setdefault(key, batch)
+  batches = {k: sharding.put_global_batch(b, mesh) for k, b in batches.items()}
+  # Compile every shape first, so that the timed steps share the cores with
+  # nothing else (the iterator's prefetch threads fill their buffer now).
+  for batch in batches.values():
+    state, _ = step_fn(state, batch, rng)
+  jax.block_until_ready(state)
   seconds, tokens = {}, {}
   for key, batch in batches.items():
     state, seconds[key] = _mean_step_seconds(
-      step_fn, state, sharding.put_global_batch(batch, mesh), rng, repeats
+      step_fn, state, batch, rng, repeats
     )
     tokens[key] = batch["input_ids"].shape[1]
   weights = data.task_weights.to_dict()
