@@ -278,6 +278,13 @@ class Recommender:
       bundle = export.load_bundle(export_dir, llm_checkpoint)
     except checkpoint.CheckpointError as e:
       raise NoExportError(str(e)) from e
+    except (AttributeError, KeyError) as e:
+      raise NoExportError(
+        f"The export at {export_dir} lacks the config field {e} (written "
+        "by an older ilm_jax); re-run its export phase with this code: "
+        "python -m ilm_jax.main --config=CONFIG "
+        f"--workdir={workdir} --config.phases=export"
+      ) from e
     dataset = data.load_dataset(bundle.config.data)
     logging.info(
       "Loaded the export at %s (%d items) in %.1fs.",
