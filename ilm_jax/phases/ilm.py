@@ -58,7 +58,9 @@ def load_llm(llm_config: ml_collections.ConfigDict):
     param_dtype=_DTYPES[llm_config.param_dtype],
   )
   # Recompute layers in the backward pass (large LLMs on accelerators).
-  return config.replace(remat=llm_config.remat), params, tokenizer
+  # Exports written before the field existed read as False.
+  remat = bool(llm_config.get("remat", False))
+  return config.replace(remat=remat), params, tokenizer
 
 
 def _logically_partitioned(llm_config, llm_params):
