@@ -16,6 +16,7 @@ Restore order (first that applies wins):
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +74,8 @@ def check_writable(directory: pathlib.Path) -> None:
   """Fails early, naming the directory, if outputs cannot be written there."""
   try:
     directory.mkdir(parents=True, exist_ok=True)
-    probe = directory / ".write_probe"
+    # One probe per process: the processes of a run share the workdir.
+    probe = directory / f".write_probe.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:

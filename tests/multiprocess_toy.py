@@ -21,6 +21,14 @@ if num_processes > 1:
 
 from tests import toy_task  # noqa: E402
 
+if num_processes > 1:
+  # Gloo gives a process 30 s to join the first collective; under load the
+  # imports above alone can differ by more between the two processes, so
+  # meet at a coordination-service barrier (no collective, 5 min) first.
+  from jax._src import distributed  # noqa: E402
+
+  distributed.global_state.client.wait_at_barrier("toy_imported", 300_000)
+
 config = toy_task.config(steps=steps)
 # A schedule that does not depend on the total steps, so runs of 10 and 15
 # steps (and a 10-step run resumed to 15) share their first 10 steps.

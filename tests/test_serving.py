@@ -178,7 +178,7 @@ def test_chat_asks_which_one_and_reports_unknown_titles(model):
 
 
 def test_terminal_chat_commands(model):
-  from ilm_jax import chat  # noqa: PLC0415
+  from ilm_jax.serving import terminal as chat  # noqa: PLC0415
 
   session = session_lib.Session()
   text, session = chat.respond(model, session, "I liked Drama Story 25", K)

@@ -108,10 +108,16 @@ def run(cfg, workdir, devices=None, step_delay=0.0) -> train.TrainResult:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Output directory.")
-flags.DEFINE_integer("steps", 60, "Training steps.")
-flags.DEFINE_float("step_delay", 0.0, "Seconds of data loading per batch.")
-flags.DEFINE_string("params_out", "", "Write final params here (npz).")
+
+
+def _define_flags():
+  """The script's flags, defined only when it runs as a script: the tests
+  import this module beside CLIs (ilm_jax.chat, ...) with flags of the
+  same names."""
+  flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.DEFINE_integer("steps", 60, "Training steps.")
+  flags.DEFINE_float("step_delay", 0.0, "Seconds of data loading per batch.")
+  flags.DEFINE_string("params_out", "", "Write final params here (npz).")
 
 
 def main(argv):
@@ -131,4 +137,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
