@@ -419,6 +419,28 @@ def _hf_config(cfg: dict, **dtypes) -> llm.LlamaConfig:
   )
 
 
+def _open_hf_dir(path: pathlib.Path, dtype, param_dtype):
+  """(config, is Gemma, tensor name -> file, open safetensors files).
+
+  Tensors are then read one at a time from the memory-mapped files, so
+  peak host memory stays near the converted params, not twice the
+  checkpoint.
+  """
+  raw = json.loads((path / "config.json").read_text())
+  config = _hf_config(raw, dtype=dtype, param_dtype=param_dtype)
+  index = path / "model.safetensors.index.json"
+  if index.exists():
+    where = json.loads(index.read_text())["weight_map"]
+  else:
+    with safetensors.safe_open(path / "model.safetensors", "numpy") as f:
+      where = dict.fromkeys(f.keys(), "model.safetensors")
+  files = {
+    name: safetensors.safe_open(path / name, "numpy")
+    for name in set(where.values())
+  }
+  return config, raw.get("model_type") in _GEMMA, where, files
+
+
 def load_hf_dir(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
   """Loads a Hugging Face directory (config.json + safetensors weights).
 
@@ -432,21 +454,7 @@ def load_hf_dir(path: os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32):
     (config, params, tokenizer or None when the directory has none).
   """
   path = pathlib.Path(path)
-  raw_config = json.loads((path / "config.json").read_text())
-  config = _hf_config(raw_config, dtype=dtype, param_dtype=param_dtype)
-  gemma = raw_config.get("model_type") in _GEMMA
-  index = path / "model.safetensors.index.json"
-  if index.exists():
-    where = json.loads(index.read_text())["weight_map"]
-  else:
-    with safetensors.safe_open(path / "model.safetensors", "numpy") as f:
-      where = dict.fromkeys(f.keys(), "model.safetensors")
-  # Tensors are read one at a time from the memory-mapped files, so peak
-  # host memory stays near the converted params, not twice the checkpoint.
-  files = {
-    name: safetensors.safe_open(path / name, "numpy")
-    for name in set(where.values())
-  }
+  config, gemma, where, files = _open_hf_dir(path, dtype, param_dtype)
   tensors = set(where)
 
   def get(name):
@@ -582,19 +590,7 @@ def load_hf_dir_sharded(
   import jax  # noqa: PLC0415
 
   path = pathlib.Path(path)
-  raw = json.loads((path / "config.json").read_text())
-  config = _hf_config(raw, dtype=dtype, param_dtype=param_dtype)
-  gemma = raw.get("model_type") in _GEMMA
-  index = path / "model.safetensors.index.json"
-  if index.exists():
-    where = json.loads(index.read_text())["weight_map"]
-  else:
-    with safetensors.safe_open(path / "model.safetensors", "numpy") as f:
-      where = dict.fromkeys(f.keys(), "model.safetensors")
-  files = {
-    name: safetensors.safe_open(path / name, "numpy")
-    for name in set(where.values())
-  }
+  config, gemma, where, files = _open_hf_dir(path, dtype, param_dtype)
   e, h, kvh, d = (
     config.hidden_size,
     config.num_heads,
