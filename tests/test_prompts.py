@@ -358,7 +358,7 @@ def test_generation_batches_drop_all_padding_columns_in_steps():
     attention_mask=mask,
     entity_kind=np.zeros((2, 3)),
   )
-  out = generative._trim_left_padding(batch)
+  out = generative.trim_left_padding(batch, 16)
   # Longest prompt 20 tokens -> 32 columns (steps of 16), the last ones.
   assert out["input_ids"].shape == (2, 32)
   np.testing.assert_array_equal(out["input_ids"][0], np.arange(8, 40))

@@ -95,16 +95,25 @@ def ranked_list_metrics(
 
 
 _PROMPT_LENGTH_STEP = 16
-_TOKEN_AXIS_KEYS = ("input_ids", "soft_entity", "soft_slot", "attention_mask")
+TOKEN_AXIS_KEYS = ("input_ids", "soft_entity", "soft_slot", "attention_mask")
 
 
-def _trim_left_padding(batch: dict) -> dict:
-  """Drops leading all-padding columns of a left-padded generation batch."""
+def trim_left_padding(batch: dict, multiple: int) -> dict:
+  """Drops leading all-padding columns of a left-padded generation batch.
+
+  Args:
+    batch: encoded generation prompts; TOKEN_AXIS_KEYS are [B, L].
+    multiple: the kept length is the longest prompt rounded up to a
+      multiple of this (at most L): few distinct shapes, few compilations.
+
+  Returns:
+    The batch with TOKEN_AXIS_KEYS cut to their last L' columns.
+  """
   length = batch["attention_mask"].shape[1]
   longest = int(batch["attention_mask"].sum(axis=1).max())
-  keep = min(length, -(-longest // _PROMPT_LENGTH_STEP) * _PROMPT_LENGTH_STEP)
+  keep = min(length, -(-longest // multiple) * multiple)
   return {
-    k: v[:, length - keep :] if k in _TOKEN_AXIS_KEYS else v
+    k: v[:, length - keep :] if k in TOKEN_AXIS_KEYS else v
     for k, v in batch.items()
   }
 
@@ -148,7 +157,7 @@ class _PromptEvaluator:
       chunk = chunk + [chunk[-1]] * (self.batch_size - real)  # fixed shape
       batch = _stack([self.encoder.encode(r, with_target) for r in chunk])
       if not with_target:
-        batch = _trim_left_padding(batch)
+        batch = trim_left_padding(batch, _PROMPT_LENGTH_STEP)
       yield real, batch
       bar.update(real)
     bar.done()

@@ -47,7 +47,7 @@ REASON_TOKENS = 32  # generated tokens per reason
 DESCRIPTION_TOKENS = 48
 ANSWER_PREFIX_ROOM = 32  # title tokens a reason prompt can carry
 # The per-token [B, L] arrays of an encoded prompt (what the LLM reads).
-TOKEN_KEYS = ("input_ids", "soft_entity", "soft_slot", "attention_mask")
+TOKEN_KEYS = generative.TOKEN_AXIS_KEYS
 ENTITY_KEYS = ("entity_kind", "entity_index", "entity_mask")
 # Prompts keep half or all of max_len after trimming the left padding:
 # two shapes per decoder, each compiled once (~20 s on 2 CPU cores).
@@ -128,14 +128,9 @@ def trim_padding(batch: dict, buckets: int = PROMPT_BUCKETS) -> dict:
     What the model reads for generation: TOKEN_KEYS cut to their last L'
     columns, and ENTITY_KEYS.
   """
-  mask = batch["attention_mask"]
-  length = mask.shape[1]
-  real = int(mask.sum(axis=1).max())
-  multiple = -(-length // buckets)
-  keep = min(length, -(-real // multiple) * multiple)
-  out = {k: batch[k][:, length - keep :] for k in TOKEN_KEYS}
-  out.update({k: batch[k] for k in ENTITY_KEYS})
-  return out
+  multiple = -(-batch["attention_mask"].shape[1] // buckets)
+  out = generative.trim_left_padding(batch, multiple)
+  return {k: out[k] for k in TOKEN_KEYS + ENTITY_KEYS}
 
 
 def masked_trie(
