@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
   "fastapi==0.165.0",  # ilm_jax.serve: the HTTP service
   "uvicorn==0.54.0",
   "rapidfuzz==3.14.6",  # catalogue title matching for chat mentions
+  "scipy==1.17.1",  # ilm_jax/stats.py: bootstrap intervals, McNemar test
 ]
 
 EXTRAS = {
@@ -44,7 +45,10 @@ EXTRAS = {
     # Drives Debian's chromium (apt-get install chromium) for the chat-page
     # test; it never downloads a browser of its own there.
     "playwright==1.65.2",
+    "matplotlib==3.11.2",  # tests/test_plot_learning_curves.py
   ],
+  # docs/plot_learning_curves.py (Agg backend, PNG only).
+  "plot": ["matplotlib==3.11.2"],
   # libtpu 0.0.42.* (what jax 0.10.2 pins): TPU runtime, and the compiler
   # that ilm_jax.compile_check uses on CPU hosts. Never in the base install.
   "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],

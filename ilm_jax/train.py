@@ -234,35 +234,64 @@ def _read_best(best_path: pathlib.Path, best_record: pathlib.Path):
   return record
 
 
-def evaluate(evaluators, params, splits=None) -> dict[str, float]:
-  """Runs evaluators (those of `splits`, or all) -> {"split/name": value}."""
-  results = {}
+def evaluate(
+  evaluators, params, splits=None, per_user=None
+) -> dict[str, float]:
+  """Runs evaluators (those of `splits`, or all) -> {"split/name": value}.
+
+  An evaluator may yield `(metric_writer.PER_USER, block)`, a block of
+  per-user values ({"user_ids": int [n], name: float [n], ...}); with a
+  `per_user` dict, each split's blocks are merged into `per_user[split]`
+  (else they are dropped).
+  """
+  results, blocks = {}, {}
   for evaluator in evaluators:
     if splits is not None and evaluator.split not in splits:
       continue
     start = time.perf_counter()
     for name, value in evaluator.run(params):
-      results[f"{evaluator.split}/{name}"] = float(value)
+      if name == metric_writer.PER_USER:
+        blocks.setdefault(evaluator.split, []).append(value)
+      else:
+        results[f"{evaluator.split}/{name}"] = float(value)
     logging.info(
       "Evaluator %s (%s) took %.1f s.",
       evaluator.name,
       evaluator.split,
       time.perf_counter() - start,
     )
+  if per_user is not None:
+    for split, split_blocks in blocks.items():
+      per_user[split] = metric_writer.merge_per_user(split_blocks)
   return results
 
 
 def write_split_metrics(
-  workdir: pathlib.Path, phase: str, results: dict[str, float]
+  workdir: pathlib.Path,
+  phase: str,
+  results: dict[str, float],
+  per_user: dict[str, dict] | None = None,
+  extra: dict | None = None,
 ) -> None:
-  """Writes `WORKDIR/metrics/<phase>_<split>.json` for each split present."""
+  """Writes `WORKDIR/metrics/<phase>_<split>.json` for each split present.
+
+  Args:
+    workdir: the experiment's output directory.
+    phase: the file name's prefix.
+    results: {"split/name": value}, from `evaluate`.
+    per_user: optional {split: per-user block}, from `evaluate`.
+    extra: further top-level entries of every split's file.
+  """
   by_split: dict[str, dict] = {}
   for key, value in results.items():
     split, name = key.split("/", 1)
     by_split.setdefault(split, {})[name] = value
   for split, values in by_split.items():
-    metric_writer.write_json(
-      workdir / "metrics" / f"{phase}_{split}.json", values
+    metric_writer.write_metrics(
+      workdir / "metrics" / f"{phase}_{split}.json",
+      values,
+      (per_user or {}).get(split),
+      extra,
     )
 
 
@@ -429,10 +458,20 @@ def train(
       best["step"],
     )
     params = checkpoint.load_params(best_path, checkpoint.abstract_like(params))
-  results = evaluate(task.evaluators, params)
+  per_user = {}
+  results = evaluate(task.evaluators, params, per_user=per_user)
   if results:
     writer.write_scalars(step, {f"final/{k}": v for k, v in results.items()})
-    write_split_metrics(workdir, task.name, results)
+    # What was trained: learning curves plot metrics against prompts seen.
+    trained = dict(
+      steps=step,
+      batch_size=int(train_cfg.batch_size),
+      prompts=step * int(train_cfg.batch_size),
+      evaluated_step=best["step"] if train_cfg.best_metric and best else step,
+    )
+    write_split_metrics(
+      workdir, task.name, results, per_user, {"train": trained}
+    )
   writer.close()
   return TrainResult(
     params=params,

@@ -1,12 +1,14 @@
-"""Ranking metrics against hand-computed ranks, ties and exclusions included."""
+"""Ranking metrics against hand-computed ranks, ties and exclusions included;
+metrics files with per-user results and intervals."""
 
+import json
 import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ilm_jax import metrics
+from ilm_jax import metric_writer, metrics, train
 
 INV_LOG2_3 = 1.0 / math.log2(3.0)  # NDCG gain at rank 1 (0-based)
 
@@ -130,3 +132,102 @@ def test_random_integer_scores_match_a_sorting_reference(ties):
 def test_unknown_tie_policy_is_rejected():
   with pytest.raises(ValueError, match="ties="):
     _metrics([[1.0, 0.0]], [0], ties="random")
+
+
+# --- Metrics files: per-user results, intervals, the evaluate channel.
+
+
+class _FakeEvaluator:
+  """Yields means and the per-user block they are the means of."""
+
+  def __init__(self, name, split, user_ids, values, prefix=""):
+    self.name, self.split, self.prefix = name, split, prefix
+    self.user_ids, self.values = np.asarray(user_ids), np.asarray(values)
+
+  def run(self, params):
+    del params
+    yield self.prefix + "hr@10", float(self.values.mean())
+    yield self.prefix + "users", float(len(self.user_ids))
+    yield (
+      metric_writer.PER_USER,
+      {"user_ids": self.user_ids, self.prefix + "hr@10": self.values},
+    )
+
+
+def test_evaluate_routes_per_user_blocks_and_files_carry_them(tmp_path):
+  evaluators = [
+    _FakeEvaluator("rank", "test", [7, 2, 5, 0], [1.0, 0.0, 1.0, 0.0]),
+    _FakeEvaluator(
+      "masked", "test", [2, 7, 0, 5], [1.0, 1.0, 0.0, 1.0], prefix="masked_"
+    ),
+    _FakeEvaluator("rank_valid", "valid", [3, 1], [0.0, 0.0]),
+  ]
+  per_user = {}
+  results = train.evaluate(evaluators, params=None, per_user=per_user)
+  # Scalars stay floats; blocks are merged per split, sorted by user.
+  assert results == {
+    "test/hr@10": 0.5,
+    "test/users": 4.0,
+    "test/masked_hr@10": 0.75,
+    "test/masked_users": 4.0,
+    "valid/hr@10": 0.0,
+    "valid/users": 2.0,
+  }
+  np.testing.assert_array_equal(per_user["test"]["user_ids"], [0, 2, 5, 7])
+  np.testing.assert_array_equal(per_user["test"]["hr@10"], [0, 0, 1, 1])
+  np.testing.assert_array_equal(per_user["test"]["masked_hr@10"], [0, 1, 1, 1])
+  # Without a dict to fill, the blocks are dropped and the scalars equal.
+  assert train.evaluate(evaluators, params=None) == results
+
+  train.write_split_metrics(
+    tmp_path, "toy", results, per_user, {"train": {"steps": 3}}
+  )
+  saved = json.loads((tmp_path / "metrics" / "toy_test.json").read_text())
+  assert saved["train"] == {"steps": 3}
+  assert saved["users"] == 4.0
+  assert saved["per_user"]["user_ids"] == [0, 2, 5, 7]
+  # Per-user values add up to the reported means.
+  for name in ("hr@10", "masked_hr@10"):
+    assert np.mean(saved["per_user"][name]) == saved[name]
+  # Intervals of the means (BCa on 4 users: within [0, 1], around the mean).
+  low, high = saved["hr@10_ci95"]
+  assert 0.0 <= low <= 0.5 <= high <= 1.0
+  assert "users_ci95" not in saved  # not a per-user metric
+  valid = json.loads((tmp_path / "metrics" / "toy_valid.json").read_text())
+  assert valid["hr@10_ci95"] == [0.0, 0.0]  # every user missed
+
+
+def test_merge_marks_users_a_block_did_not_evaluate():
+  merged = metric_writer.merge_per_user(
+    [
+      {"user_ids": np.array([4, 1]), "a": np.array([0.4, 0.1])},
+      {"user_ids": np.array([1, 9]), "b": np.array([1.0, 9.0])},
+    ]
+  )
+  np.testing.assert_array_equal(merged["user_ids"], [1, 4, 9])
+  np.testing.assert_array_equal(merged["a"], [0.1, 0.4, np.nan])
+  np.testing.assert_array_equal(merged["b"], [1.0, np.nan, 9.0])
+  with pytest.raises(ValueError, match="two blocks"):
+    metric_writer.merge_per_user(
+      [{"user_ids": [1], "a": [0.0]}, {"user_ids": [2], "a": [1.0]}]
+    )
+
+
+def test_metrics_file_round_trips_with_missing_users(tmp_path):
+  path = tmp_path / "m.json"
+  per_user = {
+    "user_ids": np.array([3, 1, 2]),
+    "hr@10": np.array([1.0, 0.0, np.nan]),
+    "rank": np.array([2.0, -1.0, np.nan]),
+  }
+  metric_writer.write_metrics(path, {"hr@10": 0.5}, per_user)
+  text = path.read_text()
+  assert '"user_ids": [1, 2, 3]' in text  # one line per array
+  saved = json.loads(text)
+  assert saved["per_user"]["hr@10"] == [0.0, None, 1.0]
+  assert saved["users"] == 3.0
+  assert "rank_ci95" not in saved  # rank is not a mean in the file
+  arrays = metric_writer.read_per_user(saved)
+  np.testing.assert_array_equal(arrays["user_ids"], [1, 2, 3])
+  np.testing.assert_array_equal(arrays["rank"], [-1.0, np.nan, 2.0])
+  assert metric_writer.read_per_user({"hr@10": 0.5}) is None

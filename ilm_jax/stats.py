@@ -1,0 +1,232 @@
+"""Uncertainty of per-user metrics: bootstrap intervals and paired tests.
+
+Every evaluation here averages a per-user quantity (a hit, an NDCG gain)
+over a fixed set of users, so the unit of resampling is the user:
+  bootstrap_interval  95% interval of one row's mean (BCa bootstrap);
+  paired_bootstrap    two rows on the same users: the mean difference, its
+                      interval and a two-sided p-value for "no difference";
+  mcnemar             two rows' binary hits on the same users: exact
+                      McNemar test on the discordant pairs;
+  align               two rows' per-user arrays restricted to the users
+                      both evaluated, in one order.
+Resampling uses `scipy.stats.bootstrap` with a fixed seed, so a metrics
+file's intervals do not change between reads of the same results.
+"""
+
+import dataclasses
+
+import numpy as np
+import scipy.stats
+
+DEFAULT_RESAMPLES = 10_000
+DEFAULT_SEED = 0
+_BATCH = 500  # resamples per vectorised chunk: memory ~ users * _BATCH
+
+
+def _as_vector(values, name: str = "values") -> np.ndarray:
+  values = np.asarray(values, np.float64)
+  if values.ndim != 1 or not len(values):
+    raise ValueError(
+      f"{name}: expected a non-empty 1-D array, got shape {values.shape}."
+    )
+  if not np.all(np.isfinite(values)):
+    raise ValueError(f"{name}: contains NaN or infinite values.")
+  return values
+
+
+def _bootstrap(
+  values: np.ndarray, confidence: float, resamples: int, seed: int, method: str
+):
+  return scipy.stats.bootstrap(
+    (values,),
+    np.mean,
+    confidence_level=confidence,
+    n_resamples=resamples,
+    method=method,
+    vectorized=True,
+    batch=_BATCH,
+    rng=np.random.default_rng(seed),
+  )
+
+
+def bootstrap_interval(
+  values,
+  confidence: float = 0.95,
+  resamples: int = DEFAULT_RESAMPLES,
+  seed: int = DEFAULT_SEED,
+  method: str = "BCa",
+) -> tuple[float, float]:
+  """Bootstrap confidence interval of the mean of per-user values.
+
+  Args:
+    values: float [users] (e.g. 0/1 hits or NDCG gains), finite.
+    confidence: the interval's level (0.95: the 2.5th to 97.5th percentile).
+    resamples: bootstrap resamples of the users.
+    seed: seeds the resampling (same inputs, same interval).
+    method: scipy's "BCa" (default: bias-corrected and accelerated, better
+      than "percentile" for rare hits) or "percentile" or "basic".
+
+  Returns:
+    (low, high) floats. A constant vector gives (c, c); one user gives
+    (nan, nan) (no spread to resample).
+
+  Raises:
+    ValueError: empty, not 1-D, or non-finite values.
+  """
+  values = _as_vector(values)
+  if len(values) == 1:
+    return float("nan"), float("nan")
+  if np.all(values == values[0]):
+    # Every resample has the same mean; BCa's acceleration is 0/0 here.
+    return float(values[0]), float(values[0])
+  interval = _bootstrap(
+    values, confidence, resamples, seed, method
+  ).confidence_interval
+  return float(interval.low), float(interval.high)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedBootstrap:
+  """Row A minus row B over the same users.
+
+  Attributes:
+    users: number of users compared.
+    mean_difference: mean over users of a - b.
+    interval: bootstrap confidence interval of the mean difference.
+    p_value: two-sided bootstrap p-value of "mean difference = 0".
+  """
+
+  users: int
+  mean_difference: float
+  interval: tuple[float, float]
+  p_value: float
+
+
+def paired_bootstrap(
+  a,
+  b,
+  confidence: float = 0.95,
+  resamples: int = DEFAULT_RESAMPLES,
+  seed: int = DEFAULT_SEED,
+) -> PairedBootstrap:
+  """Paired bootstrap test of two rows' per-user values.
+
+  Resamples users (each user keeps both rows' values), giving the
+  distribution of the mean difference d*. The p-value centres that
+  distribution on the null (d* - d) and counts resamples at least as far
+  from 0 as the observed d: p = (1 + #{|d* - d| >= |d|}) / (1 + resamples)
+  (Hall and Wilson, 1991). Identical rows give p = 1.
+
+  Args:
+    a, b: float [users], the same users in the same order.
+    confidence: level of the difference's interval.
+    resamples: bootstrap resamples.
+    seed: seeds the resampling.
+
+  Returns:
+    A PairedBootstrap.
+
+  Raises:
+    ValueError: shapes differ, or either is empty or non-finite.
+  """
+  a, b = _as_vector(a, "a"), _as_vector(b, "b")
+  if a.shape != b.shape:
+    raise ValueError(f"a and b differ in shape: {a.shape} vs {b.shape}.")
+  difference = a - b
+  observed = float(difference.mean())
+  if np.all(difference == difference[0]):
+    # Every resample equals the observed mean: p = 1 if it is 0, else the
+    # smallest p-value this many resamples can give.
+    p_value = 1.0 if observed == 0 else 1.0 / (1 + resamples)
+    return PairedBootstrap(len(a), observed, (observed, observed), p_value)
+  result = _bootstrap(difference, confidence, resamples, seed, "BCa")
+  distribution = result.bootstrap_distribution
+  extreme = np.sum(np.abs(distribution - observed) >= abs(observed))
+  interval = result.confidence_interval
+  return PairedBootstrap(
+    users=len(a),
+    mean_difference=observed,
+    interval=(float(interval.low), float(interval.high)),
+    p_value=float((1 + extreme) / (1 + len(distribution))),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class McNemar:
+  """Exact McNemar test of two rows' binary hits on the same users.
+
+  Attributes:
+    users: number of users compared.
+    only_a: users hit by row A and missed by row B.
+    only_b: users hit by row B and missed by row A.
+    p_value: two-sided exact binomial p-value of only_a among the
+      only_a + only_b discordant users at 1/2 (1 when there are none).
+  """
+
+  users: int
+  only_a: int
+  only_b: int
+  p_value: float
+
+
+def mcnemar(a_hits, b_hits) -> McNemar:
+  """Exact McNemar test (binomial test on the discordant pairs).
+
+  Args:
+    a_hits, b_hits: [users] of 0/1 (or bool), the same users in order.
+
+  Returns:
+    A McNemar; e.g. only_a=1, only_b=9 gives p = 2 * (1 + 10) / 2**10.
+
+  Raises:
+    ValueError: shapes differ, or a value is not 0 or 1 (e.g. HR under
+      "expected" ties, which is fractional).
+  """
+  a, b = _as_vector(a_hits, "a_hits"), _as_vector(b_hits, "b_hits")
+  if a.shape != b.shape:
+    raise ValueError(f"a and b differ in shape: {a.shape} vs {b.shape}.")
+  for name, hits in (("a_hits", a), ("b_hits", b)):
+    if not np.all((hits == 0) | (hits == 1)):
+      raise ValueError(f"{name}: McNemar needs binary hits (0 or 1).")
+  only_a = int(np.sum((a == 1) & (b == 0)))
+  only_b = int(np.sum((a == 0) & (b == 1)))
+  discordant = only_a + only_b
+  p_value = (
+    1.0
+    if discordant == 0
+    else float(scipy.stats.binomtest(only_a, discordant, 0.5).pvalue)
+  )
+  return McNemar(len(a), only_a, only_b, p_value)
+
+
+def align(
+  ids_a, values_a, ids_b, values_b
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Two rows' per-user values on the users both have, sorted by user id.
+
+  Args:
+    ids_a, ids_b: int [n_a], [n_b] user ids (unique within a row).
+    values_a, values_b: [n_a], [n_b] values in the order of the ids. NaN
+      marks a user the row did not evaluate; such users are dropped.
+
+  Returns:
+    (user ids [m], values_a [m], values_b [m]) for the m common users.
+
+  Raises:
+    ValueError: a row repeats a user id or ids and values differ in length.
+  """
+  kept = []
+  for ids, values in ((ids_a, values_a), (ids_b, values_b)):
+    ids = np.asarray(ids, np.int64)
+    values = np.asarray(values, np.float64)
+    if ids.shape != values.shape:
+      raise ValueError(f"ids {ids.shape} and values {values.shape} differ.")
+    if len(np.unique(ids)) != len(ids):
+      raise ValueError("A row lists a user id twice.")
+    evaluated = ~np.isnan(values)
+    kept.append((ids[evaluated], values[evaluated]))
+  (ids_a, values_a), (ids_b, values_b) = kept
+  common, in_a, in_b = np.intersect1d(
+    ids_a, ids_b, assume_unique=True, return_indices=True
+  )
+  return common, values_a[in_a], values_b[in_b]

@@ -1,0 +1,164 @@
+"""Bootstrap intervals and paired tests against hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ilm_jax import stats
+
+
+def test_mcnemar_matches_the_binomial_sum_by_hand():
+  # 1 user only hit by A, 9 only by B, 5 by both, 5 by neither.
+  a = np.array([1] + [0] * 9 + [1] * 5 + [0] * 5)
+  b = np.array([0] + [1] * 9 + [1] * 5 + [0] * 5)
+  result = stats.mcnemar(a, b)
+  assert (result.users, result.only_a, result.only_b) == (20, 1, 9)
+  # Two-sided exact: 2 * P(X <= 1), X ~ Binomial(10, 1/2).
+  by_hand = 2 * (math.comb(10, 0) + math.comb(10, 1)) / 2**10
+  assert by_hand == 0.021484375
+  assert result.p_value == pytest.approx(by_hand, abs=1e-12)
+  # Symmetric in the rows.
+  assert stats.mcnemar(b, a).p_value == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_mcnemar_balanced_and_without_discordant_pairs():
+  # 3 vs 3 discordant: the observed count is the most likely one, p = 1.
+  a = np.array([1, 1, 1, 0, 0, 0, 1])
+  b = np.array([0, 0, 0, 1, 1, 1, 1])
+  assert stats.mcnemar(a, b).p_value == pytest.approx(1.0)
+  same = np.array([1, 0, 1, 1])
+  result = stats.mcnemar(same, same)
+  assert (result.only_a, result.only_b, result.p_value) == (0, 0, 1.0)
+  # 0 vs 4 discordant: 2 * (1/2)**4.
+  result = stats.mcnemar([0, 0, 0, 0], [1, 1, 1, 1])
+  assert result.p_value == pytest.approx(2 / 16)
+
+
+def test_mcnemar_rejects_non_binary_hits():
+  with pytest.raises(ValueError, match="binary"):
+    stats.mcnemar([0.5, 1.0], [0.0, 1.0])
+  with pytest.raises(ValueError, match="shape"):
+    stats.mcnemar([0, 1], [0, 1, 1])
+
+
+def test_interval_of_a_constant_vector_is_degenerate():
+  assert stats.bootstrap_interval(np.full(30, 0.25)) == (0.25, 0.25)
+  assert stats.bootstrap_interval(np.zeros(500)) == (0.0, 0.0)
+  low, high = stats.bootstrap_interval([0.7])
+  assert math.isnan(low) and math.isnan(high)
+
+
+def test_interval_rejects_empty_and_non_finite_values():
+  with pytest.raises(ValueError, match="non-empty"):
+    stats.bootstrap_interval([])
+  with pytest.raises(ValueError, match="NaN"):
+    stats.bootstrap_interval([0.0, np.nan])
+
+
+def test_interval_is_seeded_and_brackets_the_mean():
+  values = np.random.default_rng(3).random(200)
+  first = stats.bootstrap_interval(values, resamples=2000, seed=5)
+  assert first == stats.bootstrap_interval(values, resamples=2000, seed=5)
+  assert first[0] < values.mean() < first[1]
+
+
+def _numpy_percentile_interval(values, resamples, seed):
+  """Independent reference: resample with numpy, take percentiles."""
+  rng = np.random.default_rng(seed)
+  rows = rng.integers(0, len(values), size=(resamples, len(values)))
+  means = values[rows].mean(axis=1)
+  return np.percentile(means, [2.5, 97.5])
+
+
+def test_percentile_interval_matches_an_independent_numpy_bootstrap():
+  values = (np.random.default_rng(0).random(400) < 0.3).astype(float)
+  ours = stats.bootstrap_interval(
+    values, resamples=20_000, seed=1, method="percentile"
+  )
+  reference = _numpy_percentile_interval(values, 20_000, seed=2)
+  # Different resamples: agreement up to Monte Carlo error (the standard
+  # error of the mean is ~0.023 here; the endpoints move by ~1e-3).
+  np.testing.assert_allclose(ours, reference, atol=4e-3)
+  # And both match the normal approximation mean +- 1.96 se.
+  se = values.std() / math.sqrt(len(values))
+  normal = values.mean() + np.array([-1.96, 1.96]) * se
+  np.testing.assert_allclose(ours, normal, atol=6e-3)
+  # BCa differs from the percentile interval by a small skew correction.
+  bca = stats.bootstrap_interval(values, resamples=20_000, seed=1)
+  np.testing.assert_allclose(bca, reference, atol=6e-3)
+
+
+def test_interval_covers_the_true_mean_about_95_percent_of_the_time():
+  rng = np.random.default_rng(7)
+  true_rate, trials = 0.3, 200
+  covered = 0
+  for trial in range(trials):
+    hits = (rng.random(150) < true_rate).astype(float)
+    low, high = stats.bootstrap_interval(hits, resamples=1000, seed=trial)
+    covered += low <= true_rate <= high
+  # Binomial(200, 0.95) lies in [181, 197] with probability > 0.99.
+  assert 181 <= covered <= 197, covered
+
+
+def test_paired_bootstrap_of_identical_rows_gives_p_one():
+  values = np.random.default_rng(1).random(100)
+  result = stats.paired_bootstrap(values, values)
+  assert result.p_value == 1.0
+  assert result.mean_difference == 0.0
+  assert result.interval == (0.0, 0.0)
+  assert result.users == 100
+
+
+def test_paired_bootstrap_detects_a_clear_difference_and_not_noise():
+  rng = np.random.default_rng(2)
+  base = rng.random(300)
+  better = base + 0.1 + 0.05 * rng.standard_normal(300)
+  result = stats.paired_bootstrap(better, base, resamples=5000)
+  # Every resampled mean difference is ~0.1 +- 0.003: none reaches the
+  # null's tail, so p is the smallest possible.
+  assert result.p_value == pytest.approx(1 / 5001)
+  assert result.mean_difference == pytest.approx(np.mean(better - base))
+  assert result.interval[0] < result.mean_difference < result.interval[1]
+  assert result.interval[0] > 0.09
+  # Zero-mean noise on top of the same values: no difference found.
+  noisy = base + 0.05 * rng.standard_normal(300)
+  assert stats.paired_bootstrap(noisy, base, resamples=5000).p_value > 0.05
+
+
+def test_paired_bootstrap_p_value_matches_an_independent_computation():
+  rng = np.random.default_rng(4)
+  a = (rng.random(200) < 0.2).astype(float)
+  b = (rng.random(200) < 0.12).astype(float)
+  ours = stats.paired_bootstrap(a, b, resamples=20_000, seed=0).p_value
+  # Reference: numpy resampling of the differences, shifted to the null.
+  d = a - b
+  rows = np.random.default_rng(9).integers(0, 200, size=(20_000, 200))
+  shifted = d[rows].mean(axis=1) - d.mean()
+  reference = np.mean(np.abs(shifted) >= abs(d.mean()))
+  assert ours == pytest.approx(reference, abs=0.01)
+  # 30 vs 21 hits (27 vs 18 discordant users): a difference of 0.045 that
+  # is not significant; the normal approximation of the paired test gives
+  # p = 2 * (1 - Phi(mean / se)) = 0.178.
+  se = d.std() / math.sqrt(len(d))
+  normal_p = math.erfc(abs(d.mean()) / se / math.sqrt(2))
+  assert normal_p == pytest.approx(0.1777, abs=1e-3)
+  assert ours == pytest.approx(normal_p, abs=0.05)
+
+
+def test_paired_bootstrap_of_a_constant_nonzero_difference():
+  result = stats.paired_bootstrap(np.ones(10), np.zeros(10), resamples=99)
+  assert result.p_value == pytest.approx(0.01)
+  assert result.interval == (1.0, 1.0)
+
+
+def test_align_keeps_common_evaluated_users_in_id_order():
+  ids, a, b = stats.align(
+    [5, 1, 9, 3], [0.5, 0.1, 0.9, np.nan], [3, 9, 1, 7], [3.0, 9.0, 1.0, 7.0]
+  )
+  # 3 is NaN in row A (not evaluated), 5 and 7 are in one row only.
+  np.testing.assert_array_equal(ids, [1, 9])
+  np.testing.assert_array_equal(a, [0.1, 0.9])
+  np.testing.assert_array_equal(b, [1.0, 9.0])
+  with pytest.raises(ValueError, match="twice"):
+    stats.align([1, 1], [0.0, 1.0], [1], [0.0])
