@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import common as config_common
-from ilm_jax import sharding
+from ilm_jax import metric_writer, sharding
 from ilm_jax.data import sources
 from ilm_jax.evaluators import common, ranking
 
@@ -27,7 +27,21 @@ def _evaluate(dataset, score_fn, params, mesh, **overrides):
   (evaluator,) = common.from_config(
     {"under_test": config}, dataset=dataset, score_fn=score_fn, mesh=mesh
   )
-  return dict(evaluator.run(params))
+  return {
+    name: value
+    for name, value in evaluator.run(params)
+    if name != metric_writer.PER_USER
+  }
+
+
+def _per_user(dataset, score_fn, params, mesh, **overrides):
+  config = dict(type="ranking", split="test", batch_size=16) | overrides
+  (evaluator,) = common.from_config(
+    {"under_test": config}, dataset=dataset, score_fn=score_fn, mesh=mesh
+  )
+  results = list(evaluator.run(params))
+  (block,) = [value for name, value in results if name == "per_user"]
+  return dict(results), block
 
 
 def _index_order_scores(params, batch):
@@ -157,3 +171,32 @@ def test_exclusion_mask_by_hand():
   np.testing.assert_array_equal(
     mask, [[True, False, True, False], [False, False, False, False]]
   )
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic", "expected"])
+def test_per_user_results_add_up_to_the_means(dataset, ties):
+  def tied_scores(params, batch):
+    # Items 0-9 tie at the top, then index order: many tied targets.
+    del params
+    scores = -jnp.arange(40, dtype=jnp.float32)
+    scores = jnp.where(jnp.arange(40) < 10, 0.0, scores)
+    return jnp.broadcast_to(scores, (batch["user"].shape[0], 40))
+
+  got, block = _per_user(
+    dataset, tied_scores, {}, _mesh(8), ties=ties, prefix="m_", batch_size=24
+  )
+  # Every user once (60 users in batches of 24, the last one padded).
+  np.testing.assert_array_equal(np.sort(block["user_ids"]), np.arange(60))
+  assert got["m_users"] == len(block["user_ids"]) == 60
+  for name in ("m_hr@5", "m_hr@10", "m_ndcg@5", "m_ndcg@10"):
+    np.testing.assert_allclose(
+      np.mean(block[name], dtype=np.float64), got[name], rtol=1e-12
+    )
+  # Ranks by hand: a target among items 0-9 ties with the other 9 of
+  # them; a target t >= 10 has exactly t items above it.
+  targets = np.array([dataset.sequence(int(u))[-1] for u in block["user_ids"]])
+  tied_rank = {"pessimistic": 9.0, "optimistic": 0.0, "expected": 4.5}[ties]
+  expected = np.where(targets < 10, tied_rank, targets)
+  np.testing.assert_array_equal(block["m_rank"], expected)
+  if ties != "expected":
+    np.testing.assert_array_equal(block["m_hr@10"], expected < 10)
