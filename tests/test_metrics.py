@@ -3,12 +3,14 @@ metrics files with per-user results and intervals."""
 
 import json
 import math
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ilm_jax import metric_writer, metrics, train
+from ilm_jax.evaluators import generative
 
 INV_LOG2_3 = 1.0 / math.log2(3.0)  # NDCG gain at rank 1 (0-based)
 
@@ -231,3 +233,56 @@ def test_metrics_file_round_trips_with_missing_users(tmp_path):
   np.testing.assert_array_equal(arrays["user_ids"], [1, 2, 3])
   np.testing.assert_array_equal(arrays["rank"], [-1.0, np.nan, 2.0])
   assert metric_writer.read_per_user({"hr@10": 0.5}) is None
+
+
+def test_user_subsets_are_nested_prefixes_of_one_permutation():
+  small = generative._subset(6040, 100, seed=0)
+  large = generative._subset(6040, 500, seed=0)
+  np.testing.assert_array_equal(large[:100], small)
+  assert len(np.unique(large)) == 500
+  everyone = generative._subset(6040, 0, seed=0)
+  np.testing.assert_array_equal(everyone[:500], large)
+  np.testing.assert_array_equal(np.sort(everyone), np.arange(6040))
+  assert not np.array_equal(generative._subset(6040, 100, seed=1), small)
+
+
+def test_generative_ranking_per_user_block_adds_up_to_the_means():
+  evaluator = object.__new__(generative.GenerativeRankingEvaluator)
+  evaluator.name, evaluator.split = "rank", "test"
+  evaluator.config = {"tasks": ("sequential",)}
+  evaluator.users = np.array([5, 2, 7])
+  evaluator.dataset = types.SimpleNamespace(num_items=20)
+  templates = []
+
+  def evaluation_request(task, user, split, unseen, template_index):
+    templates.append((user, unseen, template_index))
+    return types.SimpleNamespace(target_item=user)  # the target is the id
+
+  evaluator.sampler = types.SimpleNamespace(
+    evaluation_request=evaluation_request
+  )
+  # Beam lists (top 3) per user 5, 2, 7: target 5 at position 1, target 2
+  # absent, target 7 first; the unseen lists miss everyone.
+  lists = {
+    False: np.array([[0, 5, 1], [3, 4, -1], [7, 8, 9]]),
+    True: np.array([[0, 1, 3], [3, 4, 6], [8, 9, 10]]),
+  }
+  evaluator._rank = lambda params, requests, what: lists["unseen" in what]
+  results = list(evaluator.run(params=None))
+  scalars = {k: v for k, v in results if k != "per_user"}
+  (block,) = [v for k, v in results if k == "per_user"]
+  # Each user's seen template is its position in the subset.
+  assert templates[:3] == [(5, False, 0), (2, False, 1), (7, False, 2)]
+  np.testing.assert_array_equal(block["user_ids"], [5, 2, 7])
+  np.testing.assert_array_equal(block["sequential/seen/rank"], [1, 3, 0])
+  np.testing.assert_array_equal(block["sequential/unseen/rank"], [3, 3, 3])
+  np.testing.assert_array_equal(block["sequential/seen/hr@5"], [1, 0, 1])
+  np.testing.assert_allclose(
+    block["sequential/seen/ndcg@5"], [INV_LOG2_3, 0.0, 1.0], rtol=1e-6
+  )
+  for which in ("seen", "unseen"):
+    for metric in ("hr@5", "hr@10", "ndcg@5", "ndcg@10"):
+      name = f"sequential/{which}/{metric}"
+      assert np.mean(block[name], dtype=np.float64) == scalars[name]
+  assert scalars["sequential/seen/hr@10"] == pytest.approx(2 / 3)
+  assert scalars["users"] == 3

@@ -10,7 +10,14 @@ consistency is the share of items whose generated text, embedded with
 MiniLM, is nearest (cosine) to that item's own text among all items; the
 log-perplexity of the reference text is measured by teacher forcing.
 
-Both evaluate a fixed, seeded subset (`num_users` / `num_items`; 0 = all).
+Both evaluate a fixed, seeded subset (`num_users` / `num_items`; 0 = all):
+the first `num_users` of one seeded permutation of all users, so a smaller
+subset is a prefix of a larger one (the 100-user rows are the first 100
+users of the 500-user rows), and each user keeps its seen template (the
+template index is the user's position in that permutation).
+`generative_ranking` also yields (metric_writer.PER_USER, block): per user,
+every HR/NDCG averaged above and `<task>/<which>/rank`, the target's 0-based
+position in the beam list (the list's length when it is absent).
 """
 
 import functools
@@ -23,17 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ilm_jax import decoding, metrics, progress, resources
+from ilm_jax import decoding, metric_writer, metrics, progress, resources
 from ilm_jax.evaluators import common
 from ilm_jax.models import bert
 
 
 def _subset(total: int, count: int, seed: int) -> np.ndarray:
-  if not count or count >= total:
-    return np.arange(total)
-  return np.sort(
-    np.random.default_rng(seed).choice(total, count, replace=False)
-  )
+  """The first `count` (0: all) of a seeded permutation of range(total)."""
+  order = np.random.default_rng(seed).permutation(total)
+  return order[:count] if count else order
 
 
 def _stack(examples: list[dict]) -> dict:
@@ -195,6 +200,7 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
 
   def run(self, params):
     start = time.perf_counter()
+    per_user = {"user_ids": np.asarray(self.users)}
     for task in self.config["tasks"]:
       for unseen in (False, True):
         requests = [
@@ -209,9 +215,16 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
         )
         targets = np.array([r.target_item for r in requests])
         values = ranked_list_metrics(ranked, targets, self.dataset.num_items)
-        for metric, per_user in values.items():
-          yield f"{task}/{which}/{metric}", float(per_user.mean())
+        for metric, column in values.items():
+          name = f"{task}/{which}/{metric}"
+          per_user[name] = column
+          yield name, float(np.mean(column, dtype=np.float64))
+        found = ranked == targets[:, None]
+        per_user[f"{task}/{which}/rank"] = np.where(
+          found.any(axis=1), found.argmax(axis=1), ranked.shape[1]
+        )
     yield "users", len(self.users)
+    yield metric_writer.PER_USER, per_user
     # One prompt per user, task and template kind (seen, unseen).
     prompts = 2 * len(self.config["tasks"]) * len(self.users)
     yield "ranking_prompts_per_s", prompts / (time.perf_counter() - start)
