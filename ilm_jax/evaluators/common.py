@@ -5,7 +5,10 @@ A phase's config holds `evals`, a dict of name -> dict(type=..., split=...,
 evaluator with the config and the phase's context (dataset, model functions,
 mesh). An evaluator's `run(params)` yields `(metric_name, value)` pairs; the
 trainer prefixes them with the evaluator's split and writes
-`WORKDIR/metrics/<phase>_<split>.json`.
+`WORKDIR/metrics/<phase>_<split>.json`. An evaluator that averages over
+users also yields `(metric_writer.PER_USER, {"user_ids": int [n], name:
+float [n], ...})`, the per-user values of its means, which the metrics file
+keeps (with bootstrap intervals) for paired comparisons between rows.
 """
 
 import importlib
@@ -21,7 +24,7 @@ class Evaluator(Protocol):
   name: str
   split: str  # "valid" runs during training; every split runs at the end
 
-  def run(self, params: Any) -> Iterator[tuple[str, float]]: ...
+  def run(self, params: Any) -> Iterator[tuple[str, Any]]: ...
 
 
 _REGISTRY: dict[str, Callable[..., Evaluator]] = {}
