@@ -206,19 +206,23 @@ def metrics_payload(
 
 
 def _dumps(payload: Mapping) -> str:
-  """Indented JSON with each per-user array on one line."""
-  if PER_USER not in payload:
-    return json.dumps(payload, indent=2, sort_keys=True) + "\n"
-  placeholder = "@@per_user@@"
-  text = json.dumps(
-    {**payload, PER_USER: placeholder}, indent=2, sort_keys=True
+  """Indented JSON; intervals on one line; per-user arrays last, one a line."""
+  rest = {k: v for k, v in payload.items() if k != PER_USER}
+  text = json.dumps(rest, indent=2, sort_keys=True)
+  # [low, high] on one line.
+  text = re.sub(
+    r"\[\n\s+([^\s,\[\]{}]+),\n\s+([^\s,\[\]{}]+)\n\s+\]", r"[\1, \2]", text
   )
+  if PER_USER not in payload:
+    return text + "\n"
   block = payload[PER_USER]
   lines = ",\n".join(
     f"    {json.dumps(name)}: {json.dumps(block[name])}"
-    for name in sorted(block)
+    for name in sorted(block, key=lambda n: (n != USER_IDS, n))
   )
-  return text.replace(json.dumps(placeholder), "{\n" + lines + "\n  }") + "\n"
+  head = text[: text.rindex("}")].rstrip()
+  separator = "," if rest else ""
+  return f"{head}{separator}\n  {json.dumps(PER_USER)}: {{\n{lines}\n  }}\n}}\n"
 
 
 def write_metrics(

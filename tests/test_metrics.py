@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ilm_jax import metric_writer, metrics, train
+from ilm_jax import metric_writer, metrics, stats, train
 from ilm_jax.evaluators import generative
+from ilm_jax.phases import eval as eval_phase
 
 INV_LOG2_3 = 1.0 / math.log2(3.0)  # NDCG gain at rank 1 (0-based)
 
@@ -286,3 +287,84 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
       assert np.mean(block[name], dtype=np.float64) == scalars[name]
   assert scalars["sequential/seen/hr@10"] == pytest.approx(2 / 3)
   assert scalars["users"] == 3
+
+
+# --- The results tables of the eval phase.
+
+
+def _write_row(workdir, prefix, user_ids, hits, ndcg, phase2=True):
+  names = (
+    ("sequential/seen/hr@10", "sequential/seen/ndcg@10")
+    if phase2
+    else ("hr@10", "ndcg@10")
+  )
+  per_user = {"user_ids": np.asarray(user_ids)}
+  per_user[names[0]], per_user[names[1]] = np.asarray(hits), np.asarray(ndcg)
+  scalars = {n: float(np.mean(per_user[n])) for n in names}
+  scalars["users"] = float(len(user_ids))
+  metric_writer.write_metrics(
+    workdir / "metrics" / f"{prefix}_test.json", scalars, per_user
+  )
+
+
+def test_results_tables_report_intervals_and_paired_tests(tmp_path):
+  # ILM evaluates users 0-29 and hits 0-9; the MLP row evaluates users
+  # 0-19 only and hits 0 and 2-18.
+  users = np.arange(30)
+  ilm_hits = (users < 10).astype(float)
+  _write_row(tmp_path, "ilm", users, ilm_hits, ilm_hits * 0.5)
+  mlp_users = np.arange(20)
+  mlp_hits = ((mlp_users == 0) | (mlp_users >= 2)).astype(float)
+  mlp_hits[19] = 0.0
+  _write_row(tmp_path, "ilm_mlp", mlp_users, mlp_hits, mlp_hits * 0.25)
+  _write_row(tmp_path, "ilm_curve_s80", users, ilm_hits, ilm_hits * 0.5)
+  _write_row(tmp_path, "sasrec", np.arange(60), np.ones(60), np.ones(60), False)
+  metric_writer.write_json(
+    tmp_path / "metrics" / "popularity_test.json",
+    {"hr@10": 0.1, "ndcg@10": 0.05, "users": 60.0},
+  )
+  table = eval_phase.results_table(tmp_path)
+  ilm = json.loads((tmp_path / "metrics" / "ilm_test.json").read_text())
+  low, high = ilm["sequential/seen/hr@10_ci95"]
+  assert low < 1 / 3 < high
+  ilm_line = next(
+    line for line in table.splitlines() if line.startswith("| ILM (Q")
+  )
+  assert f"| 30 | 0.3333 [{low:.4f}, {high:.4f}] |" in ilm_line
+  assert ilm_line.split(" | ")[-2] == "yes"  # per-user results
+  popularity = next(
+    line for line in table.splitlines() if line.startswith("| Popularity")
+  )
+  assert "| 60 | 0.1000 | 0.0500 | – | – |" in popularity
+  assert popularity.split(" | ")[-2] == "no"  # marked, still printed
+  assert "| ilm_curve_s80 | 30 |" in table  # extra variants follow
+
+  paired = eval_phase.paired_table(tmp_path, "seen")
+  mlp_line = next(line for line in paired.splitlines() if "CoLLM" in line)
+  cells = [c.strip() for c in mlp_line.strip("|").split("|")]
+  # 20 common users; only ILM hits user 1, only MLP hits users 10-18 (9).
+  # McNemar: 2 * (C(10,0) + C(10,1)) / 2**10 = 0.021484375.
+  assert cells[1] == "20"
+  assert cells[2] == "0.5000 / 0.9000"
+  assert cells[3] == "1 / 9"
+  assert cells[4] == "0.0215"
+  # NDCG@10: ILM 0.5 * hits, MLP 0.25 * hits on users 0-19.
+  difference = np.mean(0.5 * ilm_hits[:20] - 0.25 * mlp_hits)
+  assert cells[5].startswith(f"{difference:+.4f} [")
+  expected_p = stats.paired_bootstrap(
+    0.5 * ilm_hits[:20], 0.25 * mlp_hits
+  ).p_value
+  assert cells[6] == f"{expected_p:.3g}"
+  # SASRec (phase 0) is compared on the seen column; the old-format
+  # popularity file has no per-user data; an identical row gives p = 1.
+  sasrec_line = next(line for line in paired.splitlines() if "SASRec" in line)
+  assert "| 30 | 0.3333 / 1.0000 | 0 / 20 |" in sasrec_line
+  assert "no per-user data" in next(
+    line for line in paired.splitlines() if "Popularity" in line
+  )
+  same = next(line for line in paired.splitlines() if "curve" in line)
+  assert same.rstrip(" |").endswith("| 1")
+  assert "0 / 0 | 1 |" in same
+  # Phase-0 rows have no unseen templates: only phase-2 rows there.
+  unseen = eval_phase.paired_table(tmp_path, "unseen")
+  assert "SASRec" not in unseen and "CoLLM" in unseen

@@ -1,11 +1,19 @@
-"""The `eval` phase: one markdown results table from the workdir's metrics.
+"""The `eval` phase: markdown results tables from the workdir's metrics.
 
 Reads `WORKDIR/metrics/<name>_test.json` for every ILM variant and phase-0
 model that ran, and `WORKDIR/phases.json` for wall times, and writes
-`WORKDIR/results.md` (plus a phase-1 table of the Q-Former runs present). ILM rows are sequential recommendation on seen and
-unseen templates (trie-constrained beam search over all titles, on the
-evaluated user subset); phase-0 rows are OpenP5's full ranking over all items
-for all users (no prompts, so no seen/unseen split).
+`WORKDIR/results.md`:
+  - one row per metrics file: users, HR@10 / NDCG@10 with their 95%
+    bootstrap intervals (from the file), HR@5 / NDCG@5, semantic
+    consistency, wall time; rows whose file has no per-user results (older
+    runs) print with "no" in the per-user column and no intervals;
+  - ILM against every other row, on the users both evaluated: exact
+    McNemar test on the HR@10 hits and a paired bootstrap test of NDCG@10;
+  - a phase-1 table of the Q-Former runs present.
+ILM rows are sequential recommendation on seen and unseen templates
+(trie-constrained beam search over all titles, on the evaluated user
+subset); phase-0 rows are OpenP5's full ranking over all items for all
+users (no prompts, so no seen/unseen split; compared on the seen column).
 """
 
 import json
@@ -15,8 +23,12 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
+from ilm_jax import metric_writer, stats
+
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
-# Row label for each metrics-file prefix, in table order.
+# Row label for each metrics-file prefix, in table order. Other
+# `ilm_<variant>_test.json` files (e.g. learning-curve runs) follow, labelled
+# by their prefix.
 ROWS = (
   ("ilm", "ILM (Q-Former + linear projector)"),
   ("ilm_mlp", "MLP projector (CoLLM-style)"),
@@ -30,6 +42,7 @@ ROWS = (
   ("mf", "MF (phase 0, full ranking)"),
   ("popularity", "Popularity (phase 0, full ranking)"),
 )
+REFERENCE = "ilm"  # the row every other row is compared with
 
 
 # Phase-1 rows (metrics/<prefix>_test.json and _valid.json) and columns.
@@ -54,44 +67,161 @@ def _cell(value) -> str:
   return "–" if value is None else f"{value:.4f}"
 
 
+def _p_cell(value) -> str:
+  return "–" if value is None else f"{value:.3g}"
+
+
+def _interval_cell(values: dict, name: str) -> str:
+  """ "mean [low, high]", or the mean alone without an interval."""
+  mean, interval = values.get(name), values.get(name + "_ci95")
+  if mean is None or not interval or None in interval:
+    return _cell(mean)
+  return f"{mean:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def present_rows(workdir: pathlib.Path) -> list[tuple[str, str, dict]]:
+  """(prefix, label, metrics) of every test-metrics file, in table order."""
+  metrics_dir = workdir / "metrics"
+  known = dict(ROWS)
+  extra = sorted(
+    path.name.removesuffix("_test.json")
+    for path in metrics_dir.glob("ilm_*_test.json")
+    if path.name.removesuffix("_test.json") not in known
+  )
+  rows = []
+  for prefix in [p for p, _ in ROWS] + extra:
+    path = metrics_dir / f"{prefix}_test.json"
+    if path.exists():
+      rows.append(
+        (prefix, known.get(prefix, prefix), json.loads(path.read_text()))
+      )
+  return rows
+
+
+def _metric_name(prefix: str, which: str, metric: str) -> str:
+  """The file's key of `metric` on the `which` templates of a row."""
+  if prefix.startswith("ilm"):
+    return f"sequential/{which}/{metric}"
+  return metric  # phase 0: no templates
+
+
 def results_table(workdir: pathlib.Path) -> str:
   """The markdown table of every test-metrics file present in `workdir`."""
-  metrics_dir = workdir / "metrics"
   phases_file = workdir / "phases.json"
   phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
   header = (
-    ["model"]
-    + [f"seen {m}" for m in METRICS]
-    + [f"unseen {m}" for m in METRICS]
-    + ["semantic consistency (seen)", "users", "phase wall time (s)"]
+    ["model", "users"]
+    + [
+      f"{which} {m} [95% CI]"
+      for which in ("seen", "unseen")
+      for m in ("hr@10", "ndcg@10")
+    ]
+    + [
+      "seen hr@5",
+      "seen ndcg@5",
+      "semantic consistency (seen)",
+      "per-user",
+      "phase wall time (s)",
+    ]
   )
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for prefix, label in ROWS:
-    path = metrics_dir / f"{prefix}_test.json"
-    if not path.exists():
-      continue
-    values = json.loads(path.read_text())
-    if prefix.startswith("ilm"):
-      seen = [values.get(f"sequential/seen/{m}") for m in METRICS]
-      unseen = [values.get(f"sequential/unseen/{m}") for m in METRICS]
+  rows = []
+  for prefix, label, values in present_rows(workdir):
+    is_ilm = prefix.startswith("ilm")
+    intervals = [
+      _interval_cell(values, _metric_name(prefix, which, m))
+      if is_ilm or which == "seen"
+      else "–"
+      for which in ("seen", "unseen")
+      for m in ("hr@10", "ndcg@10")
+    ]
+    at5 = [
+      _cell(values.get(_metric_name(prefix, "seen", m)))
+      for m in ("hr@5", "ndcg@5")
+    ]
+    if is_ilm:
       consistency = values.get("description/seen/semantic_consistency")
       wall = phases.get(prefix, {}).get("wall_time_s")
     else:
-      seen = [values.get(m) for m in METRICS]
-      unseen, consistency = [None] * len(METRICS), None
+      consistency = None
       wall = phases.get("cf", {}).get(f"{prefix}/wall_time_s")
     users = values.get("users")
-    row = (
-      [label]
-      + [_cell(v) for v in seen + unseen]
+    rows.append(
+      [label, "–" if users is None else str(int(users))]
+      + intervals
+      + at5
       + [
         _cell(consistency),
-        "–" if users is None else str(int(users)),
+        "yes" if metric_writer.PER_USER in values else "no",
         "–" if wall is None else f"{wall:.0f}",
       ]
     )
-    lines.append("| " + " | ".join(row) + " |")
-  return "\n".join(lines) + "\n"
+  return _table(header, rows)
+
+
+def _paired_row(
+  reference: dict, other_prefix: str, other: dict, which: str
+) -> list[str]:
+  """Users, HR@10 of both, McNemar p, NDCG@10 difference and its p."""
+  mine, theirs = (
+    metric_writer.read_per_user(reference),
+    metric_writer.read_per_user(other),
+  )
+  if mine is None or theirs is None:
+    return ["no per-user data"] + ["–"] * 5
+  cells = []
+  for metric in ("hr@10", "ndcg@10"):
+    a_name = _metric_name(REFERENCE, which, metric)
+    b_name = _metric_name(other_prefix, which, metric)
+    if a_name not in mine or b_name not in theirs:
+      return ["no per-user data"] + ["–"] * 5
+    users, a, b = stats.align(
+      mine["user_ids"], mine[a_name], theirs["user_ids"], theirs[b_name]
+    )
+    if not len(users):
+      return ["0"] + ["–"] * 5
+    if metric == "hr@10":
+      cells.append(str(len(users)))
+      cells.append(f"{a.mean():.4f} / {b.mean():.4f}")
+      try:
+        test = stats.mcnemar(a, b)
+        cells += [f"{test.only_a} / {test.only_b}", _p_cell(test.p_value)]
+      except ValueError:  # fractional hits ("expected" ties)
+        cells += ["–", "–"]
+    else:
+      test = stats.paired_bootstrap(a, b)
+      low, high = test.interval
+      cells.append(f"{test.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]")
+      cells.append(_p_cell(test.p_value))
+  return cells
+
+
+def paired_table(workdir: pathlib.Path, which: str = "seen") -> str:
+  """ILM against every other row on the users both evaluated ("" if no ILM)."""
+  rows = present_rows(workdir)
+  reference = next((v for p, _, v in rows if p == REFERENCE), None)
+  if reference is None:
+    return ""
+  header = [
+    "ILM vs",
+    "common users",
+    "HR@10 ILM / row",
+    "hits only ILM / only row",
+    "McNemar p (HR@10)",
+    "NDCG@10 ILM - row [95% CI]",
+    "paired bootstrap p (NDCG@10)",
+  ]
+  body = [
+    [label] + _paired_row(reference, prefix, values, which)
+    for prefix, label, values in rows
+    if prefix != REFERENCE and (which == "seen" or prefix.startswith("ilm"))
+  ]
+  return _table(header, body) if body else ""
 
 
 def qformer_table(workdir: pathlib.Path) -> str:
@@ -132,11 +262,21 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
     for name, summary in phases.items()
   )
+  paired = {which: paired_table(workdir, which) for which in ("seen", "unseen")}
   text = (
     "# Results\n\nTest split. ILM rows: sequential recommendation by "
     "trie-constrained beam search over all item titles. Phase-0 rows: "
-    "full ranking over all items.\n\n"
+    "full ranking over all items. Intervals: 95% BCa bootstrap over "
+    "users.\n\n"
     + table
+    + "".join(
+      f"\n## ILM against each row ({which} templates, common users)\n\n"
+      "Exact McNemar test on the HR@10 hits (users hit by only one of the "
+      "two rows); paired bootstrap test of the mean NDCG@10 difference.\n\n"
+      + paired[which]
+      for which in ("seen", "unseen")
+      if paired[which]
+    )
     + (
       "\n## Phase 1: Q-Former retrieval over all items\n\n" + phase1
       if phase1
