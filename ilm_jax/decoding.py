@@ -14,8 +14,11 @@ and caches whose non-scalar leaves have the batch on axis 0. Beam search
 also passes `positions` ([batch, time] rotary positions) and
 `key_visibility` ([batch, time, cache_len] bool, which cache slots each new
 token attends to): all beams of a row share one cache row (tree attention),
-so the prompt is cached once per row and no cache is reordered. Params are
-jit arguments, never closed over (XLA would constant-fold them).
+so the prompt is cached once per row and no cache is reordered. A model
+may offer `decode_step_inputs(params) -> dict`: extra `apply` inputs of the
+one-token steps, made once before the loop (the Llama unstacks its layers
+there). Params are jit arguments, never closed over (XLA would
+constant-fold them).
 """
 
 import functools
@@ -25,8 +28,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from ilm_jax.models import llm
 
 # eos and pad ids are traced, not static, so changing them does not
 # recompile the decoding loop.
@@ -53,17 +54,10 @@ def _prefill(model, params, prompt_ids, prompt_embeds, prompt_mask, extra):
 
 
 def _step_inputs(model, params) -> dict:
-  """Extra inputs of the one-token steps, prepared once before the loop.
-
-  A Llama runs its steps on per-layer weight arrays (`layer_params`): one
-  token per row is bound by reading the weights, and a scanned layer stack
-  would copy each layer's slice at every step. The barrier keeps XLA from
-  moving the slicing back into the loop.
-  """
-  if isinstance(model, llm.Llama):
-    layers = llm.unstack_layers(params)
-    return dict(layer_params=jax.lax.optimization_barrier(layers))
-  return {}
+  """Extra inputs of the one-token steps, prepared once before the loop by
+  the model's `decode_step_inputs(params)` where it has one."""
+  prepare = getattr(model, "decode_step_inputs", None)
+  return {} if prepare is None else prepare(params)
 
 
 def _step(model, params, tokens, cache, step_inputs):

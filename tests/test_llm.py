@@ -362,3 +362,76 @@ def test_activation_constraints_apply_under_the_mesh_and_keep_results():
     == 0
   )  # no mesh, no rules: no constraints
   np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_bf16_matmuls_match_float32_and_give_input_gradients(tied):
+  """`frozen_matmul="xla"`: the dense layers and the head in bf16 operands
+  with f32 accumulation against the all-f32 model on the same params."""
+  config = TINY.replace(tie_word_embeddings=tied)
+  model, params = init_params(config)
+  frozen = llm.Llama(config.replace(frozen_matmul="xla"))
+  ids, mask = left_padded_batch()
+  embeds = params["embedding"][ids]
+  # The reference: the f32 model on bf16-rounded weights, so the only
+  # difference left is the rounding of the activations at each matmul.
+  rounded = jax.tree.map(
+    lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params
+  )
+
+  def loss(model, params, embeds):
+    logits, _ = apply(model, params, input_embeds=embeds, attention_mask=mask)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
+
+  grad_fn = jax.value_and_grad(loss, argnums=2, has_aux=True)
+  (value32, logits32), grad32 = grad_fn(model, rounded, embeds)
+  (value16, logits16), grad16 = grad_fn(frozen, params, embeds)
+  assert logits16.dtype == jnp.float32 and grad16.dtype == jnp.float32
+  scale = float(jnp.abs(logits32).max())
+  assert float(jnp.abs(logits16 - logits32).max()) < 0.02 * scale
+  assert float(jnp.abs(logits16 - logits32).max()) > 0  # bf16 did run
+  assert abs(float(value16) - float(value32)) < 0.01 * abs(float(value32))
+  cosine = jnp.vdot(grad16, grad32) / (
+    jnp.linalg.norm(grad16) * jnp.linalg.norm(grad32)
+  )
+  assert float(cosine) > 0.99
+  # No gradient reaches the matmul weights (norm scales and biases are
+  # ordinary parameters and still get one).
+  weight_grads = jax.grad(lambda p: loss(frozen, p, embeds)[0])(params)
+  dense = ("q", "k", "v", "o", "gate", "up", "down", "lm_head", "embedding")
+  grads = {
+    jax.tree_util.keystr(path): float(jnp.abs(g).max())
+    for path, g in jax.tree_util.tree_leaves_with_path(weight_grads)
+  }
+  assert {k: v for k, v in grads.items() if k.endswith(dense_keys(dense))} == {
+    k: 0.0 for k in grads if k.endswith(dense_keys(dense))
+  }
+  assert max(grads.values()) > 0  # the norm scales do get gradients
+
+
+def dense_keys(names):
+  return tuple(f"['{n}']" for n in names)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_step_inputs_give_the_same_step_logits(tied):
+  """The prepared head and unstacked layers of `decode_step_inputs` give
+  the step results of the plain call, with and without frozen matmuls."""
+  for frozen_matmul in (None, "xla"):
+    config = TINY.replace(tie_word_embeddings=tied, frozen_matmul=frozen_matmul)
+    model, params = init_params(config)
+    ids, mask = left_padded_batch()
+    cache = model.init_cache(3, 12)
+    _, cache = apply(
+      model,
+      params,
+      input_ids=ids[:, :8],
+      attention_mask=mask[:, :8],
+      cache=cache,
+    )
+    prepared = model.decode_step_inputs(params)
+    assert ("output_head" in prepared) == (frozen_matmul is not None)
+    step = dict(input_ids=ids[:, 8:], attention_mask=mask[:, 8:], cache=cache)
+    plain, _ = apply(model, params, **step)
+    fast, _ = apply(model, params, **step, **prepared)
+    np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=1e-5)

@@ -32,6 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ilm_jax.ops import onednn_matmul
+
+FROZEN_MATMULS = (None, "xla", "onednn")
+
 # Large finite negative score for masked keys: a query row with no visible
 # key (a left-pad token) then gets a uniform softmax instead of NaNs.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
@@ -77,6 +81,14 @@ class LlamaConfig:
   # activations (jax.checkpoint, saving nothing but the layer inputs): the
   # frozen LLM's activations otherwise dominate phase-2 memory at 1B+.
   remat: bool = False
+  # The dense layers' matmuls (q, k, v, o, gate, up, down and the output
+  # head) as `ops.onednn_matmul.frozen_matmul`: bfloat16 operands, float32
+  # accumulation, gradients into the activations only, so only for a frozen
+  # LLM. None: ordinary matmuls in `dtype`; "xla": XLA's bf16 dot (on CPU
+  # with a row-major copy of each transposed weight); "onednn": the oneDNN
+  # custom call on CPU (AMX kernels where the CPU has them), XLA elsewhere.
+  # Activations, norms, attention scores and softmax stay in `dtype`.
+  frozen_matmul: str | None = None
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators)
   param_dtype: Any = jnp.float32  # storage dtype of the parameters
 
@@ -119,14 +131,37 @@ def _rotate(x, cos, sin):
 
 
 def _param(module, name, shape, axes, init, dtype):
-  """Declares a logically partitioned parameter and casts it for compute."""
+  """Declares a logically partitioned parameter and casts it for compute
+  (dtype None: the value as stored or as passed in)."""
   value = module.param(
     name,
     nn.with_logical_partitioning(init, axes),
     shape,
     module.config.param_dtype,
   )
-  return jnp.asarray(value, dtype)
+  return value if dtype is None else jnp.asarray(value, dtype)
+
+
+def _frozen_dense(config: LlamaConfig, x, w, in_dims: int, transpose_w=False):
+  """x [..., *w.shape[:in_dims]] @ w -> [..., *w.shape[in_dims:]] through
+  `frozen_matmul` (bf16 operands, f32 accumulation, no weight gradient);
+  with `transpose_w`, w is 2-D and read as its transpose. Returns `dtype`."""
+  if transpose_w:
+    k, n = w.shape[1], w.shape[0]
+    out_shape = (n,)
+  else:
+    k = math.prod(w.shape[:in_dims])
+    n = math.prod(w.shape[in_dims:])
+    out_shape = w.shape[in_dims:]
+    w = w.reshape(k, n)
+  lead = x.shape[: x.ndim - in_dims]
+  y = onednn_matmul.frozen_matmul(
+    x.reshape(*lead, k),
+    w,
+    transpose_w=transpose_w,
+    use_ffi=None if config.frozen_matmul == "onednn" else False,
+  )
+  return y.reshape(*lead, *out_shape)
 
 
 _KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -154,6 +189,8 @@ def _constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+# The per-layer weights that `DecoderLayer._dense` multiplies by.
+_DENSE = ("q", "k", "v", "o", "gate", "up", "down")
 _Q_AXES = ("embed", "heads", "head_dim")
 _KV_AXES = ("embed", "kv_heads", "head_dim")
 _O_AXES = ("heads", "head_dim", "embed")
@@ -202,12 +239,23 @@ class DecoderLayer(nn.Module):
   def _bias(self, name, shape, axes):
     return self._weight(name, shape, axes, nn.initializers.zeros)
 
+  def _dense(self, x, name, shape, axes, in_dims=1):
+    """x's last `in_dims` axes times the weight `name` [*in, *out]."""
+    c = self.config
+    if c.frozen_matmul is None:
+      w = self._weight(name, shape, axes)
+      return jnp.tensordot(x, w, axes=in_dims)
+    # The weight as passed in (bf16 from `decode_step_inputs`, else as
+    # stored), not cast to `dtype`: frozen_matmul casts it to bf16.
+    w = _param(self, name, shape, axes, _KERNEL_INIT, None)
+    return _frozen_dense(c, x, w, in_dims).astype(c.dtype)
+
   def _attention(self, x, cache, rope, allowed, cache_index, layer):
     c = self.config
     e, h, kvh, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-    q = jnp.einsum("bte,ehd->bthd", x, self._weight("q", (e, h, d), _Q_AXES))
-    k = jnp.einsum("bte,ekd->btkd", x, self._weight("k", (e, kvh, d), _KV_AXES))
-    v = jnp.einsum("bte,ekd->btkd", x, self._weight("v", (e, kvh, d), _KV_AXES))
+    q = self._dense(x, "q", (e, h, d), _Q_AXES)
+    k = self._dense(x, "k", (e, kvh, d), _KV_AXES)
+    v = self._dense(x, "v", (e, kvh, d), _KV_AXES)
     q, k, v = (
       _constrain(q, _ACT_HEADS),
       _constrain(k, _ACT_KV),
@@ -246,9 +294,7 @@ class DecoderLayer(nn.Module):
     scores = jnp.where(allowed[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
-    out = jnp.einsum(
-      "bthd,hde->bte", out, self._weight("o", (h, d, e), _O_AXES)
-    )
+    out = self._dense(out, "o", (h, d, e), _O_AXES, in_dims=2)
     if c.attention_out_bias:
       out = out + self._bias("o_bias", (e,), ("embed",))
     return out, new_kv
@@ -256,14 +302,10 @@ class DecoderLayer(nn.Module):
   def _mlp(self, x):
     c = self.config
     shape = (c.hidden_size, c.intermediate_size)
-    gate = _constrain(
-      x @ self._weight("gate", shape, ("embed", "mlp")), _ACT_MLP
-    )
-    up = _constrain(x @ self._weight("up", shape, ("embed", "mlp")), _ACT_MLP)
+    gate = _constrain(self._dense(x, "gate", shape, ("embed", "mlp")), _ACT_MLP)
+    up = _constrain(self._dense(x, "up", shape, ("embed", "mlp")), _ACT_MLP)
     act = _ACTIVATIONS[c.mlp_activation]
-    return (act(gate) * up) @ self._weight(
-      "down", shape[::-1], ("mlp", "embed")
-    )
+    return self._dense(act(gate) * up, "down", shape[::-1], ("mlp", "embed"))
 
   @nn.compact
   def __call__(self, carry, cache, rope, allowed, cache_index):
@@ -376,18 +418,64 @@ class Llama(nn.Module):
       x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
     return x
 
-  def logits(self, hidden):
+  def logits(self, hidden, output_head=None):
     """Maps final hidden states to float32 vocabulary logits (soft-capped
-    with `final_logit_softcap`)."""
-    dt = self.config.dtype
-    if self.config.tie_word_embeddings:
-      w, spec = self.embedding, "...e,ve->...v"
+    with `final_logit_softcap`).
+
+    Args:
+      hidden: [..., hidden] final-norm hidden states.
+      output_head: optional [hidden, vocab] head weight prepared once by
+        `decode_step_inputs` (a decoding loop then does not transpose the
+        tied embedding at every step); by default the model's own.
+    """
+    c = self.config
+    if output_head is not None:
+      w, tied = output_head, False
+    elif c.tie_word_embeddings:
+      w, tied = self.embedding, True
     else:
-      w, spec = self.lm_head, "...e,ev->...v"
-    logits = jnp.einsum(
-      spec, hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32
-    )
-    return _softcap(logits, self.config.final_logit_softcap)
+      w, tied = self.lm_head, False
+    if c.frozen_matmul is not None:
+      logits = _frozen_dense(c, hidden, w, 1, transpose_w=tied)
+    else:
+      spec = "...e,ve->...v" if tied else "...e,ev->...v"
+      logits = jnp.einsum(
+        spec,
+        hidden.astype(c.dtype),
+        w.astype(c.dtype),
+        preferred_element_type=jnp.float32,
+      )
+    return _softcap(logits, c.final_logit_softcap)
+
+  def decode_step_inputs(self, params) -> dict:
+    """Extra `__call__` inputs for one-token decoding steps, made once
+    before the loop (see `decoding`): the layers unstacked
+    (`layer_params`) and, with `frozen_matmul`, the output head as a
+    row-major bf16 [hidden, vocab] array (`output_head`) and the layers'
+    matmul weights in bf16.
+
+    One token per row is bound by reading the weights: a scanned layer
+    stack would copy each layer's slice at every step, and a tied head
+    would be transposed at every step. The barrier keeps XLA from moving
+    that work back into the loop.
+    """
+    layers = unstack_layers(params)
+    if self.config.frozen_matmul is not None:
+      # The matmul weights in bf16 once, not cast at every step.
+      layers = [
+        {k: v.astype(jnp.bfloat16) if k in _DENSE else v for k, v in p.items()}
+        for p in layers
+      ]
+    inputs = dict(layer_params=layers)
+    if self.config.frozen_matmul is not None:
+      if self.config.tie_word_embeddings:
+        head = onednn_matmul.row_major_transpose(
+          params["embedding"].astype(jnp.bfloat16)
+        )
+      else:
+        head = params["lm_head"].astype(jnp.bfloat16)
+      inputs["output_head"] = head
+    return jax.lax.optimization_barrier(inputs)
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
     """Same as the module-level `init_cache` for this model's config."""
@@ -404,6 +492,7 @@ class Llama(nn.Module):
     last_only=False,
     layer_params=None,
     key_visibility=None,
+    output_head=None,
   ):
     """Runs the decoder on a chunk of tokens.
 
@@ -431,6 +520,7 @@ class Llama(nn.Module):
         causal and padding rule (tree attention: beam search keeps every
         beam of a row in one cache row, each beam seeing the prompt and its
         own ancestors). Pass explicit `positions` with it.
+      output_head: see `logits`.
 
     Returns:
       (logits [batch, time, vocab] float32 or hidden states, new cache or
@@ -489,7 +579,7 @@ class Llama(nn.Module):
         layer_kv.append(kv)
       new_kv = jax.tree.map(lambda *kv: jnp.stack(kv), *layer_kv)
     hidden = self.final_norm(x[:, -1:] if last_only else x)
-    out = hidden if return_hidden else self.logits(hidden)
+    out = hidden if return_hidden else self.logits(hidden, output_head)
     if cache is None:
       return out, None
     new_k, new_v = (jnp.swapaxes(a, 0, 1) for a in new_kv)  # batch first

@@ -60,7 +60,17 @@ def load_llm(llm_config: ml_collections.ConfigDict):
   # Recompute layers in the backward pass (large LLMs on accelerators).
   # Exports written before the field existed read as False.
   remat = bool(llm_config.get("remat", False))
-  return config.replace(remat=remat), params, tokenizer
+  frozen_matmul = llm_config.get("frozen_matmul", None) or None
+  if frozen_matmul not in llm.FROZEN_MATMULS:
+    raise ValueError(
+      f"ilm.llm.frozen_matmul={frozen_matmul!r}; expected one of "
+      f"{llm.FROZEN_MATMULS} (None or '': ordinary matmuls)."
+    )
+  return (
+    config.replace(remat=remat, frozen_matmul=frozen_matmul),
+    params,
+    tokenizer,
+  )
 
 
 def _logically_partitioned(llm_config, llm_params):
