@@ -1,0 +1,290 @@
+"""Learning curves of the phase-2 adapters, drawn from metrics files.
+
+  python docs/plot_learning_curves.py --workdir=WORKDIR \
+    --out=docs/learning_curves.png
+
+Each point is one phase-2 run: a variant `ilm_<series>_s<steps>` trained
+for `ilm.train.steps` and evaluated on the test users, whose
+`metrics/ilm_<series>_s<steps>_test.json` records the trained prompts
+(`train.prompts` = steps * global batch) beside HR@10 / NDCG@10 and their
+95% intervals. The runs of one workdir share its phase-0/1 outputs; several
+`--workdir`s are read together (e.g. budgets run on different machines).
+The right-hand panel is each run's logged training loss
+(`WORKDIR/ilm_<series>_s<steps>/logs/metrics.jsonl`, mean answer-token
+cross-entropy per log interval) against prompts seen. Horizontal lines are
+the reference rows present (`--references`, e.g. SASRec and the zero-shot
+LLM), averaged over the curves' users when their files carry per-user
+results. The runs (config `configs/ml1m.py:cpu`, batch 8; one workdir that
+already holds the phase-0/1 outputs):
+
+  for steps in 80 320 1280; do
+    python -m ilm_jax.main --config=configs/ml1m.py:cpu --workdir=WORKDIR \
+      --config.phases=ilm --config.ilm.evals.rank.num_users=500 \
+      --config.ilm.train.steps=$steps --config.ilm.variant=curve_ilm_s$steps
+    # MLP projector: --config.ilm.variant=curve_mlp_s$steps
+    #   --config.ilm.model.adapter=mlp
+    # text-only: --config.ilm.variant=curve_textonly_s$steps
+    #   --config.ilm.model.adapter=prompt --config.ilm.model.tokens_per_entity=20
+    # ILM-rand: --config.ilm.variant=curve_rand_s$steps
+    #   --config.ilm.model.qformer_init=random
+  done
+
+Needs matplotlib (`pip install -e ".[plot]"`); draws with the Agg backend.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import re
+import sys
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Run as a script from a checkout: the repository root holds ilm_jax.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from ilm_jax import metric_writer  # noqa: E402
+
+# (label, series key): runs are ilm.variant=<key>_s<steps>.
+SERIES = (
+  ("ILM (Q-Former)", "curve_ilm"),
+  ("MLP projector (CoLLM-style)", "curve_mlp"),
+  ("Text-only", "curve_textonly"),
+  ("ILM-rand (no phase 1)", "curve_rand"),
+)
+REFERENCES = (
+  ("SASRec", "sasrec"),
+  ("Zero-shot LLM", "ilm_zeroshot"),
+)
+# (metric, templates) per panel, row by row.
+PANELS = (
+  ("hr@10", "seen"),
+  ("hr@10", "unseen"),
+  ("ndcg@10", "seen"),
+  ("ndcg@10", "unseen"),
+)
+
+
+@dataclasses.dataclass
+class Run:
+  """One point of a curve: a phase-2 run's test metrics and training log.
+
+  Attributes:
+    name: the metrics-file prefix, "ilm_<series>_s<steps>".
+    prompts: training prompts (steps * global batch size).
+    users: test users evaluated.
+    user_ids: int [users] when the file has per-user results, else None.
+    values: (metric, templates) -> (mean, low, high); the interval is
+      (nan, nan) when the file has none.
+    loss_prompts: float [log records], prompts seen at each logged loss.
+    loss: float [log records], the logged training loss.
+  """
+
+  name: str
+  prompts: int
+  users: int
+  user_ids: np.ndarray | None
+  values: dict[tuple[str, str], tuple[float, float, float]]
+  loss_prompts: np.ndarray
+  loss: np.ndarray
+
+
+def _key(metric: str, templates: str) -> str:
+  return f"sequential/{templates}/{metric}"
+
+
+def training_loss(
+  workdir: pathlib.Path, name: str, batch_size: int, loss_key: str = "loss"
+) -> tuple[np.ndarray, np.ndarray]:
+  """(prompts seen, loss) of every logged training step of run `name`.
+
+  The log is appended to by every (re)start of the run: a step logged
+  twice keeps its last record.
+  """
+  path = workdir / name / "logs" / "metrics.jsonl"
+  by_step = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      if loss_key in record:
+        by_step[int(record["step"])] = float(record[loss_key])
+  steps = np.array(sorted(by_step), np.int64)
+  return steps * batch_size, np.array([by_step[s] for s in steps.tolist()])
+
+
+def read_run(workdir: pathlib.Path, name: str, loss_key: str = "loss") -> Run:
+  """The Run of `WORKDIR/metrics/<name>_test.json`.
+
+  Raises:
+    ValueError: the file has no `train` record (written before metrics
+      files recorded the trained steps).
+  """
+  path = workdir / "metrics" / f"{name}_test.json"
+  payload = json.loads(path.read_text())
+  if "train" not in payload:
+    raise ValueError(f"{path} has no train record; re-evaluate the run.")
+  values = {}
+  for metric, templates in PANELS:
+    key = _key(metric, templates)
+    interval = payload.get(key + metric_writer.INTERVAL_SUFFIX) or [None] * 2
+    low, high = (np.nan if v is None else v for v in interval)
+    values[(metric, templates)] = (payload[key], low, high)
+  per_user = metric_writer.read_per_user(payload)
+  batch_size = int(payload["train"]["batch_size"])
+  loss_prompts, loss = training_loss(workdir, name, batch_size, loss_key)
+  return Run(
+    name=name,
+    prompts=int(payload["train"]["prompts"]),
+    users=int(payload["users"]),
+    user_ids=None if per_user is None else per_user["user_ids"],
+    values=values,
+    loss_prompts=loss_prompts,
+    loss=loss,
+  )
+
+
+def collect(
+  workdirs: list[pathlib.Path], series=SERIES, loss_key: str = "loss"
+) -> dict[str, list[Run]]:
+  """label -> that series' runs in all workdirs, by prompts (empty: dropped)."""
+  curves = {}
+  for label, key in series:
+    pattern = re.compile(rf"(ilm_{re.escape(key)}_s\d+)_test\.json")
+    runs = [
+      read_run(workdir, match.group(1), loss_key)
+      for workdir in workdirs
+      for path in sorted((workdir / "metrics").glob("*_test.json"))
+      if (match := pattern.fullmatch(path.name))
+    ]
+    if runs:
+      curves[label] = sorted(runs, key=lambda run: run.prompts)
+  return curves
+
+
+def reference_values(
+  workdirs: list[pathlib.Path], user_ids: np.ndarray | None, refs=REFERENCES
+) -> dict[str, dict[tuple[str, str], float]]:
+  """label -> panel -> the reference row's mean on `user_ids` (if known).
+
+  Phase-0 rows have no templates: their one value serves both columns.
+  """
+  found = {}
+  for label, prefix in refs:
+    for workdir in workdirs:
+      path = workdir / "metrics" / f"{prefix}_test.json"
+      if not path.exists():
+        continue
+      payload = json.loads(path.read_text())
+      per_user = metric_writer.read_per_user(payload)
+      values = {}
+      for metric, templates in PANELS:
+        key = _key(metric, templates) if prefix.startswith("ilm") else metric
+        if key not in payload:
+          continue
+        if per_user is not None and key in per_user and user_ids is not None:
+          keep = np.isin(per_user["user_ids"], user_ids)
+          values[(metric, templates)] = float(np.nanmean(per_user[key][keep]))
+        else:
+          values[(metric, templates)] = float(payload[key])
+      found[label] = values
+      break
+  return found
+
+
+def plot(
+  curves: dict[str, list[Run]],
+  references: dict[str, dict[tuple[str, str], float]],
+  out: pathlib.Path,
+) -> matplotlib.figure.Figure:
+  """Draws the curves (2 x 3 panels) into the PNG `out`; returns the figure.
+
+  Metric panels: one line per series through its runs' means, a band
+  between their 95% interval ends, x = training prompts (log scale). Loss
+  panel: each run's logged loss against prompts seen.
+  """
+  figure, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+  colors = dict(
+    zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False)
+  )
+  panel_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]
+  for ax, panel in zip(panel_axes, PANELS, strict=True):
+    for label, runs in curves.items():
+      x = np.array([run.prompts for run in runs], np.float64)
+      mean, low, high = np.array([run.values[panel] for run in runs]).T
+      ax.plot(x, mean, marker="o", color=colors[label], label=label)
+      ax.fill_between(x, low, high, color=colors[label], alpha=0.15)
+    for index, (label, values) in enumerate(references.items()):
+      if panel in values:
+        ax.axhline(
+          values[panel],
+          color="gray",
+          linestyle=("--", ":", "-.")[index % 3],
+          label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training prompts")
+    ax.set_title(f"test {panel[0].upper()} ({panel[1]} templates)")
+    ax.set_ylim(bottom=0)
+  loss_ax = axes[0, 2]
+  for label, runs in curves.items():
+    for run in runs:
+      if len(run.loss):
+        loss_ax.plot(run.loss_prompts, run.loss, color=colors[label], lw=1)
+  loss_ax.set_xscale("log")
+  loss_ax.set_xlabel("prompts seen")
+  loss_ax.set_title("training loss (answer tokens)")
+  users = sorted({run.users for runs in curves.values() for run in runs})
+  legend_ax = axes[1, 2]
+  legend_ax.axis("off")
+  handles, labels = panel_axes[0].get_legend_handles_labels()
+  legend_ax.legend(handles, labels, loc="center")
+  legend_ax.set_title(
+    f"test users: {', '.join(map(str, users))}; bands: 95% bootstrap"
+  )
+  figure.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(out, dpi=100)
+  return figure
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument(
+    "--workdir", action="append", required=True, type=pathlib.Path
+  )
+  parser.add_argument(
+    "--out", type=pathlib.Path, default=pathlib.Path("learning_curves.png")
+  )
+  parser.add_argument("--loss_key", default="loss")
+  args = parser.parse_args(argv)
+  curves = collect(args.workdir, loss_key=args.loss_key)
+  if not curves:
+    raise SystemExit(
+      f"No ilm_curve_*_s<steps>_test.json metrics under {args.workdir}."
+    )
+  user_sets = {
+    tuple(run.user_ids.tolist())
+    for runs in curves.values()
+    for run in runs
+    if run.user_ids is not None
+  }
+  if len(user_sets) > 1:
+    print("Warning: the runs were evaluated on different users.")
+  ids = np.array(next(iter(user_sets))) if len(user_sets) == 1 else None
+  plot(curves, reference_values(args.workdir, ids), args.out)
+  for label, runs in curves.items():
+    for run in runs:
+      hr, low, high = run.values[("hr@10", "seen")]
+      print(
+        f"{label:32s} {run.prompts:>8d} prompts  {run.users} users  "
+        f"HR@10 seen {hr:.4f} [{low:.4f}, {high:.4f}]"
+      )
+  print(f"Wrote {args.out}.")
+
+
+if __name__ == "__main__":
+  main()

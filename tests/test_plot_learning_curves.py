@@ -1,0 +1,168 @@
+"""docs/plot_learning_curves.py on synthetic metrics files."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from ilm_jax import metric_writer
+
+_SCRIPT = pathlib.Path(__file__).parents[1] / "docs" / "plot_learning_curves.py"
+_spec = importlib.util.spec_from_file_location("plot_learning_curves", _SCRIPT)
+plot_learning_curves = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(plot_learning_curves)
+
+BATCH = 8
+USERS = np.arange(40)
+
+
+def _hits(rate: float, seed: int) -> np.ndarray:
+  return (np.random.default_rng(seed).random(len(USERS)) < rate).astype(float)
+
+
+def _write_run(workdir, name, steps, seed, log_steps):
+  """A phase-2 run's metrics file and training log; returns its hits."""
+  per_user = {"user_ids": USERS}
+  scalars = {"users": float(len(USERS))}
+  for offset, (metric, templates) in enumerate(plot_learning_curves.PANELS):
+    values = _hits(0.05 * np.log2(steps), seed + offset)
+    if metric.startswith("ndcg"):
+      values = values * 0.5
+    key = f"sequential/{templates}/{metric}"
+    per_user[key] = values
+    scalars[key] = float(values.mean())
+  metric_writer.write_metrics(
+    workdir / "metrics" / f"{name}_test.json",
+    scalars,
+    per_user,
+    {"train": {"steps": steps, "batch_size": BATCH, "prompts": steps * BATCH}},
+  )
+  logs = workdir / name / "logs"
+  logs.mkdir(parents=True)
+  records = [
+    {"step": s, "loss": 3.0 / s, "learning_rate": 1e-4} for s in log_steps
+  ]
+  # A validation record (no loss) and a restarted run's repeat of a step.
+  records.insert(1, {"step": log_steps[0], "valid/hr@10": 0.1})
+  records.append({"step": log_steps[-1], "loss": 0.125})
+  (logs / "metrics.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in records)
+  )
+  return per_user
+
+
+@pytest.fixture
+def workdirs(tmp_path):
+  first, second = tmp_path / "a", tmp_path / "b"
+  written = {}
+  for seed, (series, steps, workdir) in enumerate(
+    [
+      ("curve_ilm", 80, first),
+      ("curve_ilm", 320, first),
+      ("curve_ilm", 1280, second),  # a budget run elsewhere
+      ("curve_mlp", 320, first),
+      ("curve_mlp", 80, first),
+    ]
+  ):
+    name = f"ilm_{series}_s{steps}"
+    written[name] = _write_run(workdir, name, steps, 10 * seed, [10, 20])
+  # A reference row with per-user results on more users than the curves.
+  sasrec_hits = (np.arange(100) % 4 == 0).astype(float)
+  metric_writer.write_metrics(
+    first / "metrics" / "sasrec_test.json",
+    {"hr@10": sasrec_hits.mean(), "ndcg@10": 0.1},
+    {"user_ids": np.arange(100)[::-1], "hr@10": sasrec_hits[::-1]},
+  )
+  # Not a curve run: ignored.
+  metric_writer.write_metrics(
+    first / "metrics" / "ilm_mlp_test.json", {"users": 1.0}
+  )
+  return [first, second], written
+
+
+def test_collect_reads_the_files_values(workdirs):
+  dirs, written = workdirs
+  curves = plot_learning_curves.collect(dirs)
+  assert list(curves) == ["ILM (Q-Former)", "MLP projector (CoLLM-style)"]
+  ilm = curves["ILM (Q-Former)"]
+  assert [run.prompts for run in ilm] == [640, 2560, 10240]
+  assert [run.name for run in ilm] == [
+    "ilm_curve_ilm_s80",
+    "ilm_curve_ilm_s320",
+    "ilm_curve_ilm_s1280",
+  ]
+  for runs in curves.values():
+    for run in runs:
+      saved = json.loads(
+        next(
+          (d / "metrics" / f"{run.name}_test.json")
+          for d in dirs
+          if (d / "metrics" / f"{run.name}_test.json").exists()
+        ).read_text()
+      )
+      for metric, templates in plot_learning_curves.PANELS:
+        key = f"sequential/{templates}/{metric}"
+        mean, low, high = run.values[(metric, templates)]
+        assert mean == saved[key] == np.mean(written[run.name][key])
+        assert [low, high] == saved[key + "_ci95"]
+      assert run.users == 40
+      np.testing.assert_array_equal(run.user_ids, USERS)
+      # Logged losses by step (the restarted run's last record wins).
+      np.testing.assert_array_equal(run.loss_prompts, [10 * BATCH, 20 * BATCH])
+      np.testing.assert_allclose(run.loss, [0.3, 0.125])
+
+
+def test_plot_draws_the_collected_values_into_a_png(workdirs, tmp_path):
+  dirs, _ = workdirs
+  curves = plot_learning_curves.collect(dirs)
+  references = plot_learning_curves.reference_values(dirs, USERS)
+  # SASRec hits every fourth user; on users 0-39 that is 10 of 40.
+  assert references["SASRec"][("hr@10", "seen")] == 0.25
+  assert references["SASRec"][("hr@10", "unseen")] == 0.25
+  # No per-user NDCG in its file: the file's mean over all its users.
+  assert references["SASRec"][("ndcg@10", "seen")] == 0.1
+  assert "Zero-shot LLM" not in references  # no such file
+  out = tmp_path / "plots" / "curves.png"
+  figure = plot_learning_curves.plot(curves, references, out)
+  assert out.stat().st_size > 10_000
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  hr_seen = figure.axes[0]
+  lines = {line.get_label(): line for line in hr_seen.get_lines()}
+  for label, runs in curves.items():
+    xy = lines[label].get_xydata()
+    np.testing.assert_array_equal(xy[:, 0], [r.prompts for r in runs])
+    np.testing.assert_array_equal(
+      xy[:, 1], [r.values[("hr@10", "seen")][0] for r in runs]
+    )
+  np.testing.assert_array_equal(lines["SASRec"].get_ydata(), [0.25, 0.25])
+  # The interval bands span each run's [low, high].
+  band = hr_seen.collections[0].get_paths()[0].vertices
+  ilm = curves["ILM (Q-Former)"]
+  for run in ilm:
+    _, low, high = run.values[("hr@10", "seen")]
+    at_x = band[np.isclose(band[:, 0], run.prompts), 1]
+    assert np.isclose(at_x, low).any() and np.isclose(at_x, high).any()
+  # The loss panel holds every run's logged losses.
+  loss_lines = figure.axes[2].get_lines()
+  assert len(loss_lines) == 5
+  np.testing.assert_allclose(loss_lines[0].get_ydata(), [0.3, 0.125])
+
+
+def test_main_writes_the_png(workdirs, tmp_path, capsys):
+  dirs, _ = workdirs
+  out = tmp_path / "main.png"
+  argv = [f"--workdir={d}" for d in dirs] + [f"--out={out}"]
+  plot_learning_curves.main(argv)
+  assert out.stat().st_size > 10_000
+  printed = capsys.readouterr().out
+  assert "10240 prompts  40 users" in printed
+
+
+def test_a_file_without_its_train_record_is_rejected(tmp_path):
+  metric_writer.write_metrics(
+    tmp_path / "metrics" / "ilm_curve_ilm_s80_test.json", {"users": 4.0}
+  )
+  with pytest.raises(ValueError, match="no train record"):
+    plot_learning_curves.collect([tmp_path])
