@@ -1,57 +1,19 @@
-"""Phase-1 (Q-Former pretraining) losses and attention-mask builders.
+"""Phase-1 (Q-Former pretraining) losses: the pure math.
 
-Pure functions of arrays. Losses return `(scalar_loss, metrics_dict)`.
+Pure functions of arrays (no parameters, no model). Losses return
+`(scalar_loss, metrics_dict)`. The Q-Former's attention masks and the
+objective that runs the model and sums these losses live in
+`ilm_jax.models.qformer`.
 
 In-batch negatives across a data-parallel mesh: the trainer jits the step
 with the batch sharded over the mesh's data axes, so every array here is the
 *global* batch and the `[B, B]` similarity matrices below are global too; XLA
 inserts the all-gathers that LAVIS writes by hand (`concat_all_gather`).
 Hence there is no rank offset in the targets and no `axis_name` argument.
-
-Attention masks are boolean `[B, L_query, L_key]`, True where a position may
-attend. In joint sequences the Q-Former's queries come first (`num_queries`
-positions), then the text.
 """
 
 import jax
 import jax.numpy as jnp
-
-
-def unimodal_text_mask(text_mask):
-  """Text-only pass (ITC's text encoder): every token sees the valid text."""
-  valid = text_mask.astype(bool)
-  return jnp.broadcast_to(valid[:, None, :], valid.shape + valid.shape[-1:])
-
-
-def query_only_mask(batch_size: int, num_queries: int):
-  """Queries-only pass (item representation): queries see all queries."""
-  return jnp.ones((batch_size, num_queries, num_queries), bool)
-
-
-def bidirectional_mask(num_queries: int, text_mask):
-  """ITM: queries and text see every query and every valid text token."""
-  keys = jnp.concatenate(
-    [jnp.ones((text_mask.shape[0], num_queries), bool), text_mask.astype(bool)],
-    axis=1,
-  )
-  length = keys.shape[1]
-  return jnp.broadcast_to(keys[:, None, :], (keys.shape[0], length, length))
-
-
-def multimodal_causal_mask(num_queries: int, text_mask):
-  """ITG: queries see queries only; text sees all queries and earlier text."""
-  batch, text_len = text_mask.shape
-  length = num_queries + text_len
-  row = jnp.arange(length)[:, None]
-  col = jnp.arange(length)[None, :]
-  query_rows = (row < num_queries) & (col < num_queries)
-  # Text rows see every query column and text columns up to themselves.
-  text_rows = (row >= num_queries) & ((col < num_queries) | (col <= row))
-  structure = query_rows | text_rows
-  keys = jnp.concatenate(
-    [jnp.ones((batch, num_queries), bool), text_mask.astype(bool)], axis=1
-  )
-  return structure[None] & keys[:, None, :]
 
 
 def l2_normalize(x, eps: float = 1e-12):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ilm_jax import losses
 from ilm_jax.models import bert, qformer
 
 H, FF, V, P, Q, CF, NCF, E = 8, 16, 20, 16, 3, 5, 2, 4  # tiny dims
@@ -139,6 +140,112 @@ def joint(config, params, cf, ids, mask, causal):
   # one jitted graph per mode on a 2-core CPU.
   return apply(
     config, params, qformer.QFormer.encode_joint, cf, ids, mask, causal
+  )
+
+
+def test_multimodal_causal_mask_by_hand():
+  # 2 queries, then text [t0 t1 t2 pad].
+  mask = qformer.multimodal_causal_mask(2, jnp.array([[1, 1, 1, 0]]))
+  expected = np.array(
+    [
+      # q0 q1 t0 t1 t2 pad
+      [1, 1, 0, 0, 0, 0],  # q0: queries only
+      [1, 1, 0, 0, 0, 0],  # q1
+      [1, 1, 1, 0, 0, 0],  # t0: all queries and itself
+      [1, 1, 1, 1, 0, 0],  # t1
+      [1, 1, 1, 1, 1, 0],  # t2
+      [1, 1, 1, 1, 1, 0],  # pad row: never a key
+    ],
+    bool,
+  )
+  np.testing.assert_array_equal(mask[0], expected)
+
+
+def test_bidirectional_and_unimodal_masks_by_hand():
+  text_mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+  itm = qformer.bidirectional_mask(2, text_mask)
+  np.testing.assert_array_equal(itm[0], np.array([[1, 1, 1, 1, 0]] * 5, bool))
+  np.testing.assert_array_equal(itm[1], np.array([[1, 1, 1, 0, 0]] * 5, bool))
+  text_only = qformer.unimodal_text_mask(text_mask)
+  np.testing.assert_array_equal(text_only[0], np.array([[1, 1, 0]] * 3, bool))
+  assert qformer.query_only_mask(2, 3).shape == (2, 3, 3)
+  assert bool(qformer.query_only_mask(2, 3).all())
+
+
+def test_sections_equal_the_pure_losses_on_the_model_outputs(config, params):
+  """Each section is its `losses` function on the model's passes, computed
+  here step by step; the total is the config-weighted sum of the sections."""
+  batch = make_batch(batch_size=6, seed=3)
+  batch["item_cf"][4] = batch["item_cf"][2]  # a duplicate item
+  rng = jax.random.key(5)
+  total, metrics = qformer.phase1_losses(
+    params, batch, rng, config, deterministic=True
+  )
+  model = qformer.make_model(config)
+  ids, mask, cf = batch["text_ids"], batch["text_mask"], batch["item_cf"]
+
+  def run(method, *args):
+    return model.apply({"params": params}, *args, method=method)
+
+  def features(cf_input):
+    return run(
+      qformer.QFormer.item_features,
+      run(qformer.QFormer.encode_queries, cf_input),
+    )
+
+  temperature = float(run(qformer.QFormer.temperature_value))
+  item = features(cf)
+  text = run(
+    qformer.QFormer.text_features, run(qformer.QFormer.encode_text, ids, mask)
+  )
+  same_item = losses.duplicate_mask(cf)
+  positives = same_item | losses.same_text_mask(ids, mask)
+  assert float(metrics["batch/duplicate_item_pairs"]) == 1.0
+  expected = {}
+  expected["itc"] = losses.item_text_contrastive_loss(
+    item, text, temperature, positives, config.itc_label_smoothing
+  )[0]
+  logits = losses.item_text_similarity(item, text) / temperature
+  neg_text, neg_item = losses.sample_hard_negatives(
+    jax.random.split(rng)[1], logits, positives
+  )
+  queries, _ = run(
+    qformer.QFormer.encode_joint,
+    np.concatenate([cf, cf[neg_item], cf]),
+    np.concatenate([ids, ids, ids[neg_text]]),
+    np.concatenate([mask, mask, mask[neg_text]]),
+    False,
+  )
+  expected["itm"] = losses.item_text_matching_loss(
+    run(qformer.QFormer.itm_logits, queries), jnp.array([1] * 6 + [0] * 12)
+  )[0]
+  bos_ids = ids.copy()
+  bos_ids[:, 0] = config.decoder_bos_id
+  _, text_out = run(qformer.QFormer.encode_joint, cf, bos_ids, mask, True)
+  expected["itg"] = losses.text_generation_loss(
+    run(qformer.QFormer.lm_logits, text_out),
+    ids,
+    mask,
+    config.itg_label_smoothing,
+  )[0]
+  for name, key_a, key_b in (
+    ("ii", "item_cf", "pair_cf"),
+    ("ui", "user_cf", "user_item_cf"),
+  ):
+    expected[name] = losses.query_set_contrastive_loss(
+      features(batch[key_a]),
+      features(batch[key_b]),
+      temperature,
+      losses.duplicate_mask(batch[key_a]) | losses.duplicate_mask(batch[key_b]),
+    )[0]
+  for name, value in expected.items():
+    np.testing.assert_allclose(
+      metrics[f"{name}/loss"], value, rtol=1e-5, err_msg=name
+    )
+  np.testing.assert_allclose(
+    total,
+    sum(WEIGHTS[name] * float(value) for name, value in expected.items()),
+    rtol=1e-5,
   )
 
 

@@ -7,13 +7,17 @@ the item's (or user's) frozen CF vector, mapped to `num_cf_tokens` tokens by
 a learned linear map and LayerNorm. Queries and text have separate
 feed-forward blocks (the query FFN starts as a copy of the text FFN).
 
-Forward modes (masks in `ilm_jax.losses`): queries only (the item
+Forward modes, each an attention mask defined below: queries only (the item
 representation for ITC/II/UI and phase 2), text only (ITC's text [CLS]),
 queries+text bidirectional (ITM) and multimodal-causal (ITG, with
 `decoder_bos_id` replacing [CLS]).
 
 `phase1_losses(params, batch, rng, config)` is the pretraining objective the
-trainer differentiates; `encode_items` gives phase 2 its query outputs.
+trainer differentiates: `QFormer.phase1` reads top to bottom in sections
+(ITC, ITM, ITG, II, UI), each a method returning `(loss, metrics)`, summed
+with the weights of `config.losses` (as LAVIS' `Blip2Qformer.forward`). The
+pure math (contrastive losses, hard-negative sampling) is `ilm_jax.losses`.
+`encode_items` gives phase 2 its query outputs.
 """
 
 import functools
@@ -26,7 +30,18 @@ import ml_collections
 from ilm_jax import losses
 from ilm_jax.models import bert
 
-LOSS_NAMES = ("itc", "itm", "itg", "ii", "ui")
+# The phase-1 objectives, in the order the objective runs them, and the batch
+# keys each one reads.
+LOSS_INPUTS = {
+  "itc": ("item_cf", "text_ids", "text_mask"),
+  "itm": ("item_cf", "text_ids", "text_mask"),
+  "itg": ("item_cf", "text_ids", "text_mask"),
+  "ii": ("item_cf", "pair_cf"),
+  "ui": ("user_cf", "user_item_cf"),
+}
+LOSS_NAMES = tuple(LOSS_INPUTS)
+# The CF inputs in the order of the shared queries-only pass.
+CF_KEYS = ("item_cf", "pair_cf", "user_cf", "user_item_cf")
 
 
 def default_qformer_config() -> ml_collections.ConfigDict:
@@ -60,6 +75,71 @@ def default_qformer_config() -> ml_collections.ConfigDict:
       losses=dict(itc=1.0, itm=1.0, itg=1.0, ii=1.0, ui=1.0),
     )
   )
+
+
+# Attention masks: boolean `[B, L_query, L_key]`, True where a position may
+# attend. In joint sequences the queries come first (`num_queries`
+# positions), then the text.
+
+
+def unimodal_text_mask(text_mask):
+  """Text-only pass (ITC's text encoder): every token sees the valid text.
+
+  Args:
+    text_mask: `[B, T]`, 1 (or True) for real tokens.
+
+  Returns:
+    `[B, T, T]` bool.
+  """
+  valid = text_mask.astype(bool)
+  return jnp.broadcast_to(valid[:, None, :], valid.shape + valid.shape[-1:])
+
+
+def query_only_mask(batch_size: int, num_queries: int):
+  """Queries-only pass (item representation): `[B, Q, Q]`, all True."""
+  return jnp.ones((batch_size, num_queries, num_queries), bool)
+
+
+def bidirectional_mask(num_queries: int, text_mask):
+  """ITM: queries and text see every query and every valid text token.
+
+  Args:
+    num_queries: Q.
+    text_mask: `[B, T]`, 1 (or True) for real tokens.
+
+  Returns:
+    `[B, Q + T, Q + T]` bool.
+  """
+  keys = jnp.concatenate(
+    [jnp.ones((text_mask.shape[0], num_queries), bool), text_mask.astype(bool)],
+    axis=1,
+  )
+  length = keys.shape[1]
+  return jnp.broadcast_to(keys[:, None, :], (keys.shape[0], length, length))
+
+
+def multimodal_causal_mask(num_queries: int, text_mask):
+  """ITG: queries see queries only; text sees all queries and earlier text.
+
+  Args:
+    num_queries: Q.
+    text_mask: `[B, T]`, 1 (or True) for real tokens.
+
+  Returns:
+    `[B, Q + T, Q + T]` bool.
+  """
+  batch, text_len = text_mask.shape
+  length = num_queries + text_len
+  row = jnp.arange(length)[:, None]
+  col = jnp.arange(length)[None, :]
+  query_rows = (row < num_queries) & (col < num_queries)
+  # Text rows see every query column and text columns up to themselves.
+  text_rows = (row >= num_queries) & ((col < num_queries) | (col <= row))
+  structure = query_rows | text_rows
+  keys = jnp.concatenate(
+    [jnp.ones((batch, num_queries), bool), text_mask.astype(bool)], axis=1
+  )
+  return structure[None] & keys[:, None, :]
 
 
 class QFormerLayer(nn.Module):
@@ -159,7 +239,8 @@ class QFormer(nn.Module):
     Args:
       cf: `[B, cf_dim]` or None (text only).
       token_ids: `[B, T]` or None (queries only).
-      attention_mask: `[B, L, L]` bool over [queries; text] (see losses).
+      attention_mask: `[B, L, L]` bool over [queries; text] (the masks
+        above).
       deterministic: disables dropout.
 
     Returns:
@@ -178,12 +259,12 @@ class QFormer(nn.Module):
 
   def encode_queries(self, cf, deterministic=True):
     """Queries only: `[B, cf_dim]` -> query outputs `[B, Q, hidden]`."""
-    mask = losses.query_only_mask(cf.shape[0], self.config.num_queries)
+    mask = query_only_mask(cf.shape[0], self.config.num_queries)
     return self.encode(cf, None, mask, deterministic)[0]
 
   def encode_text(self, token_ids, token_mask, deterministic=True):
     """Text only (unimodal): `[B, T]` ids -> `[B, T, hidden]`."""
-    mask = losses.unimodal_text_mask(token_mask)
+    mask = unimodal_text_mask(token_mask)
     return self.encode(None, token_ids, mask, deterministic)[1]
 
   def encode_joint(self, cf, token_ids, token_mask, causal, deterministic=True):
@@ -192,9 +273,7 @@ class QFormer(nn.Module):
     Returns:
       (query outputs `[B, Q, hidden]`, text outputs `[B, T, hidden]`).
     """
-    build = (
-      losses.multimodal_causal_mask if causal else losses.bidirectional_mask
-    )
+    build = multimodal_causal_mask if causal else bidirectional_mask
     mask = build(self.config.num_queries, token_mask)
     return self.encode(cf, token_ids, mask, deterministic)
 
@@ -231,6 +310,183 @@ class QFormer(nn.Module):
       self.itm_logits(queries),
       self.lm_logits(text),
       self.temperature_value(),
+    )
+
+  # --- Phase-1 objective: sections ITC, ITM, ITG, II, UI. -------------------
+
+  def phase1(self, batch, enabled, negatives_rng, deterministic):
+    """The weighted phase-1 objective; called through `phase1_losses`.
+
+    Args:
+      batch: the arrays `LOSS_INPUTS` names for the `enabled` objectives.
+      enabled: frozenset of objective names with a non-zero weight.
+      negatives_rng: PRNG key for ITM's hard negatives.
+      deterministic: disables dropout.
+
+    Returns:
+      (weighted total, metrics); see `phase1_losses`.
+    """
+    temperature = self.temperature_value()
+    metrics = {"temperature": temperature}
+    # Inputs shared by several sections: the queries-only features of every
+    # CF input (one pass: rows are independent), the text [CLS] features and
+    # the item-text pairs that are not negatives.
+    cf_keys = [
+      key
+      for key in CF_KEYS
+      # ITG reads the item through its own multimodal-causal pass.
+      if any(key in LOSS_INPUTS[name] for name in enabled - {"itg"})
+    ]
+    features = self.query_features(batch, cf_keys, deterministic)
+    if enabled & {"itc", "itm", "itg"}:
+      positives, counts = text_pair_positives(batch)
+      metrics.update(counts)
+    if enabled & {"itc", "itm"}:
+      text = self.text_features(
+        self.encode_text(batch["text_ids"], batch["text_mask"], deterministic)
+      )
+
+    sections = {}
+    if "itc" in enabled:
+      sections["itc"] = self.itc_loss(features["item_cf"], text, positives)
+    if "itm" in enabled:
+      sections["itm"] = self.itm_loss(
+        batch,
+        features["item_cf"],
+        text,
+        positives,
+        negatives_rng,
+        deterministic,
+      )
+    if "itg" in enabled:
+      sections["itg"] = self.itg_loss(batch, deterministic)
+    if "ii" in enabled:
+      sections["ii"] = self.query_set_loss(
+        batch, features, "item_cf", "pair_cf"
+      )
+    if "ui" in enabled:
+      sections["ui"] = self.query_set_loss(
+        batch, features, "user_cf", "user_item_cf"
+      )
+
+    total = sum(
+      self.config.losses[name] * loss for name, (loss, _) in sections.items()
+    )
+    for name, (loss, section_metrics) in sections.items():
+      metrics[f"{name}/loss"] = loss
+      metrics.update({f"{name}/{k}": v for k, v in section_metrics.items()})
+    metrics["loss"] = total
+    return total, metrics
+
+  def query_features(self, batch, keys, deterministic):
+    """Normalised query features `[B, Q, embed_dim]` of `batch[key]` per key.
+
+    All keys go through one queries-only pass; `{}` for no keys.
+    """
+    if not keys:
+      return {}
+    queries = self.encode_queries(
+      jnp.concatenate([batch[key] for key in keys]), deterministic
+    )
+    features = jnp.split(self.item_features(queries), len(keys))
+    return dict(zip(keys, features, strict=True))
+
+  def itc_loss(self, item_features, text_features, positives):
+    """ITC: item <-> text InfoNCE on the max-over-queries similarity.
+
+    Args:
+      item_features: `[B, Q, embed_dim]` (`query_features` of `item_cf`).
+      text_features: `[B, embed_dim]` (`text_features` of the text pass).
+      positives: `[B, B]` bool from `text_pair_positives`.
+
+    Returns:
+      (loss, metrics) of `losses.item_text_contrastive_loss`.
+    """
+    return losses.item_text_contrastive_loss(
+      item_features,
+      text_features,
+      self.temperature_value(),
+      positives,
+      self.config.itc_label_smoothing,
+    )
+
+  def itm_loss(
+    self, batch, item_features, text_features, positives, rng, deterministic
+  ):
+    """ITM: each matched pair against a hard negative text and a hard item.
+
+    Negatives are drawn from the ITC similarities (never a positive). The
+    `3B` pairs (matched; negative item with the text; item with a negative
+    text) go through one bidirectional pass, as in BLIP-2.
+
+    Args:
+      batch: `item_cf` `[B, cf_dim]`, `text_ids` / `text_mask` `[B, T]`.
+      item_features, text_features, positives: as in `itc_loss`.
+      rng: PRNG key for the negatives.
+      deterministic: disables dropout.
+
+    Returns:
+      (loss, metrics) of `losses.item_text_matching_loss` over `3B` pairs.
+    """
+    cf, ids, mask = batch["item_cf"], batch["text_ids"], batch["text_mask"]
+    logits = (
+      losses.item_text_similarity(item_features, text_features)
+      / self.temperature_value()
+    )
+    neg_text, neg_item = losses.sample_hard_negatives(rng, logits, positives)
+    queries, _ = self.encode_joint(
+      jnp.concatenate([cf, cf[neg_item], cf]),
+      jnp.concatenate([ids, ids, ids[neg_text]]),
+      jnp.concatenate([mask, mask, mask[neg_text]]),
+      False,
+      deterministic,
+    )
+    batch_size = ids.shape[0]
+    labels = jnp.concatenate(
+      [jnp.ones(batch_size, jnp.int32), jnp.zeros(2 * batch_size, jnp.int32)]
+    )
+    return losses.item_text_matching_loss(self.itm_logits(queries), labels)
+
+  def itg_loss(self, batch, deterministic):
+    """ITG: the text generated from the queries (multimodal-causal pass).
+
+    The decoder input replaces [CLS] by `decoder_bos_id`; the targets are
+    the text's tokens 1.. (`losses.text_generation_loss`).
+
+    Returns:
+      (loss, metrics) of `losses.text_generation_loss`.
+    """
+    c = self.config
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    _, text = self.encode_joint(
+      batch["item_cf"],
+      ids.at[:, 0].set(c.decoder_bos_id),
+      mask,
+      True,
+      deterministic,
+    )
+    return losses.text_generation_loss(
+      self.lm_logits(text), ids, mask, c.itg_label_smoothing
+    )
+
+  def query_set_loss(self, batch, features, key_a, key_b):
+    """II (item, co-occurring item) or UI (user, liked item) InfoNCE.
+
+    A repeated row on either side is a positive, not a negative.
+
+    Args:
+      batch: `[B, cf_dim]` arrays under `key_a` and `key_b`.
+      features: `query_features` of both keys.
+      key_a, key_b: the two CF inputs.
+
+    Returns:
+      (loss, metrics) of `losses.query_set_contrastive_loss`.
+    """
+    positives = losses.duplicate_mask(batch[key_a]) | losses.duplicate_mask(
+      batch[key_b]
+    )
+    return losses.query_set_contrastive_loss(
+      features[key_a], features[key_b], self.temperature_value(), positives
     )
 
 
@@ -363,170 +619,54 @@ def encode_items(params, cf_embeddings, config, batch_size: int = 256):
   return jnp.concatenate(chunks)[:num]
 
 
-def _check_batch(batch, config, enabled) -> set[str]:
-  """The batch keys the enabled losses read; ValueError if absent or bad."""
-  needed = set()
-  if enabled & {"itc", "itm", "itg"}:
-    needed |= {"item_cf", "text_ids", "text_mask"}
-  if "ii" in enabled:
-    needed |= {"item_cf", "pair_cf"}
-  if "ui" in enabled:
-    needed |= {"user_cf", "user_item_cf"}
-  missing = sorted(needed - set(batch))
+def text_pair_positives(batch):
+  """ITC/ITM pairs that are not negatives, and their counts as metrics.
+
+  One item twice in the batch, or different items with token-identical texts
+  (item i with text j would be byte-identical to the true pair (i, i)).
+
+  Args:
+    batch: `item_cf` `[B, cf_dim]`, `text_ids` / `text_mask` `[B, T]`.
+
+  Returns:
+    (`[B, B]` bool, True on the diagonal; {"batch/duplicate_item_pairs",
+    "batch/duplicate_text_pairs", "batch/rows_without_negative"}).
+  """
+  same_item = losses.duplicate_mask(batch["item_cf"])
+  same_text = losses.same_text_mask(batch["text_ids"], batch["text_mask"])
+  counts = losses.duplicate_pair_counts(same_item, same_text)
+  return same_item | same_text, {f"batch/{k}": v for k, v in counts.items()}
+
+
+def _check_batch(batch, config, enabled) -> dict:
+  """The arrays the enabled objectives read; ValueError if absent or bad."""
+  needed = sorted({key for name in enabled for key in LOSS_INPUTS[name]})
+  missing = [key for key in needed if key not in batch]
   if missing:
     raise ValueError(
       f"Phase-1 batch lacks {missing} needed by the enabled "
       f"losses {sorted(enabled)}."
     )
-  sizes = {key: batch[key].shape[0] for key in needed}
+  batch = {key: jnp.asarray(batch[key]) for key in needed}
+  sizes = {key: value.shape[0] for key, value in batch.items()}
   if len(set(sizes.values())) > 1:
     raise ValueError(f"Batch arrays disagree on batch size: {sizes}.")
-  for key in needed:
-    shape = batch[key].shape
-    if key.endswith("_cf") and (len(shape) != 2 or shape[1] != config.cf_dim):
+  for key in set(needed) & set(CF_KEYS):
+    if batch[key].ndim != 2 or batch[key].shape[1] != config.cf_dim:
       raise ValueError(
-        f"batch[{key!r}] has shape {shape}; expected [batch, "
+        f"batch[{key!r}] has shape {batch[key].shape}; expected [batch, "
         f"{config.cf_dim}] (config cf_dim). The CF table and the Q-Former "
         "config disagree."
       )
-  if "text_ids" in needed:
-    text_len = batch["text_ids"].shape[1]
-    if text_len > config.max_text_len or batch["text_mask"].shape != (
-      batch["text_ids"].shape
-    ):
+  if "text_ids" in batch:
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    if ids.shape[1] > config.max_text_len or mask.shape != ids.shape:
       raise ValueError(
-        f"text_ids {batch['text_ids'].shape} / text_mask "
-        f"{batch['text_mask'].shape}: need equal shapes and at most "
-        f"max_text_len={config.max_text_len} tokens (tokenize with "
-        "bert.WordPieceTokenizer(max_length=max_text_len))."
+        f"text_ids {ids.shape} / text_mask {mask.shape}: need equal shapes "
+        f"and at most max_text_len={config.max_text_len} tokens (tokenize "
+        "with bert.WordPieceTokenizer(max_length=max_text_len))."
       )
-  return needed
-
-
-def _phase1_body(model, batch, enabled, negatives_rng, deterministic):
-  """Runs inside `model.apply`; see `phase1_losses`."""
-  c = model.config
-  metrics, total = {}, 0.0
-  temperature = model.temperature_value()
-
-  def add(name, loss, loss_metrics):
-    nonlocal total
-    total += c.losses[name] * loss
-    metrics[f"{name}/loss"] = loss
-    metrics.update({f"{name}/{k}": v for k, v in loss_metrics.items()})
-
-  # One queries-only pass over every CF vector the enabled losses need.
-  cf_keys = (
-    (["item_cf"] if enabled & {"itc", "itm", "ii"} else [])
-    + (["pair_cf"] if "ii" in enabled else [])
-    + (["user_cf", "user_item_cf"] if "ui" in enabled else [])
-  )
-  features = {}
-  if cf_keys:
-    queries = model.encode_queries(
-      jnp.concatenate([batch[k] for k in cf_keys]), deterministic
-    )
-    features = dict(
-      zip(
-        cf_keys,
-        jnp.split(model.item_features(queries), len(cf_keys)),
-        strict=True,
-      )
-    )
-
-  if enabled & {"itc", "itm", "itg"}:
-    item_cf, ids, mask = batch["item_cf"], batch["text_ids"], batch["text_mask"]
-    same_item = losses.duplicate_mask(item_cf)
-    # Different items with token-identical texts are not negatives either:
-    # (item i, text j) would be byte-identical to the true pair (i, i).
-    same_text = losses.same_text_mask(ids, mask)
-    positives = same_item | same_text
-    metrics.update(
-      {
-        f"batch/{k}": v
-        for k, v in losses.duplicate_pair_counts(same_item, same_text).items()
-      }
-    )
-  if enabled & {"itc", "itm"}:
-    text_features = model.text_features(
-      model.encode_text(ids, mask, deterministic)
-    )
-  if "itc" in enabled:
-    add(
-      "itc",
-      *losses.item_text_contrastive_loss(
-        features["item_cf"],
-        text_features,
-        temperature,
-        positives,
-        c.itc_label_smoothing,
-      ),
-    )
-  # ITM and ITG share one joint pass: same layout, a mask per row.
-  joint_cf, joint_ids, joint_masks = [], [], []
-  if "itm" in enabled:
-    logits = (
-      losses.item_text_similarity(features["item_cf"], text_features)
-      / temperature
-    )
-    neg_text, neg_item = losses.sample_hard_negatives(
-      negatives_rng, logits, positives
-    )
-    # Pairs: matched, (negative item, text), (item, negative text).
-    joint_cf += [item_cf, item_cf[neg_item], item_cf]
-    joint_ids += [ids, ids, ids[neg_text]]
-    itm_mask = jnp.concatenate([mask, mask, mask[neg_text]])
-    joint_masks.append(losses.bidirectional_mask(c.num_queries, itm_mask))
-  if "itg" in enabled:
-    joint_cf.append(item_cf)
-    joint_ids.append(ids.at[:, 0].set(c.decoder_bos_id))
-    joint_masks.append(losses.multimodal_causal_mask(c.num_queries, mask))
-  if joint_cf:
-    query_outputs, text_outputs = model.encode(
-      jnp.concatenate(joint_cf),
-      jnp.concatenate(joint_ids),
-      jnp.concatenate(joint_masks),
-      deterministic,
-    )
-  batch_size = ids.shape[0] if joint_cf else 0
-  if "itm" in enabled:
-    labels = jnp.concatenate(
-      [jnp.ones(batch_size, jnp.int32), jnp.zeros(2 * batch_size, jnp.int32)]
-    )
-    add(
-      "itm",
-      *losses.item_text_matching_loss(
-        model.itm_logits(query_outputs[: 3 * batch_size]), labels
-      ),
-    )
-  if "itg" in enabled:
-    add(
-      "itg",
-      *losses.text_generation_loss(
-        model.lm_logits(text_outputs[-batch_size:]),
-        ids,
-        mask,
-        c.itg_label_smoothing,
-      ),
-    )
-  for name, key_a, key_b in (
-    ("ii", "item_cf", "pair_cf"),
-    ("ui", "user_cf", "user_item_cf"),
-  ):
-    if name in enabled:
-      # A repeated row on either side is a positive, not a negative.
-      positives = losses.duplicate_mask(batch[key_a]) | losses.duplicate_mask(
-        batch[key_b]
-      )
-      add(
-        name,
-        *losses.query_set_contrastive_loss(
-          features[key_a], features[key_b], temperature, positives
-        ),
-      )
-  metrics["temperature"] = temperature
-  metrics["loss"] = total
-  return total, metrics
+  return batch
 
 
 def phase1_losses(params, batch, rng, config, deterministic=False):
@@ -535,9 +675,9 @@ def phase1_losses(params, batch, rng, config, deterministic=False):
   Args:
     params: Q-Former params.
     batch: dict of arrays (global batch; see `ilm_jax.losses` on sharding):
-      `item_cf` [B, cf_dim], `text_ids` / `text_mask` [B, T] (T <=
+      `item_cf` [B, cf_dim] float, `text_ids` / `text_mask` [B, T] int (T <=
       max_text_len, starting with [CLS]), and for II `pair_cf`, for UI
-      `user_cf` and `user_item_cf` [B, cf_dim].
+      `user_cf` and `user_item_cf` [B, cf_dim]. Other keys are ignored.
     rng: PRNG key (dropout and ITM negative sampling).
     config: the Q-Former config; `config.losses` weights each objective and
       a weight of 0 skips it entirely (its batch keys are then optional).
@@ -549,6 +689,11 @@ def phase1_losses(params, batch, rng, config, deterministic=False):
     "batch/duplicate_item_pairs", "batch/duplicate_text_pairs" (different
     items, token-identical texts: positives for ITC, never ITM negatives)
     and "batch/rows_without_negative" (see losses.sample_hard_negatives).
+    All float32 scalars.
+
+  Raises:
+    ValueError: unknown or all-zero loss weights, or a batch key that an
+      enabled objective needs is missing or has the wrong shape.
   """
   unknown = set(config.losses) - set(LOSS_NAMES)
   if unknown:
@@ -559,9 +704,7 @@ def phase1_losses(params, batch, rng, config, deterministic=False):
   enabled = frozenset(n for n, w in config.losses.items() if float(w) != 0.0)
   if not enabled:
     raise ValueError("All phase-1 loss weights are 0.")
-  # Only the arrays the enabled losses read: pipelines may add other keys.
-  needed = _check_batch(batch, config, enabled)
-  batch = {k: jnp.asarray(batch[k]) for k in needed}
+  batch = _check_batch(batch, config, enabled)
   dropout_rng, negatives_rng = jax.random.split(rng)
   return make_model(config).apply(
     {"params": params},
@@ -569,6 +712,6 @@ def phase1_losses(params, batch, rng, config, deterministic=False):
     enabled,
     negatives_rng,
     deterministic,
-    method=_phase1_body,
+    method=QFormer.phase1,
     rngs={"dropout": dropout_rng},
   )
