@@ -171,6 +171,17 @@ class CooccurrenceRetrieval(_QFormerEvaluator):
 
 @common.register("itg_loss")
 class TextGenerationLoss(_QFormerEvaluator):
+  @functools.cached_property
+  def _loss(self):
+    """The jitted ITG loss, compiled once per evaluator (not per run)."""
+    config = ml_collections.ConfigDict(self.model_config.to_dict())
+    config.losses = dict(itc=0.0, itm=0.0, itg=1.0, ii=0.0, ui=0.0)
+    return jax.jit(
+      lambda p, batch: qformer.phase1_losses(
+        p, batch, jax.random.key(0), config, deterministic=True
+      )[0]
+    )
+
   def run(self, params):
     count = min(self.config.get("num_items", 512), len(self.item_table))
     items = np.sort(
@@ -178,13 +189,7 @@ class TextGenerationLoss(_QFormerEvaluator):
         len(self.item_table), count, replace=False
       )
     )
-    config = ml_collections.ConfigDict(self.model_config.to_dict())
-    config.losses = dict(itc=0.0, itm=0.0, itg=1.0, ii=0.0, ui=0.0)
-    loss = jax.jit(
-      lambda p, batch: qformer.phase1_losses(
-        p, batch, jax.random.key(0), config, deterministic=True
-      )[0]
-    )
+    loss = self._loss
     total = 0.0
     bar = progress.Progress(f"{self.name}: ITG loss items", total=count)
     for start in range(0, count, self.batch_size):
