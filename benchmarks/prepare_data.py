@@ -10,7 +10,7 @@ r"""Times dataset preparation and the training iterator (a script, not a test).
    prints each wall time and the median. The processed cache is not read.
 3. Times `load_dataset` on a cache hit.
 4. Times the grain training iterator: batches of 1,024 training examples
-   (max_history 20) and of user-item pairs.
+   (max_history 20) and of MF users (dense item counts).
 
 Figures depend on the machine and its load; docs/results/data.md records
 the ones measured for this repository with the machine described there.
@@ -41,7 +41,7 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1024, "Iterator batch size.")
 
 def _time_iterator(dataset, name: str) -> None:
   it = pipeline.training_iterator(dataset, batch_size=_BATCH_SIZE.value, seed=0)
-  next(it)  # thread start-up and the first permutation
+  next(it)  # thread start-up
   start = time.perf_counter()
   for _ in range(_BATCHES.value):
     next(it)
@@ -89,7 +89,7 @@ def main(argv) -> None:
     pipeline.sequential_examples(ds, "train", 20),
     "sequential train (history 20)",
   )
-  _time_iterator(pipeline.user_item_pairs(ds), "user-item pairs")
+  _time_iterator(pipeline.mf_examples(ds), "MF users with item counts")
   print(json.dumps(stats))
 
 

@@ -9,9 +9,10 @@ import pytest
 
 from configs import ml1m
 from ilm_jax import checkpoint, data, sharding, train
-from ilm_jax.data import synthetic
+from ilm_jax.data import pipeline, synthetic
 from ilm_jax.models import cf_encoder
 from ilm_jax.phases import cf
+from tests import data_helpers
 
 NUM_ITEMS, NUM_CLUSTERS = 40, 4  # the synthetic generator's defaults
 
@@ -65,11 +66,11 @@ def test_mf_recovers_the_planted_clusters(tmp_path, dataset):
 
 def test_training_item_lists_never_hold_held_out_items(dataset):
   for interactions in ("all", "positive"):
-    lists = cf_encoder.training_item_lists(dataset, interactions)
+    lists = pipeline.training_item_lists(dataset, interactions)
     for user, items in enumerate(lists):
-      train_part = set(dataset.train_sequence(user).tolist())
+      train_part = set(data_helpers.train_sequence(dataset, user).tolist())
       assert set(items.tolist()) <= train_part
-  positives = cf_encoder.training_item_lists(dataset, "positive")
+  positives = pipeline.training_item_lists(dataset, "positive")
   assert sum(map(len, positives)) == len(dataset.user_item_pairs)
 
 
@@ -130,13 +131,16 @@ def test_popularity_metrics_match_numpy(phase_run, dataset):
   workdir, _ = phase_run
   counts = np.bincount(
     np.concatenate(
-      [dataset.train_sequence(u) for u in range(dataset.num_users)]
+      [
+        data_helpers.train_sequence(dataset, u)
+        for u in range(dataset.num_users)
+      ]
     ),
     minlength=dataset.num_items,
   )
   ranks = []
   for user in range(dataset.num_users):
-    target = dataset.test_target(user)
+    target = data_helpers.test_target(dataset, user)
     # Pessimistic ties: every other item with an equal count comes first.
     ranks.append(int(np.sum(counts >= counts[target])) - 1)
   ranks = np.array(ranks)

@@ -30,6 +30,7 @@ import shutil
 import pytest
 
 from ilm_jax.data import files, movielens, processing
+from tests import data_helpers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 
@@ -58,9 +59,13 @@ def check_protocol(ds, letter_of_id):
   got = [letters(ds, letter_of_id, ds.sequence(u)) for u in range(5)]
   assert got == EXPECTED_SEQUENCES
   for u, seq in enumerate(EXPECTED_SEQUENCES):
-    assert letters(ds, letter_of_id, ds.train_sequence(u)) == seq[:-2]
-    assert letter_of_id[ds.item_ids[ds.valid_target(u)]] == seq[-2]
-    assert letter_of_id[ds.item_ids[ds.test_target(u)]] == seq[-1]
+    assert (
+      letters(ds, letter_of_id, data_helpers.train_sequence(ds, u)) == seq[:-2]
+    )
+    assert (
+      letter_of_id[ds.item_ids[data_helpers.valid_target(ds, u)]] == seq[-2]
+    )
+    assert letter_of_id[ds.item_ids[data_helpers.test_target(ds, u)]] == seq[-1]
   stats = ds.stats
   assert stats["raw_interactions"] == 34
   assert stats["interactions"] == 25

@@ -11,6 +11,7 @@ import pathlib
 import pytest
 
 from ilm_jax.data import files, openp5, processing
+from tests import data_helpers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 LETTER = {"1": "T", "2": "H", "3": "M", "4": "S", "5": "A"}
@@ -41,7 +42,9 @@ def test_openp5_fixture():
   )  # item 5 has no line in item_texts.tsv
   # Without ratings, every item of every training part is a positive.
   assert ds.user_item_pairs.tolist() == [
-    [u, i] for u in range(5) for i in ds.train_sequence(u).tolist()
+    [u, i]
+    for u in range(5)
+    for i in data_helpers.train_sequence(ds, u).tolist()
   ]
   assert ds.item_titles == [
     "Toy Story (1995)",

@@ -1,13 +1,13 @@
-"""Grain sources and the training iterator: hand-computed examples, exact resume."""
+"""Examples per phase, the grain training iterator and the eval batcher."""
 
 import json
 import pathlib
 
-import grain
 import numpy as np
 import pytest
 
 from ilm_jax.data import movielens, pipeline, processing, sources
+from tests import data_helpers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 
@@ -27,7 +27,7 @@ def synthetic_ds():
 
 def index_dataset(n):
   """Elements {"index": i}, so batches show which examples were drawn."""
-  return pipeline.ExampleDataset(n, lambda i: {"index": i}, "indices")
+  return pipeline.Examples(n, lambda i: {"index": i}, "indices")
 
 
 def test_sequential_examples_hand_computed(fixture_ds):
@@ -35,41 +35,66 @@ def test_sequential_examples_hand_computed(fixture_ds):
   assert fixture_ds.sequence(0).tolist() == [4, 2, 3, 1, 0]
   train = pipeline.sequential_examples(fixture_ds, "train", max_history=2)
   assert len(train) == 10  # 5 users x (5 - 3) prefixes
-  first, second = train[0], train[1]
+  first, second = (data_helpers.element(train, i) for i in (0, 1))
   assert first["user"] == 0 and first["target"] == 2
   assert first["history"].tolist() == [0, 4] and first[
     "history_mask"
   ].tolist() == [False, True]
   assert second["target"] == 3 and second["history"].tolist() == [4, 2]
   assert second["history_mask"].tolist() == [True, True]
-  assert train[2]["user"] == 1
+  assert data_helpers.element(train, 2)["user"] == 1
   assert (
     first["history"].dtype == np.int32 and first["target"].dtype == np.int32
   )
 
-  valid = pipeline.sequential_examples(fixture_ds, "valid", max_history=4)[0]
+  valid = data_helpers.element(
+    pipeline.sequential_examples(fixture_ds, "valid", max_history=4), 0
+  )
   assert valid["history"].tolist() == [0, 4, 2, 3] and valid["target"] == 1
   assert valid["history_mask"].tolist() == [False, True, True, True]
-  test = pipeline.sequential_examples(fixture_ds, "test", max_history=2)[0]
+  test = data_helpers.element(
+    pipeline.sequential_examples(fixture_ds, "test", max_history=2), 0
+  )
   assert test["history"].tolist() == [3, 1] and test["target"] == 0
   with pytest.raises(ValueError, match="Unknown split"):
     pipeline.sequential_examples(fixture_ds, "dev", 2)
 
 
-def test_pair_and_text_sources(fixture_ds):
-  pairs = pipeline.item_item_pairs(fixture_ds)
-  assert len(pairs) == 10 and pairs[0] == {"item": 4, "positive_item": 2}
-  positives = pipeline.user_item_pairs(fixture_ds)
-  assert positives[1] == {"user": 0, "item": 2}
-  texts = pipeline.item_texts(fixture_ds)
-  assert len(texts) == 5
-  assert texts[2]["title"] == "Les Misérables (1995)"
-  assert texts[2]["text"].startswith("Les Misérables (1995). Genres:")
+def test_phase_examples_hand_computed(fixture_ds):
+  # Sequences (processing order): user 0 is 4 2 3 1 0; training part 4 2 3.
+  pairs = fixture_ds.item_item_pairs
+  assert len(pairs) == 10 and pairs[0].tolist() == [4, 2]
+  assert fixture_ds.user_item_pairs[1].tolist() == [0, 2]
+  assert len(fixture_ds.item_texts) == 5
+  assert fixture_ds.item_titles[2] == "Les Misérables (1995)"
+  assert fixture_ds.item_texts[2].startswith("Les Misérables (1995). Genres:")
+
+  mf = pipeline.mf_examples(fixture_ds, "all")
+  first = data_helpers.element(mf, 0)
+  assert first["user"] == 0
+  assert first["item_counts"].tolist() == [0, 0, 1, 1, 1]  # items 4 2 3
+
+  item_table = np.arange(5, dtype=np.float32)[:, None] * [1, -1]
+  user_table = 10 + np.arange(5, dtype=np.float32)[:, None] * [1, 1]
+  text_ids = np.arange(5)[:, None] * [1, 1, 1]
+  qformer = pipeline.qformer_examples(
+    fixture_ds, item_table, user_table, text_ids, text_ids > 0
+  )
+  assert len(qformer) == 10
+  batch = qformer.gather([0, 1])
+  # Example 0: pair (4, 2) and user-item pair 0; example 1: pair (2, 3) and
+  # user-item pair 7919 % len.
+  ui = fixture_ds.user_item_pairs[[0, 7919 % len(fixture_ds.user_item_pairs)]]
+  np.testing.assert_array_equal(batch["item_cf"][:, 0], [4, 2])
+  np.testing.assert_array_equal(batch["pair_cf"][:, 0], [2, 3])
+  np.testing.assert_array_equal(batch["text_ids"][:, 0], [4, 2])
+  np.testing.assert_array_equal(batch["user_cf"][:, 0], 10 + ui[:, 0])
+  np.testing.assert_array_equal(batch["user_item_cf"][:, 0], ui[:, 1])
 
 
 def test_iterator_state_round_trips_across_an_epoch_boundary(synthetic_ds):
   examples = pipeline.sequential_examples(synthetic_ds, "train", max_history=5)
-  assert pipeline.steps_per_epoch(examples, 8) == len(examples) // 8 == 36
+  assert len(examples) // 8 == 36  # batches per epoch
 
   it = pipeline.training_iterator(examples, batch_size=8, seed=7)
   for _ in range(33):
@@ -116,40 +141,24 @@ def test_processes_get_disjoint_shards():
     drawn.append(set(epoch.tolist()))
   assert not (drawn[0] & drawn[1]) and not (drawn[1] & drawn[2])
   with pytest.raises(ValueError, match="process_index 3 not in"):
-    pipeline.shard_indices(31, 3, 3)
+    pipeline.training_iterator(index_dataset(31), 5, 0, 3, 3)
   with pytest.raises(ValueError, match="batch_size 40 exceeds"):
     pipeline.training_iterator(index_dataset(31), batch_size=40, seed=0)
 
 
-def test_any_map_dataset_and_batch_transform(fixture_ds):
-  fast = pipeline.user_item_pairs(fixture_ds)
-  generic = fast.map(
-    lambda e: {"user": e["user"], "item": e["item"]}
-  )  # not an ExampleDataset
-  assert isinstance(generic, grain.MapDataset) and not isinstance(
-    generic, pipeline.ExampleDataset
+def test_stacked_examples_match_the_vectorised_gather(fixture_ds):
+  fast = pipeline.sequential_examples(fixture_ds, "train", max_history=3)
+  slow = pipeline.stacked(
+    len(fast), lambda i: data_helpers.element(fast, i), "one by one"
   )
   a = pipeline.training_iterator(fast, batch_size=3, seed=2)
-  b = pipeline.training_iterator(generic, batch_size=3, seed=2)
+  b = pipeline.training_iterator(slow, batch_size=3, seed=2)
   for _ in range(5):
     x, y = next(a), next(b)
-    np.testing.assert_array_equal(x["user"], y["user"])
-    np.testing.assert_array_equal(x["item"], y["item"])
-
-  def count_words(batch):
-    return {
-      "item": batch["item"],
-      "words": np.array([len(t.split()) for t in batch["text"]]),
-    }
-
-  it = pipeline.training_iterator(
-    pipeline.item_texts(fixture_ds), batch_size=5, seed=0, transform=count_words
-  )
-  batch = next(it)
-  assert sorted(batch["item"].tolist()) == [0, 1, 2, 3, 4]
-  assert batch["words"][batch["item"].tolist().index(2)] == len(
-    "Les Misérables (1995). Genres: Drama, Musical.".split()
-  )
+    assert set(x) == set(y) == {"user", "history", "history_mask", "target"}
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+      assert x[key].dtype == y[key].dtype
 
 
 def test_eval_batches_pad_and_mask():
@@ -166,6 +175,9 @@ def test_eval_batches_pad_and_mask():
     )
   )
   assert [b["index"].tolist() for b in shard] == [[1, 3, 5, 7], [9, 9, 9, 9]]
+  own_mask = pipeline.Examples(3, lambda i: {"mask": i}, "masked")
+  with pytest.raises(ValueError, match="must not have a 'mask'"):
+    next(pipeline.eval_batches(own_mask, 2))
 
 
 def test_eval_batches_same_count_on_every_process():

@@ -16,6 +16,7 @@ from ilm_jax.data import (
   sources,
   synthetic,
 )
+from tests import data_helpers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 
@@ -139,26 +140,65 @@ def assert_no_leakage(ds, max_history=50):
     seen[int(u)].update(history[mask].tolist())
     seen[int(u)].add(int(target))
   for u in range(ds.num_users):
-    assert ds.valid_target(u) not in seen[u]
-    assert ds.test_target(u) not in seen[u]
+    assert data_helpers.valid_target(ds, u) not in seen[u]
+    assert data_helpers.test_target(ds, u) not in seen[u]
   valid = pipeline.sequential_examples(ds, "valid", max_history).gather(
     np.arange(ds.num_users)
   )
   for u in range(ds.num_users):
     assert (
-      ds.test_target(u) not in valid["history"][u][valid["history_mask"][u]]
+      data_helpers.test_target(ds, u)
+      not in valid["history"][u][valid["history_mask"][u]]
     )
-    assert valid["target"][u] == ds.valid_target(u)
+    assert valid["target"][u] == data_helpers.valid_target(ds, u)
   for u, i in ds.user_item_pairs:
-    assert i not in (ds.valid_target(u), ds.test_target(u))
-  split_items = {(u, ds.valid_target(u)) for u in range(ds.num_users)} | {
-    (u, ds.test_target(u)) for u in range(ds.num_users)
-  }
+    assert i not in (
+      data_helpers.valid_target(ds, u),
+      data_helpers.test_target(ds, u),
+    )
+  split_items = {
+    (u, data_helpers.valid_target(ds, u)) for u in range(ds.num_users)
+  } | {(u, data_helpers.test_target(ds, u)) for u in range(ds.num_users)}
   users_of_pairs = np.repeat(
     np.arange(ds.num_users), np.maximum(ds.sequence_lengths - 3, 0)
   )
   for u, (a, b) in zip(users_of_pairs, ds.item_item_pairs, strict=True):
     assert (u, a) not in split_items and (u, b) not in split_items
+
+
+def test_leave_one_out_by_hand():
+  # Sequences [5 4 3 2 1 0] and [0 1 2]: user 1's training part is [0].
+  ds = processing.ProcessedDataset(
+    name="hand",
+    user_ids=["a", "b"],
+    item_ids=[str(i) for i in range(6)],
+    item_titles=[str(i) for i in range(6)],
+    item_texts=[str(i) for i in range(6)],
+    item_attributes={},
+    sequence_offsets=np.array([0, 6, 9]),
+    sequence_items=np.array([5, 4, 3, 2, 1, 0, 0, 1, 2], np.int32),
+    ratings=np.zeros(9, np.float32),
+    timestamps=np.arange(9),
+    item_item_pairs=np.zeros((0, 2), np.int32),
+    user_item_pairs=np.zeros((0, 2), np.int32),
+    stats={},
+  )
+  train = ds.leave_one_out("train")
+  # Targets items[1:-2] of user 0; user 1 has no training target.
+  assert train.users.tolist() == [0, 0, 0]
+  assert train.targets.tolist() == [4, 3, 2]
+  assert [h.tolist() for h in train.histories()] == [[5], [5, 4], [5, 4, 3]]
+  valid = ds.leave_one_out("valid")
+  assert valid.targets.tolist() == [1, 1]
+  assert [h.tolist() for h in valid.histories()] == [[5, 4, 3, 2], [0]]
+  test = ds.leave_one_out("test")
+  assert test.targets.tolist() == [0, 2]
+  assert test.history(1).tolist() == [0, 1]
+  history, mask = test.padded_histories(np.array([1, 0]), 3)
+  assert history.tolist() == [[0, 0, 1], [3, 2, 1]]
+  assert mask.tolist() == [[False, True, True], [True, True, True]]
+  with pytest.raises(ValueError, match="Unknown split"):
+    ds.leave_one_out("dev")
 
 
 def test_no_leakage_on_fixture_and_synthetic():

@@ -12,6 +12,7 @@ import pytest
 
 from ilm_jax import resources
 from ilm_jax.data import movielens, pipeline, processing, sources
+from tests import data_helpers
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +112,12 @@ def test_grouplens_layout_gives_the_same_dataset(ml100k, tmp_path):
 
 def test_no_validation_or_test_target_in_training_inputs(ml100k):
   _, ds = ml100k
-  valid = np.array([ds.valid_target(u) for u in range(ds.num_users)])
-  test = np.array([ds.test_target(u) for u in range(ds.num_users)])
+  valid = np.array(
+    [data_helpers.valid_target(ds, u) for u in range(ds.num_users)]
+  )
+  test = np.array(
+    [data_helpers.test_target(ds, u) for u in range(ds.num_users)]
+  )
   # No user rates a movie twice in ML-100K, so item values identify positions.
   assert ds.stats["duplicate_user_item"] == 0
   train = pipeline.sequential_examples(ds, "train", max_history=200)

@@ -9,6 +9,7 @@ from tokenizers import models, pre_tokenizers
 
 from ilm_jax.data import ilm_tasks, processing, prompts, synthetic
 from ilm_jax.models import llm_tokenizer
+from tests import data_helpers
 
 _CHAT = (
   "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}"
@@ -212,10 +213,10 @@ def test_training_requests_use_train_part_only_and_are_deterministic():
       user = next(
         u
         for u in range(dataset.num_users)
-        if set(request.liked) <= set(dataset.train_sequence(u))
-        and request.target_item in dataset.train_sequence(u)
+        if set(request.liked) <= set(data_helpers.train_sequence(dataset, u))
+        and request.target_item in data_helpers.train_sequence(dataset, u)
       )
-    train_items = set(dataset.train_sequence(user).tolist())
+    train_items = set(data_helpers.train_sequence(dataset, user).tolist())
     assert request.target_item in train_items
     assert set(request.history) <= train_items
   assert seen_tasks == set(ilm_tasks.TASKS)
@@ -306,8 +307,8 @@ def _dataset_encoder(sampler):
 def test_one_task_batches_share_their_group_task_in_order():
   sampler = _sampler()
   encoder = _dataset_encoder(sampler)
-  examples = ilm_tasks.TrainingPrompts(sampler, encoder, 64, group_size=8)
-  tasks = [ilm_tasks.TASKS[int(examples[k]["task"])] for k in range(32)]
+  examples = ilm_tasks.training_prompts(sampler, encoder, 64, group_size=8)
+  tasks = [ilm_tasks.TASKS[int(t)] for t in examples.gather(range(32))["task"]]
   for group in range(4):
     expected = sampler.task_of_group(group)
     assert tasks[8 * group : 8 * group + 8] == [expected] * 8

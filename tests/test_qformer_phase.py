@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from configs import ml1m
+from ilm_jax.data import pipeline
 from ilm_jax.evaluators import retrieval
 from ilm_jax.models import qformer
 from ilm_jax.phases import qformer as qformer_phase
@@ -44,7 +45,7 @@ def _tiny_config(cf_dim=8):
 def test_pretraining_on_planted_data_raises_recall_far_above_chance():
   dataset, table = _planted()
   config = _tiny_config()
-  ids, mask, truncated = qformer_phase.tokenize_item_texts(dataset, 8)
+  ids, mask, truncated = pipeline.tokenize_item_texts(dataset, 8)
   assert truncated == 0
   evaluator = retrieval.ItemTextRetrieval(
     "retrieval",
@@ -87,13 +88,13 @@ def test_an_item_with_empty_text_is_named():
   dataset, _ = _planted(4)
   dataset.item_texts[2] = "  "
   with pytest.raises(ValueError, match=r"'item_2' \(index 2\) has an empty"):
-    qformer_phase.tokenize_item_texts(dataset, 8)
+    pipeline.tokenize_item_texts(dataset, 8)
 
 
 def test_long_texts_are_truncated_and_counted():
   dataset, _ = _planted(4)
   dataset.item_texts[1] = " ".join(WORDS)  # 32 words > 8 tokens
-  ids, mask, truncated = qformer_phase.tokenize_item_texts(dataset, 8)
+  ids, mask, truncated = pipeline.tokenize_item_texts(dataset, 8)
   assert truncated == 1
   assert ids.shape == (4, 8) and mask[1].all() and not mask[0].all()
 

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ilm_jax.data import processing
+from ilm_jax.data import pipeline, processing
 from ilm_jax.models import sasrec
+from tests import data_helpers
 
 NUM_ITEMS, LENGTH, DIM = 12, 6, 8
 
@@ -144,14 +145,16 @@ def _dataset(sequences, num_items):
 
 def test_training_windows_by_hand():
   ds = _dataset([[0, 1, 2, 3, 4, 5, 6], [6, 5, 4]], num_items=7)
-  windows = sasrec.training_windows(ds, max_length=3)
+  windows = pipeline.sasrec_windows(ds, max_length=3)
   assert len(windows) == 1  # user 1's training part (one item) has no pair
-  example = windows[0]
+  example = data_helpers.element(windows, 0)
   # User 0: training part [0..4]; last 3 (input, next) pairs.
   np.testing.assert_array_equal(example["inputs"], [1, 2, 3])
   np.testing.assert_array_equal(example["targets"], [2, 3, 4])
   assert example["target_mask"].all()
-  long_window = sasrec.training_windows(ds, max_length=6)[0]
+  long_window = data_helpers.element(
+    pipeline.sasrec_windows(ds, max_length=6), 0
+  )
   np.testing.assert_array_equal(long_window["inputs"], [0, 0, 0, 1, 2, 3])
   np.testing.assert_array_equal(long_window["targets"], [0, 0, 1, 2, 3, 4])
   np.testing.assert_array_equal(

@@ -1,7 +1,8 @@
 """ilm_jax.data: real and synthetic recommendation data under the OpenP5 protocol.
 
 `load_dataset(config.data)` returns a processing.ProcessedDataset (cached on
-disk); `pipeline` turns it into grain datasets and training iterators;
+disk); `pipeline` turns it into every phase's examples, grain training
+iterators and padded eval batches;
 `python -m ilm_jax.data.prepare` builds one from the command line.
 """
 

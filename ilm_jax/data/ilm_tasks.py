@@ -5,19 +5,20 @@ Four tasks (templates in templates/prompts.json):
   straightforward  {user} -> an item the user liked
   description      {item} -> the item's text (title, year, genres, people)
   conversation     {liked} items -> a title + a reason from shared metadata
-Training example k is a pure function of (seed, k), so a grain MapDataset
-over indices is deterministic, shardable and resumable. Training uses only
-the train part of each sequence (items[:-2]); evaluation targets follow the
-OpenP5 split (valid: items[-2], test: items[-1]).
+Training example k is a pure function of (seed, k), so the grain iterator
+over example numbers (`training_prompts`, data/pipeline.py) is
+deterministic, shardable and resumable. Training uses only the training part
+of each sequence (items[:-2]); evaluation requests follow
+`ProcessedDataset.leave_one_out` (valid: items[-2], test: items[-1]).
 """
 
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import grain
 import numpy as np
+from absl import logging
 
-from ilm_jax.data import processing, prompts
+from ilm_jax.data import pipeline, processing, prompts
 
 TASKS = ("sequential", "straightforward", "description", "conversation")
 _GROUP_STREAM = 1  # keeps the per-batch task draws apart from the examples
@@ -77,11 +78,11 @@ class TaskSampler:
     self.max_history = max_history
     self.max_liked = max_liked
     self.seed = seed
-    lengths = np.array(
-      [len(dataset.train_sequence(u)) for u in range(dataset.num_users)]
-    )
+    # The valid split's histories are the training parts (items[:-2]).
+    self._splits = {s: dataset.leave_one_out(s) for s in ("valid", "test")}
+    train = self._splits["valid"]
     # Users with at least two training items can give a (history, next).
-    self._sequential_users = np.flatnonzero(lengths >= 2)
+    self._sequential_users = np.flatnonzero(train.ends - train.starts >= 2)
     self._positives = self._positive_lists()
 
   def _positive_lists(self) -> list[np.ndarray]:
@@ -128,7 +129,7 @@ class TaskSampler:
         target_item=item,
       )
     user = int(rng.choice(self._sequential_users))
-    sequence = ds.train_sequence(user)
+    sequence = self._splits["valid"].history(user)
     cut = int(rng.integers(1, len(sequence)))
     history = tuple(
       int(i) for i in sequence[max(0, cut - self.max_history) : cut]
@@ -195,12 +196,12 @@ class TaskSampler:
         target_item=item,
       )
     user = user_or_item
-    sequence = ds.sequence(user)
-    end = len(sequence) - (2 if split == "valid" else 1)
+    examples = self._splits[split]  # one example per user
+    full = examples.history(user)
     history = tuple(
-      int(i) for i in sequence[max(0, end - self.max_history) : end]
+      int(i) for i in full[max(0, len(full) - self.max_history) :]
     )
-    target = int(sequence[end])
+    target = int(examples.targets[user])
     if task == "conversation":
       liked = history[-self.max_liked :]
       return prompts.Request(
@@ -269,39 +270,91 @@ def task_lengths(
   return lengths, answers
 
 
-class TrainingPrompts(grain.MapDataset):
-  """Encoded training examples: element k = encode(training_request(k)).
+def training_prompts(
+  sampler: TaskSampler,
+  encoder: prompts.PromptEncoder,
+  length: int,
+  group_size: int = 0,
+) -> pipeline.Examples:
+  """Encoded training examples: example k = encode(training_request(k)).
 
   With `group_size` (the global batch size), examples k of one group
   k // group_size share one task, so an unshuffled iterator (the examples
   are independent draws already) yields one-task batches whose arrays take
   that task's encoded length. Batches then vary in shape by task (one
   compiled step per task) instead of all padding to the longest task.
+
+  Args:
+    sampler: the run's task sampler.
+    encoder: the run's prompt encoder.
+    length: examples per epoch.
+    group_size: the global batch size for one-task batches; 0: every
+      example draws its own task.
+
+  Returns:
+    Examples of the encoder's arrays plus "task" (int32, index in TASKS).
   """
 
-  def __init__(
-    self,
-    sampler: TaskSampler,
-    encoder: prompts.PromptEncoder,
-    length: int,
-    group_size: int = 0,
-  ):
-    super().__init__()
-    self._sampler, self._encoder, self._length = sampler, encoder, length
-    self._group_size = group_size
-
-  def __len__(self) -> int:
-    return self._length
-
-  def __str__(self) -> str:
-    return f"TrainingPrompts(length={self._length})"
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    index %= self._length
-    group = index // self._group_size if self._group_size else None
-    request = self._sampler.training_request(index, group)
-    example = self._encoder.encode(request)
+  def element(index: int) -> dict:
+    group = index // group_size if group_size else None
+    request = sampler.training_request(index, group)
+    example = encoder.encode(request)
     example["task"] = np.int32(TASKS.index(request.task))
     return example
+
+  return pipeline.stacked(length, element, "ilm/training_prompts")
+
+
+def build_prompting(
+  config, dataset: processing.ProcessedDataset, tokenizer
+) -> tuple["TaskSampler", prompts.PromptEncoder]:
+  """The phase-2 task sampler and prompt encoder of an experiment config.
+
+  Reads `config.seed`, `config.ilm.data` (templates, task weights, history
+  and length caps, system prompt, one-task batches) and the prompt-shaping
+  fields of `config.ilm.model`. With one-task batches the encoder's lengths
+  become per-task (`task_lengths`).
+
+  Args:
+    config: the experiment config (a phase-2 run's, or an export's).
+    dataset: the processed dataset.
+    tokenizer: the LLM's tokenizer.
+
+  Returns:
+    (TaskSampler, PromptEncoder).
+  """
+  data_config = config.ilm.data
+  templates = prompts.load_templates(data_config.templates or None)
+  sampler = TaskSampler(
+    dataset,
+    templates,
+    task_weights=data_config.task_weights.to_dict(),
+    max_history=data_config.max_history,
+    seed=config.seed,
+  )
+  encoder = prompts.PromptEncoder(
+    tokenizer,
+    dataset.item_titles,
+    tokens_per_entity=config.ilm.model.tokens_per_entity,
+    max_len=data_config.max_len,
+    max_answer_tokens=config.ilm.model.max_target_tokens,
+    max_entities=1 + max(data_config.max_history, 3),
+    soft_tokens=config.ilm.model.adapter in ("qformer", "mlp"),
+    titles_with_soft=data_config.titles_with_soft,
+    system_prompt=data_config.system_prompt,
+    learned_prompt=config.ilm.model.adapter == "prompt",
+    num_users=dataset.num_users,
+  )
+  if data_config.one_task_batches:
+    lengths, answers = task_lengths(
+      sampler,
+      encoder,
+      max_len=data_config.max_len,
+      max_answer_tokens=config.ilm.model.max_target_tokens,
+    )
+    logging.info(
+      "One-task batches; tokens per task (prompt + answer, scored answer): %s.",
+      ", ".join(f"{t} {lengths[t]}/{answers[t]}" for t in lengths),
+    )
+    encoder.max_len, encoder.max_answer_tokens = lengths, answers
+  return sampler, encoder

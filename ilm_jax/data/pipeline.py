@@ -1,298 +1,158 @@
-"""Grain datasets for each phase, and the checkpointable training iterator.
+"""From a ProcessedDataset to batches: every phase's examples and iterators.
 
-Per-phase sources are `ExampleDataset`s: grain MapDatasets whose elements
-(dicts of numpy values) are computed from index arrays over a
-ProcessedDataset. They support everything a MapDataset does (`.map`,
-`.slice`, ...) and also a vectorised `gather(indices)`, which
-`training_iterator` uses to build a batch of 1,024 examples in well under a
-millisecond instead of 1,024 grain element calls (~50 ms on a 2-core CPU).
+An `Examples` is a numbered set of examples with a vectorised
+`gather(indices) -> batch`: a batch of 1,024 rows is a few numpy gathers,
+not 1,024 element calls. Every phase's training data is one:
 
-  sequential_examples  user, left-padded history, target (SASRec, ILM prompts)
-  user_item_pairs      user, positive item (CF, user-item contrastive)
-  item_item_pairs      item, next item of the same user (item-item contrastive)
-  item_texts           item, title, text (Q-Former item-text batches)
+  mf_examples          users with their training item counts (CF/MF)
+  sasrec_windows       one left-padded window per user (SASRec)
+  qformer_examples     item-item pair + user-item pair + item text (phase 1)
+  ilm_tasks.TrainingPrompts  encoded multi-task prompts (phase 2)
+  sequential_examples  user, left-padded history, target (any split)
 
-`training_iterator` shards by process, reshuffles every epoch from (seed,
-epoch), batches within an epoch (dropping the remainder), repeats forever,
-and its `get_state()` is `{"next_index": batches_produced}`: plain JSON.
+`training_iterator` runs an `Examples` through stock grain: the example
+numbers `MapDataset.range(n)`, sliced by process, shuffled with a seed that
+changes every epoch, batched within an epoch (the remainder dropped, so a
+batch never straddles an epoch) by the vectorised gather, and repeated
+forever. Its state is grain's `{"next_index": batches_produced}`, which
+checkpoints save with the train state. `eval_batches` is the one evaluation
+batcher: an ordered pass in fixed-shape batches padded by repetition, with
+a validity mask.
+
+Every split follows `ProcessedDataset.leave_one_out`.
 """
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from ilm_jax.data import processing
+from ilm_jax.models import bert
 
-SPLITS = ("train", "valid", "test")
 Batch = dict[str, np.ndarray]
 
 
-class ExampleDataset(grain.MapDataset):
-  """A MapDataset whose elements come from a vectorised gather function."""
+class Examples:
+  """A numbered example set whose batches come from a vectorised gather.
+
+  Args:
+    length: number of examples (> 0).
+    gather_fn: int64 [B] example numbers in [0, length) -> dict of arrays
+      with a leading axis B.
+    name: shown in errors and logs.
+
+  Raises:
+    ValueError: no examples.
+  """
 
   def __init__(
     self, length: int, gather_fn: Callable[[np.ndarray], Batch], name: str
   ):
-    super().__init__()
     if length <= 0:
       raise ValueError(f"{name}: no examples.")
     self._length = length
     self._gather_fn = gather_fn
-    self._name = name
+    self.name = name
 
   def __len__(self) -> int:
     return self._length
 
-  def __str__(self) -> str:
-    return f"ExampleDataset({self._name}, {self._length} examples)"
+  def __repr__(self) -> str:
+    return f"Examples({self.name}, {self._length} examples)"
 
-  def gather(self, indices) -> Batch:
-    """Returns the examples at `indices` stacked along a leading axis."""
+  def gather(self, indices: Sequence[int] | np.ndarray) -> Batch:
+    """The examples at `indices` (taken modulo the length), stacked."""
     return self._gather_fn(np.asarray(indices, dtype=np.int64) % self._length)
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return {key: value[0] for key, value in self.gather([index]).items()}
 
-
-def sequential_examples(
-  ds: processing.ProcessedDataset, split: str, max_history: int
-) -> ExampleDataset:
-  """Next-item examples under the OpenP5 leave-one-out protocol.
-
-  train: one example per prefix of items[:-2] with at least one item, i.e.
-  targets items[1], ..., items[-3], history the items before the target.
-  valid: history items[:-2], target items[-2]. test: history items[:-1],
-  target items[-1]. Histories keep the `max_history` most recent items.
-
-  Args:
-    ds: the processed dataset.
-    split: "train", "valid" or "test".
-    max_history: history length; shorter histories are left-padded with 0.
-
-  Returns:
-    Elements {"user": int32, "history": int32[max_history],
-    "history_mask": bool[max_history] (True on real items), "target": int32}.
-  """
-  if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-  offsets = ds.sequence_offsets
-  lengths = ds.sequence_lengths
-  if split == "train":
-    counts = np.maximum(lengths - 3, 0)
-    users = np.repeat(np.arange(ds.num_users), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    targets = offsets[users] + 1 + (np.arange(len(users)) - first)
-  else:
-    users = np.arange(ds.num_users)
-    targets = offsets[1:] - (2 if split == "valid" else 1)
-  items = ds.sequence_items
-  columns = np.arange(-max_history, 0)
+def stacked(
+  length: int, element_fn: Callable[[int], Batch], name: str
+) -> Examples:
+  """Examples from a per-example function, stacked along a leading axis."""
 
   def gather(indices: np.ndarray) -> Batch:
-    user, target = users[indices], targets[indices]
-    positions = target[:, None] + columns[None, :]
-    mask = positions >= offsets[user][:, None]
-    history = np.where(mask, items[np.maximum(positions, 0)], 0)
-    return {
-      "user": user.astype(np.int32),
-      "history": history.astype(np.int32),
-      "history_mask": mask,
-      "target": items[target].astype(np.int32),
-    }
+    elements = [element_fn(int(i)) for i in indices]
+    return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
 
-  return ExampleDataset(len(users), gather, f"{ds.name}/sequential/{split}")
-
-
-def user_item_pairs(ds: processing.ProcessedDataset) -> ExampleDataset:
-  """Elements {"user": int32, "item": int32}: positives from training parts."""
-  pairs = ds.user_item_pairs
-  return ExampleDataset(
-    len(pairs),
-    lambda i: {"user": pairs[i, 0], "item": pairs[i, 1]},
-    f"{ds.name}/user_item",
-  )
-
-
-def item_item_pairs(ds: processing.ProcessedDataset) -> ExampleDataset:
-  """Elements {"item": int32, "positive_item": int32}: consecutive items."""
-  pairs = ds.item_item_pairs
-  return ExampleDataset(
-    len(pairs),
-    lambda i: {"item": pairs[i, 0], "positive_item": pairs[i, 1]},
-    f"{ds.name}/item_item",
-  )
-
-
-def item_texts(ds: processing.ProcessedDataset) -> ExampleDataset:
-  """Elements {"item": int32, "title": str, "text": str}, one per item.
-
-  Strings come as numpy object arrays in batches; tokenise them with the
-  `transform` argument of `training_iterator` (vectorised) or `.map`.
-  """
-  titles = np.asarray(ds.item_titles, dtype=object)
-  texts = np.asarray(ds.item_texts, dtype=object)
-  return ExampleDataset(
-    ds.num_items,
-    lambda i: {
-      "item": i.astype(np.int32),
-      "title": titles[i],
-      "text": texts[i],
-    },
-    f"{ds.name}/item_texts",
-  )
-
-
-def _stack(elements: list[dict]) -> Batch:
-  return {key: np.stack([e[key] for e in elements]) for key in elements[0]}
-
-
-def _take(dataset: grain.MapDataset, indices: np.ndarray) -> Batch:
-  """A batch from any MapDataset of dicts; vectorised for ExampleDataset."""
-  if isinstance(dataset, ExampleDataset):
-    return dataset.gather(indices)
-  return _stack([dataset[int(i)] for i in indices])
-
-
-class ShuffledBatchIndices(grain.MapDataset):
-  """Index batches of an epoch-wise shuffled range; index b >= len is epoch b // len.
-
-  Element b holds the example indices of batch b % len of epoch b // len,
-  from a permutation seeded by (seed, epoch). Use `.repeat()` to run forever.
-  """
-
-  def __init__(
-    self,
-    examples: np.ndarray,
-    batch_size: int,
-    seed: int,
-    shuffle: bool = True,
-  ):
-    super().__init__()
-    if len(examples) < batch_size:
-      raise ValueError(
-        f"batch_size {batch_size} exceeds the {len(examples)} examples of "
-        "this shard."
-      )
-    self._examples = examples
-    self._batch_size = batch_size
-    self._seed = seed
-    self._shuffle = shuffle
-    self._lock = threading.Lock()
-    self._permutations: dict[int, np.ndarray] = {}
-
-  def __len__(self) -> int:
-    return len(self._examples) // self._batch_size
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if not self._shuffle:
-      return self._examples
-    with self._lock:
-      if epoch not in self._permutations:
-        # Prefetch threads may straddle an epoch boundary; keep two epochs.
-        self._permutations = {
-          e: p for e, p in self._permutations.items() if e >= epoch - 1
-        }
-        rng = np.random.default_rng([self._seed, epoch])
-        self._permutations[epoch] = self._examples[
-          rng.permutation(len(self._examples))
-        ]
-      return self._permutations[epoch]
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    epoch, batch = divmod(index, len(self))
-    start = batch * self._batch_size
-    return self._permutation(epoch)[start : start + self._batch_size]
-
-
-class GatherBatch(grain.transforms.Map):
-  """Index batch -> example batch, then an optional batch-level transform."""
-
-  def __init__(
-    self,
-    dataset: grain.MapDataset,
-    transform: Callable[[Batch], Batch] | None = None,
-  ):
-    self._dataset = dataset
-    self._transform = transform
-
-  def map(self, indices: np.ndarray) -> Batch:
-    batch = _take(self._dataset, indices)
-    return self._transform(batch) if self._transform is not None else batch
-
-
-def shard_indices(
-  num_examples: int, process_index: int, process_count: int
-) -> np.ndarray:
-  """This process's examples: every process_count-th, from process_index."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(
-      f"process_index {process_index} not in [0, {process_count})."
-    )
-  return np.arange(process_index, num_examples, process_count)
+  return Examples(length, gather, name)
 
 
 def training_iterator(
-  dataset: grain.MapDataset,
+  examples: Examples,
   batch_size: int,
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
-  transform: Callable[[Batch], Batch] | None = None,
   read_options: grain.ReadOptions | None = None,
   shuffle: bool = True,
 ) -> grain.DatasetIterator:
   """An endless, deterministic, checkpointable iterator of training batches.
 
   Args:
-    dataset: a MapDataset of dicts (ExampleDataset for the fast path).
+    examples: the training examples.
     batch_size: per-process batch size; each epoch drops its remainder.
-    seed: shuffling seed; epoch e uses the permutation from (seed, e).
-    process_index: this process (jax.process_index()).
+    seed: shuffling seed (grain reseeds every epoch from it).
+    process_index: this process (jax.process_index()); it reads examples
+      process_index, process_index + process_count, ...
     process_count: number of processes (jax.process_count()).
-    transform: optional function applied to each gathered batch (e.g. a
-      vectorised tokenizer).
     read_options: grain prefetch settings; default 2 threads, 8 batches.
-    shuffle: False keeps the examples in order (for datasets whose elements
-      are independent random draws already, and whose consecutive examples
-      must stay in one batch, e.g. one-task phase-2 batches).
+    shuffle: False keeps the examples in order (for examples that are
+      independent random draws already, and whose consecutive examples must
+      stay in one batch: the one-task phase-2 batches).
 
   Returns:
     A grain DatasetIterator of dict batches. `get_state()` returns
     {"next_index": int} (JSON-serialisable); `set_state` on a fresh iterator
-    over the same dataset and arguments resumes with the same batches.
+    over the same examples and arguments resumes with the same batches.
+
+  Raises:
+    ValueError: process_index outside [0, process_count), or a batch larger
+      than this process's shard.
   """
-  examples = shard_indices(len(dataset), process_index, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+      f"process_index {process_index} not in [0, {process_count})."
+    )
+  numbers = grain.MapDataset.range(len(examples))[process_index::process_count]
+  if len(numbers) < batch_size:
+    raise ValueError(
+      f"batch_size {batch_size} exceeds the {len(numbers)} examples of "
+      f"this shard of {examples.name}."
+    )
+  if shuffle:
+    numbers = numbers.shuffle(seed=seed)
+  batches = numbers.batch(
+    batch_size, drop_remainder=True, batch_fn=examples.gather
+  ).repeat()
   read_options = read_options or grain.ReadOptions(
     num_threads=2, prefetch_buffer_size=8
-  )
-  batches = (
-    ShuffledBatchIndices(examples, batch_size, seed, shuffle)
-    .repeat()
-    .map(GatherBatch(dataset, transform))
   )
   return iter(batches.to_iter_dataset(read_options))
 
 
-def steps_per_epoch(
-  dataset: grain.MapDataset, batch_size: int, process_count: int = 1
-) -> int:
-  """Batches per epoch on process 0 (other shards have at most as many)."""
-  return len(shard_indices(len(dataset), 0, process_count)) // batch_size
+def process_training_iterator(
+  examples: Examples, global_batch_size: int, seed: int, shuffle: bool = True
+) -> grain.DatasetIterator:
+  """`training_iterator` over this process's share of each global batch."""
+  return training_iterator(
+    examples,
+    global_batch_size // jax.process_count(),
+    seed,
+    jax.process_index(),
+    jax.process_count(),
+    shuffle=shuffle,
+  )
 
 
 def eval_batches(
-  dataset: grain.MapDataset,
+  examples: Examples,
   batch_size: int,
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[Batch]:
-  """One ordered pass over this process's shard in fixed-size batches.
+  """One ordered pass over this process's examples in fixed-shape batches.
 
   Short batches are padded by repeating an example; "mask" marks real rows,
   so jitted eval steps see one shape and metrics skip padding. Every process
@@ -300,21 +160,227 @@ def eval_batches(
   collective steps over a multi-host mesh need all processes to take part.
 
   Args:
-    dataset: a MapDataset of dicts.
-    batch_size: rows per batch.
-    process_index: this process.
+    examples: the examples.
+    batch_size: rows per batch (this process's).
+    process_index: this process; it takes examples process_index,
+      process_index + process_count, ...
     process_count: number of processes.
 
   Yields:
     Dict batches with an extra bool "mask" [batch_size].
+
+  Raises:
+    ValueError: the examples have a "mask" of their own.
   """
-  examples = shard_indices(len(dataset), process_index, process_count)
-  largest_shard = -(-len(dataset) // process_count)
+  shard = np.arange(process_index, len(examples), process_count)
+  largest_shard = -(-len(examples) // process_count)
   for start in range(0, largest_shard, batch_size):
-    chunk = examples[start : start + batch_size]
+    chunk = shard[start : start + batch_size]
     real = len(chunk)
     filler = chunk[0] if real else 0
     chunk = np.concatenate([chunk, np.full(batch_size - real, filler)])
-    batch = _take(dataset, chunk)
+    batch = examples.gather(chunk)
+    if "mask" in batch:
+      raise ValueError(f"{examples.name}: examples must not have a 'mask'.")
     batch["mask"] = np.arange(batch_size) < real
     yield batch
+
+
+def shard_size(num_examples: int, process_index: int, process_count: int):
+  """How many of `num_examples` the process reads (training and eval)."""
+  return len(range(process_index, num_examples, process_count))
+
+
+def sequential_examples(
+  ds: processing.ProcessedDataset, split: str, max_history: int
+) -> Examples:
+  """Next-item examples of one leave-one-out split.
+
+  Args:
+    ds: the processed dataset.
+    split: "train", "valid" or "test" (see `ProcessedDataset.leave_one_out`).
+    max_history: history length; histories keep their most recent items and
+      shorter ones are left-padded with 0.
+
+  Returns:
+    Examples of {"user": int32, "history": int32 [max_history],
+    "history_mask": bool [max_history] (True on real items), "target": int32}.
+
+  Raises:
+    ValueError: an unknown split.
+  """
+  examples = ds.leave_one_out(split)
+
+  def gather(indices: np.ndarray) -> Batch:
+    history, mask = examples.padded_histories(indices, max_history)
+    return {
+      "user": examples.users[indices].astype(np.int32),
+      "history": history,
+      "history_mask": mask,
+      "target": examples.targets[indices].astype(np.int32),
+    }
+
+  return Examples(len(examples), gather, f"{ds.name}/sequential/{split}")
+
+
+def training_item_lists(
+  ds: processing.ProcessedDataset, interactions: str = "all"
+) -> list[np.ndarray]:
+  """Per user, the items MF trains on (never validation or test targets).
+
+  Args:
+    ds: the processed dataset.
+    interactions: "all" (every item of the training part items[:-2]) or
+      "positive" (the user-item positives, rating >= data.positive_rating).
+
+  Returns:
+    One int array per user.
+
+  Raises:
+    ValueError: another `interactions`.
+  """
+  if interactions == "all":
+    return ds.leave_one_out("valid").histories()
+  if interactions == "positive":
+    pairs = ds.user_item_pairs
+    order = np.argsort(pairs[:, 0], kind="stable")
+    bounds = np.searchsorted(pairs[order, 0], np.arange(ds.num_users + 1))
+    items = pairs[order, 1]
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+  raise ValueError(
+    f"cf.model.interactions={interactions!r}: expected 'all' or 'positive'."
+  )
+
+
+def mf_examples(
+  ds: processing.ProcessedDataset, interactions: str = "all"
+) -> Examples:
+  """One example per user with training items: {"user", "item_counts"}.
+
+  `item_counts` is a dense float32 [num_items] row (multiplicities of the
+  user's `training_item_lists`), built per batch; a few MB per batch of
+  users even for ML-1M.
+  """
+  item_lists = training_item_lists(ds, interactions)
+  users = np.array([u for u, i in enumerate(item_lists) if len(i)], np.int64)
+  num_items = ds.num_items
+
+  def gather(indices: np.ndarray) -> Batch:
+    batch_users = users[indices]
+    lists = [item_lists[u] for u in batch_users]
+    rows = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
+    flat = rows * num_items + np.concatenate(lists)
+    counts = np.bincount(flat, minlength=len(lists) * num_items)
+    counts = counts.reshape(len(lists), num_items).astype(np.float32)
+    return {"user": batch_users.astype(np.int32), "item_counts": counts}
+
+  return Examples(len(users), gather, f"{ds.name}/mf_item_counts")
+
+
+def sasrec_windows(
+  ds: processing.ProcessedDataset, max_length: int
+) -> Examples:
+  """One left-padded window per user over the training part items[:-2].
+
+  Window t's target is training item t + 1 and its input item t; a user
+  needs two training items. Windows keep the last `max_length` targets.
+
+  Returns:
+    Examples of {"inputs": int32 [L], "targets": int32 [L],
+    "target_mask": bool [L]}, where targets[t] is the item after inputs[t].
+  """
+  train = ds.leave_one_out("valid")  # histories = the training parts
+  keep = np.flatnonzero(train.ends - train.starts >= 2)
+  starts, ends = train.starts[keep], train.ends[keep]
+  columns = np.arange(-max_length, 0)
+
+  def gather(indices: np.ndarray) -> Batch:
+    positions = ends[indices][:, None] + columns[None, :]
+    # The first training item is never a target (it has no input).
+    real = positions > starts[indices][:, None]
+    targets = np.where(real, train.items[np.maximum(positions, 0)], 0)
+    inputs = np.where(real, train.items[np.maximum(positions - 1, 0)], 0)
+    return {
+      "inputs": inputs.astype(np.int32),
+      "targets": targets.astype(np.int32),
+      "target_mask": real,
+    }
+
+  return Examples(len(keep), gather, f"{ds.name}/sasrec_windows/{max_length}")
+
+
+def tokenize_item_texts(
+  ds: processing.ProcessedDataset, max_text_len: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """Every item's text as MiniLM WordPiece tokens, for phase 1.
+
+  Args:
+    ds: the processed dataset.
+    max_text_len: tokens per text, [CLS] and [SEP] included.
+
+  Returns:
+    (ids int32 [num_items, max_text_len], mask [num_items, max_text_len],
+    how many texts were truncated).
+
+  Raises:
+    ValueError: naming the item whose text is empty.
+  """
+  tokenizer = bert.WordPieceTokenizer.from_pretrained(max_length=max_text_len)
+  for index, text in enumerate(ds.item_texts):
+    if not text.strip():
+      raise ValueError(
+        f"Item {ds.item_ids[index]!r} (index {index}) has an empty "
+        "text; every item needs a title or description for phase 1."
+      )
+  encoded = tokenizer.encode(ds.item_texts)
+  return encoded.ids, encoded.mask, encoded.num_truncated
+
+
+def qformer_examples(
+  ds: processing.ProcessedDataset,
+  item_table: np.ndarray,
+  user_table: np.ndarray,
+  text_ids: np.ndarray,
+  text_mask: np.ndarray,
+) -> Examples:
+  """Phase-1 examples: one per item-item pair, each with a user-item pair.
+
+  Example k is the k-th (item a, next item b) pair of the training parts
+  (ITC/ITM/ITG use a and its text; II contrasts a with b) and a user-item
+  positive pair (UI) at a fixed stride, which spreads the smaller set over
+  the examples.
+
+  Args:
+    ds: the processed dataset.
+    item_table: float [num_items, d] CF item vectors.
+    user_table: float [num_users, d] CF user vectors.
+    text_ids: int [num_items, T] item text tokens (`tokenize_item_texts`).
+    text_mask: [num_items, T].
+
+  Returns:
+    Examples of {"item_cf", "pair_cf", "user_cf", "user_item_cf": [d];
+    "text_ids", "text_mask": [T]}.
+
+  Raises:
+    ValueError: no item-item or no user-item pairs.
+  """
+  ii_pairs, ui_pairs = ds.item_item_pairs, ds.user_item_pairs
+  if not len(ii_pairs) or not len(ui_pairs):
+    raise ValueError(
+      f"{ds.name}: phase 1 needs item-item and user-item "
+      "pairs; the training split has none."
+    )
+
+  def gather(indices: np.ndarray) -> Batch:
+    a, b = ii_pairs[indices, 0], ii_pairs[indices, 1]
+    ui = ui_pairs[(indices * 7919) % len(ui_pairs)]
+    return dict(
+      item_cf=item_table[a],
+      pair_cf=item_table[b],
+      text_ids=text_ids[a],
+      text_mask=text_mask[a],
+      user_cf=user_table[ui[:, 0]],
+      user_item_cf=item_table[ui[:, 1]],
+    )
+
+  return Examples(len(ii_pairs), gather, f"{ds.name}/qformer")

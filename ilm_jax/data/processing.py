@@ -28,8 +28,9 @@
 3. Each user's interactions are sorted by timestamp with a stable sort, so
    equal timestamps keep their file order (sorting ties by item id inflates
    ML-1M NDCG by about 20%).
-4. Leave-one-out: items[-1] is the test target, items[-2] the validation
-   target, items[:-2] the training part.
+4. Leave-one-out (`ProcessedDataset.leave_one_out`, the one definition):
+   items[-1] is the test target, items[-2] the validation target, items[:-2]
+   the training part.
 5. Derived sets from the training part only: item-item pairs of consecutive
    items of a user, and user-item positive pairs (rating >= threshold, or
    every interaction for sources without ratings).
@@ -139,22 +140,128 @@ class ProcessedDataset:
       self.sequence_offsets[user] : self.sequence_offsets[user + 1]
     ]
 
-  @property
-  def sequences(self) -> list[np.ndarray]:
-    """All users' sequences as views into sequence_items."""
-    return np.split(self.sequence_items, self.sequence_offsets[1:-1])
+  def leave_one_out(self, split: str) -> "Split":
+    """The next-item examples of one split of the OpenP5 leave-one-out.
 
-  def train_sequence(self, user: int) -> np.ndarray:
-    """items[:-2]: what training may see of this user."""
-    return self.sequence(user)[:-2]
+    train: one example per prefix of the training part items[:-2]: targets
+      items[1], ..., items[-3], each with the items before it as history.
+    valid: one per user, history items[:-2] (the whole training part),
+      target items[-2].
+    test: one per user, history items[:-1], target items[-1].
 
-  def valid_target(self, user: int) -> int:
-    """items[-2]."""
-    return int(self.sequence_items[self.sequence_offsets[user + 1] - 2])
+    Args:
+      split: "train", "valid" or "test".
 
-  def test_target(self, user: int) -> int:
-    """items[-1]."""
-    return int(self.sequence_items[self.sequence_offsets[user + 1] - 1])
+    Returns:
+      The Split (arrays over its examples; see `Split`).
+
+    Raises:
+      ValueError: an unknown split.
+    """
+    users, starts, ends = split_bounds(self.sequence_offsets, split)
+    return Split(
+      name=split,
+      users=users,
+      starts=starts,
+      ends=ends,
+      targets=self.sequence_items[ends],
+      items=self.sequence_items,
+    )
+
+
+SPLITS = ("train", "valid", "test")
+# Items at the end of a sequence that the valid and test histories leave out:
+# the valid history (items[:-2]) is the training part, all training may see.
+_HELD_OUT = {"valid": 2, "test": 1}
+
+
+def split_bounds(
+  offsets: np.ndarray, split: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(users, history starts, history ends) of a split's examples.
+
+  The one definition of the leave-one-out split (`leave_one_out`, and the
+  training part in `process`). Example n's history is
+  `sequence_items[starts[n]:ends[n]]` and its target `sequence_items[ends[n]]`.
+
+  Args:
+    offsets: int64 [num_users + 1] CSR sequence offsets.
+    split: "train", "valid" or "test".
+
+  Returns:
+    Three int64 [N] arrays.
+
+  Raises:
+    ValueError: an unknown split.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+  lengths = np.diff(offsets)
+  if split != "train":
+    users = np.arange(len(lengths))
+    return users, offsets[:-1], offsets[1:] - _HELD_OUT[split]
+  # Targets items[1 : len - 2]: every training item after the first.
+  counts = np.maximum(lengths - _HELD_OUT["valid"] - 1, 0)
+  users = np.repeat(np.arange(len(lengths)), counts)
+  first = np.repeat(np.cumsum(counts) - counts, counts)
+  ends = offsets[users] + 1 + (np.arange(len(users)) - first)
+  return users, offsets[users], ends
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """The next-item examples of one leave-one-out split.
+
+  Example n belongs to user `users[n]`; its history is
+  `items[starts[n]:ends[n]]` (chronological) and its target
+  `targets[n] == items[ends[n]]`.
+
+  Attributes:
+    name: "train", "valid" or "test".
+    users: int64 [N].
+    starts: int64 [N], first history position in `items`.
+    ends: int64 [N], one past the last history position (the target's).
+    targets: int32 [N].
+    items: int32 [num_interactions], the dataset's `sequence_items`.
+  """
+
+  name: str
+  users: np.ndarray
+  starts: np.ndarray
+  ends: np.ndarray
+  targets: np.ndarray
+  items: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.users)
+
+  def history(self, n: int) -> np.ndarray:
+    """Example n's history (int32, chronological)."""
+    return self.items[self.starts[n] : self.ends[n]]
+
+  def histories(self) -> list[np.ndarray]:
+    """Every example's history, as views into `items`."""
+    return [
+      self.items[a:b] for a, b in zip(self.starts, self.ends, strict=True)
+    ]
+
+  def padded_histories(
+    self, indices: np.ndarray, length: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """The `length` most recent history items of examples `indices`.
+
+    Args:
+      indices: int [B] example numbers.
+      length: columns; shorter histories are left-padded with item 0.
+
+    Returns:
+      (items int32 [B, length], mask bool [B, length] True on real items);
+      the most recent item sits in the last column.
+    """
+    positions = self.ends[indices][:, None] + np.arange(-length, 0)[None, :]
+    mask = positions >= self.starts[indices][:, None]
+    history = np.where(mask, self.items[np.maximum(positions, 0)], 0)
+    return history.astype(np.int32), mask
 
 
 def kcore(
@@ -275,9 +382,9 @@ def process(
 
   lengths = np.bincount(user_index, minlength=len(user_ids))
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-  # Position of each row within its user's sequence; training part = [:-2].
-  position = np.arange(len(rows)) - offsets[user_index]
-  in_train = position < lengths[user_index] - 2
+  # The training part: the valid split's histories.
+  _, _, train_ends = split_bounds(offsets, "valid")
+  in_train = np.arange(len(rows)) < train_ends[user_index]
   item_item_pairs, self_pairs = _item_item_pairs(
     user_index, item_index, in_train
   )
@@ -295,7 +402,7 @@ def process(
     "users": len(user_ids),
     "items": len(item_ids),
     "interactions": len(rows),
-    "train_examples": int(np.maximum(lengths - 3, 0).sum()),
+    "train_examples": len(split_bounds(offsets, "train")[0]),
     "valid": len(user_ids),
     "test": len(user_ids),
     "raw_interactions": len(data),

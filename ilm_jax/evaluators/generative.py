@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from ilm_jax import decoding, metric_writer, metrics, progress, resources
+from ilm_jax.data import pipeline
 from ilm_jax.evaluators import common
 from ilm_jax.models import bert
 
@@ -39,10 +40,6 @@ def _subset(total: int, count: int, seed: int) -> np.ndarray:
   """The first `count` (0: all) of a seeded permutation of range(total)."""
   order = np.random.default_rng(seed).permutation(total)
   return order[:count] if count else order
-
-
-def _stack(examples: list[dict]) -> dict:
-  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def build_title_trie(tokenizer, titles) -> tuple[decoding.TokenTrie, dict]:
@@ -156,11 +153,13 @@ class _PromptEvaluator:
     the prefill pays only for the batch's longest prompt.
     """
     bar = progress.Progress(what or self.name, total=len(requests))
-    for start in range(0, len(requests), self.batch_size):
-      chunk = requests[start : start + self.batch_size]
-      real = len(chunk)
-      chunk = chunk + [chunk[-1]] * (self.batch_size - real)  # fixed shape
-      batch = _stack([self.encoder.encode(r, with_target) for r in chunk])
+    examples = pipeline.stacked(
+      len(requests),
+      lambda i: self.encoder.encode(requests[i], with_target),
+      what or self.name,
+    )
+    for batch in pipeline.eval_batches(examples, self.batch_size):
+      real = int(batch.pop("mask").sum())
       if not with_target:
         batch = trim_left_padding(batch, _PROMPT_LENGTH_STEP)
       yield real, batch
@@ -250,13 +249,17 @@ def _sentence_encoder():
 def sentence_embeddings(texts, batch_size: int = 64) -> np.ndarray:
   """MiniLM sentence embeddings (mean-pooled, L2-normalised) [N, 384]."""
   tokenizer, params, apply = _sentence_encoder()
+  texts = [t if t.strip() else "." for t in texts]
+
+  def gather(rows: np.ndarray) -> dict:
+    encoded = tokenizer.encode([texts[i] for i in rows])
+    return {"ids": encoded.ids, "token_mask": encoded.mask}
+
   out = []
-  for start in range(0, len(texts), batch_size):
-    chunk = list(texts[start : start + batch_size])
-    real = len(chunk)
-    chunk += [chunk[-1]] * (batch_size - real)
-    encoded = tokenizer.encode([t if t.strip() else "." for t in chunk])
-    out.append(np.asarray(apply(params, encoded.ids, encoded.mask))[:real])
+  examples = pipeline.Examples(len(texts), gather, "sentences")
+  for batch in pipeline.eval_batches(examples, batch_size):
+    embeddings = apply(params, batch["ids"], batch["token_mask"])
+    out.append(np.asarray(embeddings)[batch["mask"]])
   return np.concatenate(out)
 
 

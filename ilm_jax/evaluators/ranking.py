@@ -22,10 +22,7 @@ batch) -> float [batch, num_items]` (batch has "user", "history",
 Yields <prefix>hr@k and <prefix>ndcg@k averaged over users, and
 <prefix>users, the number of users evaluated (all users of the dataset: each has a validation and test item).
 Per-user metrics come back to the host and are summed in float64 there, so
-the result does not depend on how the batch is split over devices. Then
-(metric_writer.PER_USER, block): per user (block["user_ids"]), the values
-averaged above and <prefix>rank, the target's 0-based rank among the
-candidates under the tie policy ("expected": the mean over tie-breaks).
+the result does not depend on how the batch is split over devices.
 """
 
 import functools
@@ -38,19 +35,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ilm_jax import metric_writer, metrics, progress, sharding
+from ilm_jax import metrics, progress, sharding
 from ilm_jax.data import pipeline, processing
 from ilm_jax.evaluators import common
 
 ScoreFn = Callable[[Any, dict], jax.Array]
-
-
-def history_items(
-  dataset: processing.ProcessedDataset, target: str
-) -> list[np.ndarray]:
-  """Per user, every item before the held-out `target` ("valid"/"test")."""
-  drop = {"valid": 2, "test": 1}[target]
-  return [dataset.sequence(u)[:-drop] for u in range(dataset.num_users)]
 
 
 def exclusion_mask(item_lists: list[np.ndarray], num_items: int) -> np.ndarray:
@@ -101,7 +90,9 @@ class RankingEvaluator:
       dataset, self.split, history_length
     )
     self._history = (
-      history_items(dataset, self.split) if self.mask_history else None
+      dataset.leave_one_out(self.split).histories()
+      if self.mask_history
+      else None
     )
     self._score_fn = score_fn
 
@@ -111,50 +102,43 @@ class RankingEvaluator:
     Every process runs the same number of steps (the largest shard's), as
     jitted steps over a multi-host mesh need all processes.
     """
-    count, index = jax.process_count(), jax.process_index()
-    local_size = self.batch_size // count
-    users = pipeline.shard_indices(len(self._examples), index, count)
-    largest_shard = math.ceil(len(self._examples) / count)
-    for start in range(0, largest_shard, local_size):
-      chunk = users[start : start + local_size]
-      real = len(chunk)
-      filler = users[:1] if real == 0 else chunk[:1]
-      chunk = np.concatenate([chunk, np.repeat(filler, local_size - real)])
-      batch = self._examples.gather(chunk)
-      batch["mask"] = np.arange(local_size) < real
+    for batch in pipeline.eval_batches(
+      self._examples,
+      self.batch_size // jax.process_count(),
+      jax.process_index(),
+      jax.process_count(),
+    ):
       if self._history is not None:
         rows = [self._history[u] for u in batch["user"]]
         batch["exclude"] = exclusion_mask(rows, self._num_items)
       yield batch
 
-  def run(self, params: Any) -> Iterator[tuple[str, Any]]:
-    """Yields (metric name, mean over users), ("users", count), per-user."""
-    columns: dict[str, list[np.ndarray]] = {}
+  def run(self, params: Any) -> Iterator[tuple[str, float]]:
+    """Yields (metric name, mean over users) and ("users", count)."""
+    sums: dict[str, float] = {}
+    num_users = 0
     # Counts this process's users (padding excluded).
     bar = progress.Progress(
       f"{self.name} ({self.split}) users",
-      total=len(
-        pipeline.shard_indices(
-          len(self._examples), jax.process_index(), jax.process_count()
-        )
+      total=pipeline.shard_size(
+        len(self._examples), jax.process_index(), jax.process_count()
       ),
     )
     for local_batch in self._batches():
       batch = sharding.put_global_batch(local_batch, self._mesh)
-      per_user, greater, tied = _gather_to_host(
+      per_user = _gather_to_host(
         _per_user_metrics(
           params, batch, score_fn=self._score_fn, ks=self.ks, ties=self.ties
         )
       )
-      per_user["rank"] = _target_rank(greater, tied, self.ties)
-      per_user["user_ids"] = _gather_to_host(batch["user"])
       real = _gather_to_host(batch["mask"])
+      num_users += int(real.sum())
       for key, values in per_user.items():
-        columns.setdefault(key, []).append(np.asarray(values)[real])
+        sums[key] = sums.get(key, 0.0) + float(
+          np.sum(values[real], dtype=np.float64)
+        )
       bar.update(int(local_batch["mask"].sum()))
     bar.done()
-    per_user = {key: np.concatenate(v) for key, v in columns.items()}
-    num_users = len(per_user.get("user_ids", ()))
     if not num_users:
       raise ValueError(f"Evaluator {self.name}: no users to evaluate.")
     logging.info(
@@ -165,21 +149,9 @@ class RankingEvaluator:
       self.mask_history,
       self.ties,
     )
-    user_ids = per_user.pop("user_ids")
-    for key in sorted(per_user.keys() - {"rank"}, key=_metric_order):
-      yield (
-        self.prefix + key,
-        float(np.sum(per_user[key], dtype=np.float64)) / num_users,
-      )
+    for key in sorted(sums, key=_metric_order):
+      yield self.prefix + key, sums[key] / num_users
     yield self.prefix + "users", float(num_users)
-    block = {self.prefix + key: values for key, values in per_user.items()}
-    yield metric_writer.PER_USER, {"user_ids": user_ids, **block}
-
-
-def _target_rank(greater: np.ndarray, tied: np.ndarray, ties: str):
-  """0-based rank of each target from `metrics.rank_counts` (float)."""
-  offset = {"pessimistic": tied, "optimistic": 0, "expected": tied / 2}[ties]
-  return (greater + offset).astype(np.float64)
 
 
 def _metric_order(key: str) -> tuple[str, int]:
@@ -192,10 +164,9 @@ def _metric_order(key: str) -> tuple[str, int]:
 @functools.partial(jax.jit, static_argnames=("score_fn", "ks", "ties"))
 def _per_user_metrics(params, batch, *, score_fn, ks, ties):
   scores = score_fn(params, batch)
-  exclude = batch.get("exclude")
-  greater, tied = metrics.rank_counts(scores, batch["target"], exclude)
-  values = metrics.ranking_metrics(scores, batch["target"], ks, exclude, ties)
-  return values, greater, tied
+  return metrics.ranking_metrics(
+    scores, batch["target"], ks, batch.get("exclude"), ties
+  )
 
 
 def _gather_to_host(tree: Any) -> Any:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from ilm_jax import losses, progress
+from ilm_jax.data import pipeline
 from ilm_jax.evaluators import common
 from ilm_jax.models import qformer
 
@@ -108,26 +109,28 @@ class _QFormerEvaluator:
     )
 
   def _all_features(self, params):
-    n, b = len(self.item_table), self.batch_size
-    pad = -n % b
-    cf = np.pad(self.item_table, ((0, pad), (0, 0)))
-    ids = np.pad(self.text_ids, ((0, pad), (0, 0)))
-    mask = np.pad(self.text_mask, ((0, pad), (0, 0)))
-    mask[n:, :2] = 1  # padded rows need a non-empty text; dropped below
-    items, texts = [], []
+    n = len(self.item_table)
+    items = pipeline.Examples(
+      n,
+      lambda rows: dict(
+        cf=self.item_table[rows],
+        ids=self.text_ids[rows],
+        text_mask=self.text_mask[rows],
+      ),
+      f"{self.dataset.name}/items",
+    )
+    item_features, text_features = [], []
     bar = progress.Progress(f"{self.name}: encoding items", total=n)
-    for start in range(0, n + pad, b):
+    for batch in pipeline.eval_batches(items, self.batch_size):
       i, t = self._features(
-        params,
-        cf[start : start + b],
-        ids[start : start + b],
-        mask[start : start + b],
+        params, batch["cf"], batch["ids"], batch["text_mask"]
       )
-      items.append(np.asarray(i))
-      texts.append(np.asarray(t))
-      bar.update(min(b, n - start))
+      real = batch["mask"]
+      item_features.append(np.asarray(i)[real])
+      text_features.append(np.asarray(t)[real])
+      bar.update(int(real.sum()))
     bar.done()
-    return np.concatenate(items)[:n], np.concatenate(texts)[:n]
+    return np.concatenate(item_features), np.concatenate(text_features)
 
 
 @common.register("item_text_retrieval")
@@ -149,14 +152,11 @@ class ItemTextRetrieval(_QFormerEvaluator):
 class CooccurrenceRetrieval(_QFormerEvaluator):
   def run(self, params):
     item_features, _ = self.all_features(params)
-    offset = 3 if self.split == "valid" else 2
-    users = [
-      u
-      for u in range(self.dataset.num_users)
-      if len(self.dataset.sequence(u)) >= offset
-    ]
-    anchors = np.array([self.dataset.sequence(u)[-offset] for u in users])
-    targets = np.array([self.dataset.sequence(u)[-offset + 1] for u in users])
+    # The last history item of each user's split example -> its target.
+    examples = self.dataset.leave_one_out(self.split)
+    users = np.flatnonzero(examples.ends > examples.starts)
+    anchors = examples.items[examples.ends[users] - 1]
+    targets = examples.targets[users]
     similarity = np.array(
       losses.pooled_similarity(
         jnp.asarray(item_features[anchors]), jnp.asarray(item_features)

@@ -6,7 +6,8 @@ for an item is their dot product; later phases treat a user vector as a
 
 Objective: full softmax over all items (a multinomial likelihood per user).
 For a batch of users, each user's training items (items[:-2], with
-multiplicity) are targets of one softmax over the whole catalogue:
+multiplicity; batches from `data.pipeline.mf_examples`) are targets of one
+softmax over the whole catalogue:
   loss = -sum_u sum_{i in train(u)} log softmax(user_u . item_*)_i / #pairs.
 This is exactly pair-level softmax cross-entropy over every (user, item)
 training pair, grouped by user, so one step scores each user against the
@@ -32,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ilm_jax import checkpoint
-from ilm_jax.data import pipeline, processing
+from ilm_jax.data import processing
 
 EXPORT_FORMAT = "ilm_jax.cf_tables.v1"
 
@@ -83,54 +84,6 @@ def multinomial_loss(
   num_pairs = jnp.maximum(jnp.sum(item_counts), 1.0)
   loss = -jnp.sum(item_counts * log_probs) / num_pairs
   return loss, dict(pairs_per_batch=num_pairs)
-
-
-def training_item_lists(
-  dataset: processing.ProcessedDataset, interactions: str = "all"
-) -> list[np.ndarray]:
-  """Per user, the items MF trains on (never validation or test targets).
-
-  Args:
-    dataset: the processed dataset.
-    interactions: "all" (every item of items[:-2]) or "positive" (the
-      user-item positives, rating >= config.data.positive_rating).
-
-  Returns:
-    One int array per user.
-  """
-  if interactions == "all":
-    return [dataset.train_sequence(u) for u in range(dataset.num_users)]
-  if interactions == "positive":
-    pairs = dataset.user_item_pairs
-    order = np.argsort(pairs[:, 0], kind="stable")
-    bounds = np.searchsorted(pairs[order, 0], np.arange(dataset.num_users + 1))
-    items = pairs[order, 1]
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-  raise ValueError(
-    f"cf.model.interactions={interactions!r}: expected 'all' or 'positive'."
-  )
-
-
-def user_item_count_examples(
-  item_lists: list[np.ndarray], num_items: int
-) -> pipeline.ExampleDataset:
-  """One example per user with training items: {"user", "item_counts"}.
-
-  `item_counts` is a dense float32 [num_items] row (multiplicities), built
-  per batch; a few MB per batch of users even for ML-1M.
-  """
-  users = np.array([u for u, i in enumerate(item_lists) if len(i)], np.int64)
-
-  def gather(indices: np.ndarray) -> pipeline.Batch:
-    batch_users = users[indices]
-    lists = [item_lists[u] for u in batch_users]
-    rows = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
-    flat = rows * num_items + np.concatenate(lists)
-    counts = np.bincount(flat, minlength=len(lists) * num_items)
-    counts = counts.reshape(len(lists), num_items).astype(np.float32)
-    return {"user": batch_users.astype(np.int32), "item_counts": counts}
-
-  return pipeline.ExampleDataset(len(users), gather, "mf/user_item_counts")
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

@@ -14,18 +14,15 @@ prompts). Windows are left-padded, so the
 most recent item always sits at position max_length - 1, in training and in
 evaluation alike.
 
-Training examples: one window per user, the last max_length + 1 items of
-the training part items[:-2]; inputs are its first max_length items and
-targets the next item at each position. Validation and test histories are
+Training examples (`data.pipeline.sasrec_windows`): one window per user,
+the last max_length + 1 items of the training part items[:-2]; inputs are
+its first max_length items and targets the next item at each position. Validation and test histories are
 the last max_length items before items[-2] and items[-1].
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from ilm_jax.data import pipeline, processing
 
 
 class _Block(nn.Module):
@@ -175,37 +172,3 @@ class SASRec(nn.Module):
       targets_per_batch=num_targets,
       skipped_targets=num_real - jnp.sum(weights),
     )
-
-
-def training_windows(
-  dataset: processing.ProcessedDataset, max_length: int
-) -> pipeline.ExampleDataset:
-  """One left-padded window per user over the training part items[:-2].
-
-  Returns:
-    An ExampleDataset of {"inputs": int32 [L], "targets": int32 [L],
-    "target_mask": bool [L]}, where targets[t] is the item after inputs[t].
-  """
-  offsets = dataset.sequence_offsets
-  items = dataset.sequence_items
-  # Training part [offsets[u], offsets[u + 1] - 2); a target needs an input.
-  train_end = offsets[1:] - 2
-  users = np.flatnonzero(train_end - offsets[:-1] >= 2)
-  columns = np.arange(-max_length, 0)
-
-  def gather(indices: np.ndarray) -> pipeline.Batch:
-    user = users[indices]
-    target_positions = train_end[user][:, None] + columns[None, :]
-    # The first item of a sequence is never a target (it has no input).
-    real = target_positions >= (offsets[user] + 1)[:, None]
-    targets = np.where(real, items[np.maximum(target_positions, 0)], 0)
-    inputs = np.where(real, items[np.maximum(target_positions - 1, 0)], 0)
-    return {
-      "inputs": inputs.astype(np.int32),
-      "targets": targets.astype(np.int32),
-      "target_mask": real,
-    }
-
-  return pipeline.ExampleDataset(
-    len(users), gather, f"{dataset.name}/sasrec_windows/{max_length}"
-  )

@@ -19,7 +19,6 @@ import pathlib
 import time
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -48,16 +47,6 @@ class _NoBatches:
     del state
 
 
-def _iterator(examples: pipeline.ExampleDataset, batch_size: int, seed: int):
-  return pipeline.training_iterator(
-    examples,
-    batch_size // jax.process_count(),
-    seed,
-    jax.process_index(),
-    jax.process_count(),
-  )
-
-
 def _evaluators(cf_config, dataset, score_fn, mesh, history_length=1):
   return common.from_config(
     cf_config.evals,
@@ -84,10 +73,7 @@ def mf_task(
     embed_dim=model_config.embed_dim,
     init_stddev=model_config.init_stddev,
   )
-  item_lists = cf_encoder.training_item_lists(
-    dataset, model_config.interactions
-  )
-  examples = cf_encoder.user_item_count_examples(item_lists, dataset.num_items)
+  examples = pipeline.mf_examples(dataset, model_config.interactions)
 
   def init_params(rng):
     return model.init(rng, jnp.zeros((1,), jnp.int32))["params"]
@@ -104,16 +90,16 @@ def mf_task(
     name="mf",
     init_params=init_params,
     loss_fn=loss_fn,
-    train_iterator=_iterator(examples, cf_config.train.batch_size, seed),
+    train_iterator=pipeline.process_training_iterator(
+      examples, cf_config.train.batch_size, seed
+    ),
     evaluators=_evaluators(cf_config, dataset, score_fn, mesh),
   )
 
 
 def popularity_task(dataset, cf_config, mesh) -> train.Task:
   """Scores every item by its count in the training parts items[:-2]."""
-  train_items = np.concatenate(
-    [dataset.train_sequence(u) for u in range(dataset.num_users)]
-  )
+  train_items = np.concatenate(pipeline.training_item_lists(dataset, "all"))
   counts = np.bincount(train_items, minlength=dataset.num_items)
   counts = counts.astype(np.float32)
 
@@ -143,7 +129,7 @@ def sasrec_task(dataset, cf_config, mesh, seed) -> train.Task:
     dropout_rate=model_config.dropout_rate,
   )
   length = model_config.max_length
-  examples = sasrec.training_windows(dataset, length)
+  examples = pipeline.sasrec_windows(dataset, length)
 
   def init_params(rng):
     items = jnp.zeros((1, length), jnp.int32)
@@ -170,7 +156,9 @@ def sasrec_task(dataset, cf_config, mesh, seed) -> train.Task:
     name="sasrec",
     init_params=init_params,
     loss_fn=loss_fn,
-    train_iterator=_iterator(examples, cf_config.sasrec.train.batch_size, seed),
+    train_iterator=pipeline.process_training_iterator(
+      examples, cf_config.sasrec.train.batch_size, seed
+    ),
     evaluators=_evaluators(cf_config, dataset, score_fn, mesh, length),
   )
 

@@ -101,45 +101,6 @@ def load_qformer(config, workdir: pathlib.Path, rng):
   )
 
 
-def build_prompting(config, dataset, tokenizer):
-  """(TaskSampler, PromptEncoder) for this run's prompt settings."""
-  data_config = config.ilm.data
-  templates = prompts.load_templates(data_config.templates or None)
-  sampler = ilm_tasks.TaskSampler(
-    dataset,
-    templates,
-    task_weights=data_config.task_weights.to_dict(),
-    max_history=data_config.max_history,
-    seed=config.seed,
-  )
-  encoder = prompts.PromptEncoder(
-    tokenizer,
-    dataset.item_titles,
-    tokens_per_entity=config.ilm.model.tokens_per_entity,
-    max_len=data_config.max_len,
-    max_answer_tokens=config.ilm.model.max_target_tokens,
-    max_entities=1 + max(data_config.max_history, 3),
-    soft_tokens=config.ilm.model.adapter in ("qformer", "mlp"),
-    titles_with_soft=data_config.titles_with_soft,
-    system_prompt=data_config.system_prompt,
-    learned_prompt=config.ilm.model.adapter == "prompt",
-    num_users=dataset.num_users,
-  )
-  if data_config.one_task_batches:
-    lengths, answers = ilm_tasks.task_lengths(
-      sampler,
-      encoder,
-      max_len=data_config.max_len,
-      max_answer_tokens=config.ilm.model.max_target_tokens,
-    )
-    logging.info(
-      "One-task batches; tokens per task (prompt + answer, scored answer): %s.",
-      ", ".join(f"{t} {lengths[t]}/{answers[t]}" for t in lengths),
-    )
-    encoder.max_len, encoder.max_answer_tokens = lengths, answers
-  return sampler, encoder
-
-
 @dataclasses.dataclass
 class Phase2:
   """Everything a phase-2 run (or a benchmark of it) needs."""
@@ -148,7 +109,7 @@ class Phase2:
   model: ilm.IlmModel
   sampler: ilm_tasks.TaskSampler
   encoder: prompts.PromptEncoder
-  examples: ilm_tasks.TrainingPrompts
+  examples: pipeline.Examples
 
 
 def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
@@ -176,7 +137,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     if ilm_config.model.adapter == "qformer"
     else item_table.shape[1],
   )
-  sampler, encoder = build_prompting(config, dataset, tokenizer)
+  sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
 
   def init_params(rng):
     qformer_rng, proj_rng = jax.random.split(rng)
@@ -194,18 +155,16 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     return params
 
   one_task = ilm_config.data.one_task_batches
-  examples = ilm_tasks.TrainingPrompts(
+  examples = ilm_tasks.training_prompts(
     sampler,
     encoder,
     ilm_config.data.examples_per_epoch,
     group_size=ilm_config.train.batch_size if one_task else 0,
   )
-  iterator = pipeline.training_iterator(
+  iterator = pipeline.process_training_iterator(
     examples,
-    ilm_config.train.batch_size // jax.process_count(),
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    ilm_config.train.batch_size,
+    config.seed,
     # Examples are independent draws already; one-task batches need
     # consecutive examples to stay together.
     shuffle=not one_task,

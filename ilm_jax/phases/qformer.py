@@ -15,14 +15,13 @@ import pathlib
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
 from ilm_jax import checkpoint, data, train
-from ilm_jax.data import pipeline, processing
+from ilm_jax.data import pipeline
 from ilm_jax.evaluators import common
-from ilm_jax.models import bert, cf_encoder, qformer
+from ilm_jax.models import cf_encoder, qformer
 from ilm_jax.phases import cf
 
 
@@ -35,25 +34,6 @@ def phase_name(config: ml_collections.ConfigDict) -> str:
 def export_dir(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
   """Where this config's phase-1 Q-Former is exported (and phase 2 reads)."""
   return pathlib.Path(workdir).absolute() / phase_name(config) / "export"
-
-
-def tokenize_item_texts(
-  dataset: processing.ProcessedDataset, max_text_len: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-  """WordPiece ids/mask [num_items, max_text_len] and the truncated count.
-
-  Raises:
-    ValueError: naming the item whose text is empty.
-  """
-  tokenizer = bert.WordPieceTokenizer.from_pretrained(max_length=max_text_len)
-  for index, text in enumerate(dataset.item_texts):
-    if not text.strip():
-      raise ValueError(
-        f"Item {dataset.item_ids[index]!r} (index {index}) has an empty "
-        "text; every item needs a title or description for phase 1."
-      )
-  encoded = tokenizer.encode(dataset.item_texts)
-  return encoded.ids, encoded.mask, encoded.num_truncated
 
 
 def check_cf_tables(item_table, user_table, dataset, cf_dim: int) -> None:
@@ -73,35 +53,6 @@ def check_cf_tables(item_table, user_table, dataset, cf_dim: int) -> None:
     )
 
 
-def pretraining_examples(
-  dataset, item_table, user_table, text_ids, text_mask
-) -> pipeline.ExampleDataset:
-  """Phase-1 examples over the item-item pairs, each with a user-item pair."""
-  ii_pairs, ui_pairs = dataset.item_item_pairs, dataset.user_item_pairs
-  if not len(ii_pairs) or not len(ui_pairs):
-    raise ValueError(
-      f"{dataset.name}: phase 1 needs item-item and user-item "
-      "pairs; the training split has none."
-    )
-
-  def gather(indices):
-    a, b = ii_pairs[indices, 0], ii_pairs[indices, 1]
-    # A fixed stride spreads the (smaller) user-item set over the examples.
-    ui = ui_pairs[(indices * 7919) % len(ui_pairs)]
-    return dict(
-      item_cf=item_table[a],
-      pair_cf=item_table[b],
-      text_ids=text_ids[a],
-      text_mask=text_mask[a],
-      user_cf=user_table[ui[:, 0]],
-      user_item_cf=item_table[ui[:, 1]],
-    )
-
-  return pipeline.ExampleDataset(
-    len(ii_pairs), gather, f"{dataset.name}/qformer"
-  )
-
-
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   """Pretrains the Q-Former and exports it; returns the summary."""
   workdir = pathlib.Path(workdir).absolute()
@@ -111,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     workdir.joinpath(*cf.EXPORT_DIR)
   )
   check_cf_tables(item_table, user_table, dataset, model_config.cf_dim)
-  text_ids, text_mask, truncated = tokenize_item_texts(
+  text_ids, text_mask, truncated = pipeline.tokenize_item_texts(
     dataset, model_config.max_text_len
   )
   logging.info(
@@ -120,15 +71,11 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     dataset.num_items,
     model_config.max_text_len,
   )
-  examples = pretraining_examples(
+  examples = pipeline.qformer_examples(
     dataset, item_table, user_table, text_ids, text_mask
   )
-  iterator = pipeline.training_iterator(
-    examples,
-    config.qformer.train.batch_size // jax.process_count(),
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+  iterator = pipeline.process_training_iterator(
+    examples, config.qformer.train.batch_size, config.seed
   )
 
   def init_params(rng):

@@ -10,7 +10,7 @@ jitted search never recompiles (`decoding.constrained_beam_search` has no
 exclusion mask).
 
 Prompts come from the export's config (templates, `titles_with_soft`,
-system prompt, lengths) through `phases.ilm.build_prompting`, exactly as
+system prompt, lengths) through `data.ilm_tasks.build_prompting`, exactly as
 phase 2 trained them. A history without a known user gets the mean user
 CF vector (an extra row of the user table) as its `{user}` soft tokens.
 
@@ -36,7 +36,6 @@ from ilm_jax import checkpoint, data, decoding
 from ilm_jax.data import ilm_tasks, prompts
 from ilm_jax.evaluators import generative
 from ilm_jax.phases import export
-from ilm_jax.phases import ilm as ilm_phase
 from ilm_jax.serving import catalog as catalog_lib
 from ilm_jax.serving import grounding
 from ilm_jax.serving import session as session_lib
@@ -198,7 +197,7 @@ class Recommender:
       dataset.item_titles, dataset.item_ids, dataset.item_attributes, popularity
     )
     try:
-      self.sampler, self.encoder = ilm_phase.build_prompting(
+      self.sampler, self.encoder = ilm_tasks.build_prompting(
         self.config, dataset, self.tokenizer
       )
     except (AttributeError, KeyError) as e:
