@@ -1,5 +1,7 @@
 """Helpers shared by the experiment configs."""
 
+import contextlib
+
 import ml_collections
 
 # Config sizes: `full` is the accelerator run, `cpu` finishes on a 2-core
@@ -15,6 +17,20 @@ def parse_mode(arg: str | None) -> str:
       f"Unknown config argument {mode!r}; expected one of {MODES}."
     )
   return mode
+
+
+@contextlib.contextmanager
+def locked(config: ml_collections.ConfigDict):
+  """Locks `config` for the block: fields can change, none can be added.
+
+  Size overrides run inside it, so a misspelt field raises instead of
+  adding a field that nothing reads.
+  """
+  config.lock()
+  try:
+    yield config
+  finally:
+    config.unlock()
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, model: int = 1):
@@ -41,12 +57,15 @@ def mesh_config(data: int = -1, fsdp: int = 1, model: int = 1):
 
 def optim_config(
   lr: float,
-  steps: int,
   warmup_steps: int = 0,
   weight_decay: float = 0.0,
   frozen=(),
 ):
-  """An optax AdamW with warmup + cosine decay and regex freezing."""
+  """An optax AdamW with warmup + cosine decay and regex freezing.
+
+  The schedule's length is the phase's `train.steps` (optim.py reads it
+  there), so the optimizer section holds no step count of its own.
+  """
   return ml_collections.ConfigDict(
     dict(
       learning_rate=lr,
@@ -70,6 +89,7 @@ def train_config(
   checkpoint_every: int = 500,
   eval_every: int = 0,
 ):
+  """The trainer's loop settings (ilm_jax/train.py) for one phase."""
   return ml_collections.ConfigDict(
     dict(
       steps=steps,

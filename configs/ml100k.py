@@ -9,29 +9,32 @@ interactions, so a CF epoch is a few batches and budgets are in epochs.
 
 import ml_collections
 
-from configs import ml1m
+from configs import common, ml1m
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = ml1m.get_config(arg)
-  if config.mode == "tiny":
-    return config
+def _ml100k(config: ml_collections.ConfigDict) -> None:
+  """ML-100K data and budgets, for the full and cpu sizes alike."""
   config.data.dataset = "ml100k"
-
   # MF: 943 users in batches of 128 (7 steps an epoch), 150 epochs.
-  config.cf.train.batch_size = 128
-  config.cf.train.steps = config.cf.optim.steps = 1000
-  config.cf.train.eval_every = 100
-
+  config.cf.train.update(batch_size=128, steps=1000, eval_every=100)
   # SASRec: the SASRec paper's window of 200 fits ML-100K's budget on CPU
   # (44% of its positions are real, hence the smaller logits budget).
   # 7 steps of 128 users an epoch; 50 epochs.
-  sasrec = config.cf.sasrec
-  sasrec.model.max_length = 200
-  sasrec.model.target_fraction = 0.55
-  sasrec.model.dropout_rate = 0.2
-  sasrec.train.steps = sasrec.optim.steps = 350
-  sasrec.optim.warmup_steps = 30
-  sasrec.train.eval_every = 35
-  sasrec.train.log_every = 35
+  config.cf.sasrec.model.update(
+    max_length=200, target_fraction=0.55, dropout_rate=0.2
+  )
+  config.cf.sasrec.optim.warmup_steps = 30
+  config.cf.sasrec.train.update(steps=350, eval_every=35, log_every=35)
+
+
+# ml1m.py's sizes, then this block; `tiny` stays ml1m's (synthetic data).
+SIZES = {"full": _ml100k, "cpu": _ml100k, "tiny": lambda config: None}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ML-1M's config at the size named by `arg`, with ML-100K's block."""
+  size = common.parse_mode(arg)
+  config = ml1m.get_config(size)
+  with common.locked(config):
+    SIZES[size](config)
   return config

@@ -19,16 +19,20 @@ the default data-parallel mesh of configs/ml1m.py is kept.
 
 import ml_collections
 
-from configs import ml1m
+from configs import common, ml1m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ML-1M's config at the size named by `arg`, with this LLM (every size)."""
   config = ml1m.get_config(arg)
-  config.ilm.llm.checkpoint = "llama-3.2-1b-instruct"
-  config.ilm.llm.dtype = "bfloat16"  # compute
-  config.ilm.llm.param_dtype = "bfloat16"  # frozen weights
-  # Recompute LLM layers in the backward pass (llm.LlamaConfig.remat): at
-  # batch 64 x 1024 tokens the saved activations need 43 GiB per v5e chip
-  # otherwise (python -m ilm_jax.compile_check, docs/results/pod.md).
-  config.ilm.llm.remat = True
+  with common.locked(config):
+    config.ilm.llm.update(
+      checkpoint="llama-3.2-1b-instruct",
+      dtype="bfloat16",  # compute
+      param_dtype="bfloat16",  # frozen weights
+      # Recompute LLM layers in the backward pass (llm.LlamaConfig.remat):
+      # at batch 64 x 1024 tokens the saved activations need 43 GiB per v5e
+      # chip otherwise (python -m ilm_jax.compile_check, docs/results/pod.md).
+      remat=True,
+    )
   return config

@@ -24,13 +24,17 @@ from configs import common, ml1m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ML-1M's config at the size named by `arg`, with this LLM (every size)."""
   config = ml1m.get_config(arg)
-  config.ilm.llm.checkpoint = "llama-3.1-8b-instruct"
-  config.ilm.llm.dtype = "bfloat16"  # compute
-  config.ilm.llm.param_dtype = "bfloat16"  # frozen weights
-  # Recompute LLM layers in the backward pass (llm.LlamaConfig.remat): at
-  # batch 64 x 1024 tokens the saved activations need 43 GiB per v5e chip
-  # otherwise (python -m ilm_jax.compile_check, docs/results/pod.md).
-  config.ilm.llm.remat = True
-  config.mesh = common.mesh_config(data=1, fsdp=-1)
+  with common.locked(config):
+    config.ilm.llm.update(
+      checkpoint="llama-3.1-8b-instruct",
+      dtype="bfloat16",  # compute
+      param_dtype="bfloat16",  # frozen weights
+      # Recompute LLM layers in the backward pass (llm.LlamaConfig.remat):
+      # at batch 64 x 1024 tokens the saved activations need 43 GiB per v5e
+      # chip otherwise (python -m ilm_jax.compile_check, docs/results/pod.md).
+      remat=True,
+    )
+    config.mesh.shape.update(data=1, fsdp=-1)
   return config

@@ -3,7 +3,8 @@
 Unknown fields are already rejected by the locked ConfigDict
 (`--config.cf.optim.lr=...` on a config without `lr` fails with the key
 name). This module checks the values: each error names the dotted field, the
-value and the allowed range, and all errors are reported at once.
+value and the allowed range (or the field it must equal), and all errors are
+reported at once.
 """
 
 import math
@@ -93,6 +94,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.{section}.optim.warmup_steps={phase.optim.warmup_steps}: "
         f"must be <= {section}.train.steps={phase.train.steps}."
       )
+  errors.extend(_tied_fields(config))
   if "phases" in config:
     unknown = set(selected_phases(config.phases, strict=False)) - set(PHASES)
     if unknown:
@@ -102,6 +104,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
       )
   if errors:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(errors))
+
+
+# Fields that must agree across sections, checked before phase 0 starts
+# rather than when phase 1 or 2 meets the mismatch: (field, must equal).
+_TIED = [
+  ("qformer.model.cf_dim", "cf.model.embed_dim"),
+  ("ilm.model.tokens_per_entity", "qformer.model.num_queries"),
+]
+
+
+def _tied_fields(config: ml_collections.ConfigDict) -> list[str]:
+  flat = dict(_flatten(config))
+  return [
+    f"config.{name}={flat[name]!r}: must equal {other}={flat[other]!r}."
+    for name, other in _TIED
+    if name in flat and other in flat and flat[name] != flat[other]
+  ]
 
 
 def selected_phases(spec: str, strict: bool = True) -> list[str]:

@@ -36,7 +36,7 @@ def _cluster(item):
 def test_mf_recovers_the_planted_clusters(tmp_path, dataset):
   tiny_config = ml1m.get_config("tiny")  # modified below: not the fixture
   config = tiny_config.cf
-  config.train.steps = config.optim.steps = 150
+  config.train.steps = 150
   config.optim.learning_rate = 0.05
   config.train.eval_every = 0
   config.train.best_metric = ""
