@@ -22,7 +22,6 @@ from ilm_jax.data import pipeline, processing, prompts
 
 TASKS = ("sequential", "straightforward", "description", "conversation")
 _GROUP_STREAM = 1  # keeps the per-batch task draws apart from the examples
-RECOMMENDATION_TASKS = ("sequential", "straightforward")
 
 
 def _genres(dataset, item) -> list[str]:

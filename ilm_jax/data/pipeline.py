@@ -7,8 +7,10 @@ not 1,024 element calls. Every phase's training data is one:
   mf_examples          users with their training item counts (CF/MF)
   sasrec_windows       one left-padded window per user (SASRec)
   qformer_examples     item-item pair + user-item pair + item text (phase 1)
-  ilm_tasks.TrainingPrompts  encoded multi-task prompts (phase 2)
-  sequential_examples  user, left-padded history, target (any split)
+  ilm_tasks.training_prompts  encoded multi-task prompts (phase 2; one
+                       task per global batch, padded to that task's length)
+  sequential_examples  user, left-padded history, target (any split; the
+                       ranking evaluator's users)
 
 `training_iterator` runs an `Examples` through stock grain: the example
 numbers `MapDataset.range(n)`, sliced by process, shuffled with a seed that
