@@ -321,6 +321,16 @@ def test_one_task_batches_share_their_group_task_in_order():
     assert set(batch["task"].tolist()) == {
       ilm_tasks.TASKS.index(sampler.task_of_group(group))
     }
+  # Two processes, each with half of every global batch of 8: both halves
+  # of batch b are examples of group b, so they share its task.
+  for process_index in range(2):
+    half = pipeline.training_iterator(
+      examples, 4, 0, process_index, 2, shuffle=False
+    )
+    for group in range(10):  # past the 8 batches of an epoch
+      assert set(next(half)["task"].tolist()) == {
+        ilm_tasks.TASKS.index(sampler.task_of_group(group % 8))
+      }
   # Over many groups the tasks follow the weights (all four appear).
   drawn = {sampler.task_of_group(g) for g in range(200)}
   assert drawn == set(ilm_tasks.TASKS)
