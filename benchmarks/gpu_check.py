@@ -24,7 +24,6 @@ runs on a CPU in seconds (its test).
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -93,13 +92,15 @@ def run(config, batch_size: int, steps: int, tiny: bool = False) -> dict:
     llm_loading.architecture = architecture
   params = tree_utils.unbox(jax.jit(init)(jax.random.key(0)))
   tx, frozen, schedule = optim.make(config.ilm.optim, params, steps + 2)
-  state = dict(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
-  )
+  state, frozen_params = train.initial_state(params, tx, frozen)
   task = train.Task("gpu_check", init, loss_fn, train_iterator=None)
-  step = jax.jit(
+  jitted = jax.jit(
     train.make_train_step(task, tx, frozen, schedule), donate_argnums=0
   )
+
+  def step(state, batch, rng):
+    return jitted(state, frozen_params, batch, rng)
+
   vocab = jax.tree.leaves(params["llm"]["embedding"])[0].shape[0]
   batch = random_batch(
     abstract,

@@ -46,7 +46,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -136,10 +135,12 @@ def time_training(config, workdir, mesh, repeats) -> dict:
   task, data = phase2.task, config.ilm.data
   params = tree_utils.unbox(task.init_params(jax.random.key(0)))
   tx, frozen_mask, schedule = optim.make(config.ilm.optim, params, 100)
-  state = dict(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
-  )
-  step_fn = jax.jit(train.make_train_step(task, tx, frozen_mask, schedule))
+  state, frozen = train.initial_state(params, tx, frozen_mask)
+  jitted = jax.jit(train.make_train_step(task, tx, frozen_mask, schedule))
+
+  def step_fn(state, batch, rng):
+    return jitted(state, frozen, batch, rng)
+
   rng = jax.random.key(1)
   # One batch per distinct shape (per task with one-task batches).
   batches = {}

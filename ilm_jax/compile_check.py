@@ -220,9 +220,12 @@ def compile_step(init, loss_fn, batch, phase_config, mesh, mesh_config):
   tx, frozen_mask, schedule = optim.make(
     phase_config.optim, params, int(phase_config.train.steps)
   )
+  partition = optim.Partition.from_mask(frozen_mask)
+  trainable_shardings, frozen_shardings = partition.split(param_shardings)
+  trainable, frozen = partition.split(params)
   opt_shardings = (
-    jax.jit(tx.init, in_shardings=(param_shardings,))
-    .lower(params)
+    jax.jit(tx.init, in_shardings=(trainable_shardings,))
+    .lower(trainable)
     .compile()
     .output_shardings
   )
@@ -232,12 +235,12 @@ def compile_step(init, loss_fn, batch, phase_config, mesh, mesh_config):
     lambda s: s if len(s.device_set) == mesh.size else replicated,
     opt_shardings,
   )
-  opt_state = jax.eval_shape(tx.init, params)
+  opt_state = jax.eval_shape(tx.init, trainable)
   state_shardings = dict(
-    step=replicated, params=param_shardings, opt_state=opt_shardings
+    step=replicated, params=trainable_shardings, opt_state=opt_shardings
   )
   state = dict(
-    step=_abstract((), jnp.int32), params=params, opt_state=opt_state
+    step=_abstract((), jnp.int32), params=trainable, opt_state=opt_state
   )
   task = train.Task(
     name="compile_check", init_params=init, loss_fn=loss_fn, train_iterator=None
@@ -251,12 +254,17 @@ def compile_step(init, loss_fn, batch, phase_config, mesh, mesh_config):
       mesh=mesh,
       axis_rules=sharding.activation_rules(mesh_config, mesh),
     ),
-    in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+    in_shardings=(
+      state_shardings,
+      frozen_shardings,
+      sharding.batch_sharding(mesh),
+      replicated,
+    ),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
   rng = jax.eval_shape(lambda: jax.random.key(0))
-  lowered = step.lower(state, batch, rng)
+  lowered = step.lower(state, frozen, batch, rng)
   logging.info("Lowered in %.1f s.", time.perf_counter() - start)
   compiled = lowered.compile()
   logging.info("Compiled in %.1f s.", time.perf_counter() - start)

@@ -1,13 +1,14 @@
 """Optax optimizers from config, with freezing declared as regex rules.
 
 `config.<phase>.optim.frozen` lists regexes over '/'-joined parameter paths
-(e.g. `llm/.*`). Matching leaves are routed to `optax.set_to_zero()` inside
-an `optax.multi_transform`, so they hold no optimizer state (no Adam
-moments) and receive zero updates; the trainer additionally never computes
-their gradients and passes them through untouched, so they stay bitwise
-equal to what was loaded.
+(e.g. `llm/.*`). Freezing has one mechanism: a `Partition` splits the params
+into a trainable and a frozen half once, and only the trainable half is
+differentiated, updated by the optimizer (so frozen leaves hold no Adam
+moments) and saved in training checkpoints. The frozen half is an input of
+every step, never an output, so it stays bitwise equal to what was loaded.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,8 +16,6 @@ import ml_collections
 import optax
 
 from ilm_jax import tree_utils
-
-TRAINABLE, FROZEN = "trainable", "frozen"
 
 
 def learning_rate_schedule(
@@ -42,8 +41,6 @@ def learning_rate_schedule(
 
 
 def _matrices_only(params: Any) -> Any:
-  # A callable mask: inside multi_transform the frozen leaves are already
-  # pruned, so the mask must be computed on the tree optax hands us.
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
@@ -52,10 +49,57 @@ def frozen_mask(params: Any, optim_config: ml_collections.ConfigDict) -> Any:
   return tree_utils.regex_mask(params, optim_config.frozen)
 
 
+@dataclasses.dataclass(frozen=True)
+class Partition:
+  """Splits trees shaped like the params into trainable and frozen halves.
+
+  Each half is a flat dict {'/'-joined path: leaf} (what the optimizer
+  state, the checkpoints and the step's arguments hold); `join` puts the
+  halves back into the params tree.
+
+  Attributes:
+    treedef: the params tree structure.
+    paths: the '/'-joined path of each leaf, in leaf order.
+    frozen: per leaf, True if frozen.
+  """
+
+  treedef: Any
+  paths: tuple[str, ...]
+  frozen: tuple[bool, ...]
+
+  @classmethod
+  def from_mask(cls, mask: Any) -> "Partition":
+    """From a frozen mask (a bool per leaf, as `frozen_mask` returns)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(mask)
+    return cls(
+      treedef,
+      tuple(tree_utils.path_str(path) for path, _ in flat),
+      tuple(bool(leaf) for _, leaf in flat),
+    )
+
+  def split(self, tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable, frozen) flat dicts of a tree shaped like the params."""
+    halves = ({}, {})
+    for path, is_frozen, leaf in zip(
+      self.paths, self.frozen, self.treedef.flatten_up_to(tree), strict=True
+    ):
+      halves[is_frozen][path] = leaf
+    return halves
+
+  def join(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> Any:
+    """The params tree from its two halves."""
+    return self.treedef.unflatten(
+      [
+        (frozen if is_frozen else trainable)[path]
+        for path, is_frozen in zip(self.paths, self.frozen, strict=True)
+      ]
+    )
+
+
 def make(
   optim_config: ml_collections.ConfigDict, params: Any, total_steps: int
 ) -> tuple[optax.GradientTransformation, Any, optax.Schedule]:
-  """Builds the optimizer for `params`.
+  """Builds the optimizer for the trainable half of `params`.
 
   Args:
     optim_config: a phase's `optim` section.
@@ -63,7 +107,9 @@ def make(
     total_steps: schedule length.
 
   Returns:
-    (optimizer, frozen mask tree, learning-rate schedule).
+    (optimizer, frozen mask tree, learning-rate schedule). The optimizer
+    acts on `Partition.from_mask(mask).split(params)[0]`, the trainable
+    half; it never sees a frozen leaf.
   """
   schedule = learning_rate_schedule(optim_config, total_steps)
   mask = frozen_mask(params, optim_config)
@@ -80,8 +126,4 @@ def make(
       mask=_matrices_only,
     )
   )
-  labels = jax.tree.map(lambda frozen: FROZEN if frozen else TRAINABLE, mask)
-  tx = optax.multi_transform(
-    {TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels
-  )
-  return tx, mask, schedule
+  return optax.chain(*chain), mask, schedule

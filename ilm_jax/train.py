@@ -5,6 +5,14 @@ training iterator, its evaluators); `train` does the rest: mesh shardings,
 optimizer with freezing, jit-compiled step with donated state, restore,
 logging, checkpoints and evaluation.
 
+Frozen parameters (`optim.frozen` regexes) are split off once
+(`optim.Partition`): the train state holds only the trainable half (what is
+differentiated, updated and checkpointed); the frozen half is a constant
+input of every step.
+
+Step metrics stay on the device and are fetched (and checked for a NaN/inf
+loss) only at log and checkpoint steps, so several steps are in flight.
+
 Restore order (first that applies wins):
   1. the latest checkpoint in `WORKDIR/<phase>/checkpoints` (a preempted or
      killed run continues where it stopped, data iterator included);
@@ -27,10 +35,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from ilm_jax import checkpoint, metric_writer, optim, sharding, tree_utils
+from ilm_jax import (
+  checkpoint,
+  layout,
+  metric_writer,
+  optim,
+  sharding,
+  tree_utils,
+)
 
 Params = Any
 Batch = dict[str, Any]
@@ -112,43 +128,37 @@ def make_train_step(
   Public for the benchmarks, which time exactly this step. With `mesh`, the
   step is traced under `mesh` (as the abstract mesh) and `nn.logical_axis_rules(
   axis_rules)` so that the models' activation sharding constraints apply.
-  """
 
-  def train_step(state, batch, base_rng):
+  Returns:
+    `train_step(state, frozen, batch, rng) -> (state, metrics)`: `state`
+    from `initial_state` (donate it), `frozen` its frozen half, `metrics` a
+    dict of device scalars.
+  """
+  partition = optim.Partition.from_mask(frozen_mask)
+
+  def train_step(state, frozen, batch, base_rng):
     if mesh is None:
-      return _train_step(state, batch, base_rng)
+      return _train_step(state, frozen, batch, base_rng)
     with (
       jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
       nn.logical_axis_rules(axis_rules),
     ):
-      return _train_step(state, batch, base_rng)
+      return _train_step(state, frozen, batch, base_rng)
 
-  def _train_step(state, batch, base_rng):
+  def _train_step(state, frozen, batch, base_rng):
     rng = jax.random.fold_in(base_rng, state["step"])
-    params = state["params"]
-    trainable = tree_utils.select(params, frozen_mask, keep=False)
-    frozen = tree_utils.select(params, frozen_mask, keep=True)
+    trainable = state["params"]
 
     def loss_of_trainable(trainable_params):
-      return task.loss_fn(
-        tree_utils.merge(trainable_params, frozen), batch, rng
-      )
+      return task.loss_fn(partition.join(trainable_params, frozen), batch, rng)
 
     (loss, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
       trainable
     )
-    # Frozen leaves get zero "gradients" that set_to_zero ignores; XLA drops
-    # them since nothing reads them.
-    full_grads = tree_utils.merge(grads, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = tx.update(full_grads, state["opt_state"], params)
-    trainable_updates = tree_utils.select(updates, frozen_mask, keep=False)
-    new_trainable = jax.tree.map(
-      lambda p, u: (p + u).astype(p.dtype), trainable, trainable_updates
-    )
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
     new_state = dict(
-      step=state["step"] + 1,
-      params=tree_utils.merge(new_trainable, frozen),
-      opt_state=opt_state,
+      step=state["step"] + 1, params=new_trainable, opt_state=opt_state
     )
     metrics = dict(aux)
     metrics.update(
@@ -156,44 +166,69 @@ def make_train_step(
       learning_rate=schedule(state["step"]),
       grad_norm=tree_utils.global_norm(grads),
       param_norm=tree_utils.global_norm(new_trainable),
-      update_norm=tree_utils.global_norm(trainable_updates),
+      update_norm=tree_utils.global_norm(updates),
     )
     return new_state, metrics
 
   return train_step
 
 
-def _saved_state(state, frozen_mask):
-  """What a checkpoint holds: step, optimizer state and trainable params.
+def initial_state(params, tx, frozen_mask) -> tuple[dict, dict]:
+  """The train state at step 0 and the frozen half of `params`.
 
-  Frozen params (the LLM, CF tables) are never written: they are recreated
-  by `Task.init_params` on every start, so checkpoints stay adapter-sized.
+  Args:
+    params: the full params tree (arrays).
+    tx: the optimizer from `optim.make`.
+    frozen_mask: the frozen mask from `optim.make`.
+
+  Returns:
+    (state, frozen): `state` = {"step": int32 scalar, "params": trainable
+    half, "opt_state": `tx.init` of it}, the halves as `optim.Partition`
+    flat dicts.
   """
-  flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-  trainable = {
-    tree_utils.path_str(path): leaf
-    for (path, leaf), frozen in zip(
-      flat, jax.tree.leaves(frozen_mask), strict=True
-    )
-    if not frozen
-  }
-  return dict(
-    step=state["step"], trainable=trainable, opt_state=state["opt_state"]
+  trainable, frozen = optim.Partition.from_mask(frozen_mask).split(params)
+  state = dict(
+    step=jnp.zeros((), jnp.int32),
+    params=trainable,
+    opt_state=tx.init(trainable),
   )
+  return state, frozen
 
 
-def _state_from_saved(saved, state):
-  """Puts restored trainable params back into the full params tree."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(state["params"])
-  leaves = [
-    saved["trainable"].get(tree_utils.path_str(path), leaf)
-    for path, leaf in flat
-  ]
-  return dict(
-    step=saved["step"],
-    params=treedef.unflatten(leaves),
-    opt_state=saved["opt_state"],
-  )
+def itstime(step: int, every: int, total_steps: int) -> bool:
+  """Whether an action due every `every` steps runs after `step` steps.
+
+  Every `every`-th step and the last one; never when `every` is 0
+  (big_vision's `utils.itstime`).
+  """
+  return every > 0 and (step % every == 0 or step == total_steps)
+
+
+def fetch_metrics(device_metrics: list[dict], first_step: int, phase: str):
+  """Host floats of consecutive steps' metrics; raises on a NaN/inf loss.
+
+  Args:
+    device_metrics: the step metrics of steps `first_step`, `first_step + 1`,
+      ... (0-based), still on the device.
+    first_step: the step of `device_metrics[0]`.
+    phase: named in the error.
+
+  Returns:
+    A list of {name: float}, one per step.
+
+  Raises:
+    NonFiniteLossError: naming the first (1-based) step with a NaN/inf loss.
+  """
+  fetched = jax.device_get(device_metrics)
+  for offset, metrics in enumerate(fetched):
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(
+        f"[{phase}] loss is {loss} at step {first_step + offset + 1}. Lower "
+        "the learning rate or check the inputs; training resumes from the "
+        "last checkpoint in the workdir."
+      )
+  return [{k: float(v) for k, v in m.items()} for m in fetched]
 
 
 def _restore(ckpt, phase_config, abstract_saved):
@@ -288,7 +323,7 @@ def write_split_metrics(
     by_split.setdefault(split, {})[name] = value
   for split, values in by_split.items():
     metric_writer.write_metrics(
-      workdir / "metrics" / f"{phase}_{split}.json",
+      layout.metrics_file(workdir, phase, split),
       values,
       (per_user or {}).get(split),
       extra,
@@ -304,11 +339,39 @@ def train(
   workdir: str | pathlib.Path,
   seed: int = 0,
 ) -> TrainResult:
-  """Trains one phase and returns its (best or final) params and metrics."""
+  """Trains one phase and returns its (best or final) params and metrics.
+
+  Args:
+    task: the phase's params, loss, training iterator and evaluators.
+    phase_config: the phase's config section: `train` (steps, batch_size,
+      log_every, checkpoint_every, eval_every (0: no validation during
+      training), keep_checkpoints, best_metric ("": the last params),
+      resume_from) and `optim` (see `optim.make`).
+    mesh: the device mesh; params and batches are sharded over it.
+    mesh_config: `config.mesh` (logical axis and partition rules).
+    workdir: the experiment's output directory; this phase writes
+      `WORKDIR/<task.name>/` (logs, checkpoints, best params) and
+      `WORKDIR/metrics/<task.name>_<split>.json`.
+    seed: seeds the params init and the per-step rng.
+
+  Returns:
+    A `TrainResult`: the params (all of them, frozen included), the final
+    step, the final evaluation {"<split>/<name>": value} and the wall time.
+
+  Raises:
+    PermissionError: the workdir is not writable.
+    ValueError: `train.batch_size` does not split over the mesh's data
+      shards and the processes.
+    NonFiniteLossError: a NaN/inf loss (checked at log and checkpoint steps,
+      before any checkpoint is written).
+    checkpoint.CheckpointError: a checkpoint to resume from is unreadable or
+      was written for another model.
+    KeyError: `train.best_metric` is not a validation metric.
+  """
   # --- Setup.
   start_time = time.perf_counter()
   workdir = pathlib.Path(workdir).absolute()
-  phase_dir = workdir / task.name
+  phase_dir = layout.phase_dir(workdir, task.name)
   check_writable(phase_dir)
   train_cfg = phase_config.train
   total_steps = int(train_cfg.steps)
@@ -333,13 +396,16 @@ def train(
     phase_config.optim, params, total_steps
   )
   _log_parameter_overview(params, frozen_mask)
-  opt_state = sharding.on_mesh(jax.jit(tx.init)(params), mesh)
+  partition = optim.Partition.from_mask(frozen_mask)
+  state, frozen = initial_state(params, tx, frozen_mask)
+  del params
   state = dict(
-    step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
-    params=params,
-    opt_state=opt_state,
+    step=jax.device_put(state["step"], sharding.replicated(mesh)),
+    params=state["params"],
+    opt_state=sharding.on_mesh(jax.jit(tx.init)(state["params"]), mesh),
   )
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
   # --- Step.
   step_fn = jax.jit(
@@ -353,6 +419,7 @@ def train(
     ),
     in_shardings=(
       state_shardings,
+      frozen_shardings,
       sharding.batch_sharding(mesh),
       sharding.replicated(mesh),
     ),
@@ -364,14 +431,9 @@ def train(
   ckpt = checkpoint.TrainCheckpointer(
     phase_dir / "checkpoints", max_to_keep=train_cfg.keep_checkpoints
   )
-  restored = _restore(
-    ckpt,
-    phase_config,
-    checkpoint.abstract_like(_saved_state(state, frozen_mask)),
-  )
+  restored = _restore(ckpt, phase_config, checkpoint.abstract_like(state))
   if restored is not None:
-    saved, data_state = restored
-    state = _state_from_saved(saved, state)
+    state, data_state = restored
     task.train_iterator.set_state(data_state)
   step = int(state["step"])
 
@@ -401,24 +463,20 @@ def train(
     logging.info(
       "Training %s from step %d to %d.", task.name, step, total_steps
     )
-  pending, interval = None, []
+  # Steps since the last fetch (device metrics) and since the last log line.
+  on_device, interval = [], []
   interval_start, interval_step = time.perf_counter(), step
   while step < total_steps:
     batch = sharding.put_global_batch(next(task.train_iterator), mesh)
-    state, metrics = step_fn(state, batch, step_rng)
-    # Reading the previous step's metrics keeps one step in flight.
-    if pending is not None:
-      interval.append(
-        _checked(jax.device_get(pending[1]), pending[0], task.name)
-      )
-    pending = (step, metrics)
+    state, metrics = step_fn(state, frozen, batch, step_rng)
+    on_device.append(metrics)
     step += 1
-    last = step == total_steps
-    if step % train_cfg.log_every == 0 or last:
-      interval.append(
-        _checked(jax.device_get(pending[1]), pending[0], task.name)
-      )
-      pending = None
+    log_now = itstime(step, train_cfg.log_every, total_steps)
+    save_now = itstime(step, train_cfg.checkpoint_every, total_steps)
+    if log_now or save_now:  # a checkpoint never follows a NaN/inf loss
+      interval += fetch_metrics(on_device, step - len(on_device), task.name)
+      on_device = []
+    if log_now:
       now = time.perf_counter()
       rate = (step - interval_step) / max(now - interval_start, 1e-9)
       means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
@@ -437,19 +495,18 @@ def train(
         (total_steps - step) / max(rate, 1e-9),
       )
       interval, interval_start, interval_step = [], now, step
-    if step % train_cfg.checkpoint_every == 0 or last:
-      ckpt.save(
-        step, _saved_state(state, frozen_mask), task.train_iterator.get_state()
-      )
-    if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or last):
-      results = evaluate(task.evaluators, state["params"], splits=("valid",))
+    if save_now:
+      ckpt.save(step, state, task.train_iterator.get_state())
+    if itstime(step, train_cfg.eval_every, total_steps):
+      params = partition.join(state["params"], frozen)
+      results = evaluate(task.evaluators, params, splits=("valid",))
       writer.write_scalars(step, results)
-      maybe_update_best(results, state["params"], step)
+      maybe_update_best(results, params, step)
   ckpt.wait()
   ckpt.close()
 
   # --- Final evaluation with the selected params.
-  params = state["params"]
+  params = partition.join(state["params"], frozen)
   if train_cfg.best_metric and best is not None:
     logging.info(
       "Using the best params (%s=%.4f at step %d).",
@@ -479,14 +536,3 @@ def train(
     metrics=results,
     wall_time_s=time.perf_counter() - start_time,
   )
-
-
-def _checked(metrics: dict, step: int, phase: str) -> dict:
-  loss = float(metrics["loss"])
-  if not np.isfinite(loss):
-    raise NonFiniteLossError(
-      f"[{phase}] loss is {loss} at step {step + 1}. Lower the learning "
-      "rate or check the inputs; training resumes from the last "
-      "checkpoint in the workdir."
-    )
-  return {k: float(v) for k, v in metrics.items()}

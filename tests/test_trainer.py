@@ -129,14 +129,58 @@ def test_frozen_params_unchanged_and_have_no_optimizer_state(tmp_path):
   assert any("head" in key for key in saved_arrays)
   assert not any("embed" in key for key in saved_arrays), saved_arrays
 
+  # The optimizer sees the trainable half only: no moments for frozen leaves.
   tx, mask, _ = optim.make(cfg.toy.optim, initial, 10)
-  opt_shapes = jax.eval_shape(tx.init, initial)
+  trainable, frozen = optim.Partition.from_mask(mask).split(initial)
+  assert sorted(trainable) == ["head/b", "head/w"]
+  assert sorted(frozen) == ["embed/w"]
+  opt_shapes = jax.eval_shape(tx.init, trainable)
   paths = tree_utils.leaf_paths(opt_shapes)
   assert any("head" in p and "mu" in p for p in paths), paths
   assert not any("embed" in p for p in paths), paths
   assert (
     tree_utils.count_params(initial, mask) == toy_task.IN_DIM * toy_task.HIDDEN
   )
+
+
+def test_partition_join_inverts_split():
+  params = toy_task.init_params(jax.random.key(3))
+  mask = optim.frozen_mask(params, toy_task.config().toy.optim)
+  partition = optim.Partition.from_mask(mask)
+  joined = partition.join(*partition.split(params))
+  assert jax.tree.structure(joined) == jax.tree.structure(params)
+  for a, b in zip(
+    jax.tree.leaves(joined), jax.tree.leaves(params), strict=True
+  ):
+    assert a is b
+
+
+def test_itstime_every_nth_and_last_step():
+  assert [s for s in range(1, 13) if train.itstime(s, 5, 12)] == [5, 10, 12]
+  assert [s for s in range(1, 13) if train.itstime(s, 1, 12)] == list(
+    range(1, 13)
+  )
+  assert not any(train.itstime(s, 0, 12) for s in range(1, 13))
+
+
+def test_metrics_are_fetched_at_log_and_checkpoint_steps_only(
+  tmp_path, monkeypatch
+):
+  fetched = []
+  fetch = train.fetch_metrics
+
+  def spy(device_metrics, first_step, phase):
+    fetched.append((first_step, len(device_metrics)))
+    return fetch(device_metrics, first_step, phase)
+
+  monkeypatch.setattr(train, "fetch_metrics", spy)
+  cfg = toy_task.config(steps=12)
+  cfg.toy.train.checkpoint_every = 4
+  toy_task.run(cfg, tmp_path, jax.devices()[:1])
+  # Logs at 5, 10, 12 and checkpoints at 4, 8, 12: every other step stays
+  # on the device until one of those.
+  assert fetched == [(0, 4), (4, 1), (5, 3), (8, 2), (10, 2)]
+  assert len(_loss_curve(tmp_path)) == 3
 
 
 def test_mesh_that_does_not_fit_devices_is_rejected():
@@ -174,7 +218,9 @@ def test_nonfinite_loss_fails_loudly(tmp_path):
   cfg = toy_task.config(steps=10)
   cfg.toy.optim.learning_rate = 1e30
   cfg.toy.optim.grad_clip_norm = 0.0
-  with pytest.raises(train.NonFiniteLossError, match="loss is (nan|inf)"):
+  with pytest.raises(
+    train.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+\."
+  ):
     toy_task.run(cfg, tmp_path, jax.devices()[:1])
 
 
