@@ -30,7 +30,7 @@ def config(
   cfg.toy = ml_collections.ConfigDict(
     dict(
       optim=common.optim_config(
-        lr=1e-2, steps=steps, warmup_steps=3, weight_decay=1e-4, frozen=frozen
+        lr=1e-2, warmup_steps=3, weight_decay=1e-4, frozen=frozen
       ),
       train=common.train_config(
         steps=steps, batch_size=batch_size, log_every=5, checkpoint_every=5
