@@ -63,18 +63,6 @@ flags.DEFINE_enum(
   "does not depend on the values).",
 )
 
-# SmolLM2-135M's shape, used with --weights=random.
-SMOLLM2_SHAPE = dict(
-  vocab_size=49_152,
-  hidden_size=576,
-  intermediate_size=1536,
-  num_layers=30,
-  num_heads=9,
-  num_kv_heads=3,
-  head_dim=64,
-  rope_theta=100_000.0,
-)
-
 
 def matmul_flops(config, tokens, seq):
   """Forward FLOPs: projections, MLP, lm_head, and T x T attention."""
@@ -234,7 +222,7 @@ def jax_model():
       "smollm2-135m-instruct", dtype=dtype, param_dtype=dtype
     )
     return config, params
-  config = llm.LlamaConfig(**SMOLLM2_SHAPE, dtype=dtype, param_dtype=dtype)
+  config = llm.SMOLLM2_135M.replace(dtype=dtype, param_dtype=dtype)
   shapes = jax.eval_shape(
     llm.Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
   )

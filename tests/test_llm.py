@@ -11,7 +11,7 @@ import pytest
 
 from configs import common
 from ilm_jax import sharding
-from ilm_jax.models import llm
+from ilm_jax.models import llm, llm_loading
 
 TINY = llm.LlamaConfig(
   vocab_size=97,
@@ -27,17 +27,8 @@ TINY = llm.LlamaConfig(
   attention_bias=True,
 )
 
-# SmolLM2-135M as the issue states it (30 layers, d=576, 9/3 heads, ...).
-SMOLLM2 = llm.LlamaConfig(
-  vocab_size=49_152,
-  hidden_size=576,
-  intermediate_size=1536,
-  num_layers=30,
-  num_heads=9,
-  num_kv_heads=3,
-  head_dim=64,
-  rope_theta=100_000.0,
-)
+# SmolLM2-135M (30 layers, d=576, 9/3 heads, ...).
+SMOLLM2 = llm.SMOLLM2_135M
 
 
 def init_params(config, seed=0):
@@ -84,6 +75,13 @@ def left_padded_batch(seed=0, length=9):
   mask[0, :4] = 0
   mask[2, :1] = 0
   return ids, jnp.asarray(mask)
+
+
+def test_smollm2_shape_is_the_embedded_checkpoints():
+  # The GGUF header, read without the weights; its eps is float32-rounded.
+  header = llm_loading.architecture("smollm2-135m-instruct")
+  assert header.rms_norm_eps == pytest.approx(SMOLLM2.rms_norm_eps, rel=1e-6)
+  assert header == SMOLLM2.replace(rms_norm_eps=header.rms_norm_eps)
 
 
 def test_smollm2_parameter_count_and_logical_axes():

@@ -96,6 +96,21 @@ class LlamaConfig:
     return dataclasses.replace(self, **changes)
 
 
+# SmolLM2-135M(-Instruct), the default frozen LLM, as its embedded GGUF
+# describes it (tests/test_llm_parity.py checks the two agree): its shape
+# without reading the file, e.g. for random-weight benchmarks.
+SMOLLM2_135M = LlamaConfig(
+  vocab_size=49_152,
+  hidden_size=576,
+  intermediate_size=1536,
+  num_layers=30,
+  num_heads=9,
+  num_kv_heads=3,
+  head_dim=64,
+  rope_theta=100_000.0,
+)
+
+
 def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
   """Returns the head_dim // 2 rotary inverse frequencies (float32)."""
   dim = config.head_dim
