@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from ilm_jax.models import llm
 from ilm_jax.ops import onednn_matmul as om
 
 FLAGS = flags.FLAGS
@@ -47,14 +48,15 @@ flags.DEFINE_integer("stack_batch", 8, "Stack: rows.")
 flags.DEFINE_integer("stack_seq", 160, "Stack: tokens per row.")
 flags.DEFINE_integer("stack_repeats", 3, "Stack: interleaved repetitions.")
 
+_SMOLLM2 = llm.SMOLLM2_135M
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = (
-  576,
-  1536,
-  9,
-  3,
-  64,
-  30,
-  49152,
+  _SMOLLM2.hidden_size,
+  _SMOLLM2.intermediate_size,
+  _SMOLLM2.num_heads,
+  _SMOLLM2.num_kv_heads,
+  _SMOLLM2.head_dim,
+  _SMOLLM2.num_layers,
+  _SMOLLM2.vocab_size,
 )
 # name -> (K, N, weight stored transposed): forward shapes; ".bwd" adds dx.
 SHAPES = {
