@@ -172,6 +172,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Recompute the LLM's layers in the backward pass (saves activation
       # memory for large LLMs; configs/ml1m_llama3_*.py turn it on).
       remat=False,
+      # "" ordinary matmuls in `dtype`; "xla" / "onednn": the frozen LLM's
+      # dense layers and head with bf16 operands and f32 accumulation,
+      # gradients into the activations only (models/llm.py; for CPUs,
+      # whose XLA otherwise runs bf16 dots with transposed weights slowly).
+      frozen_matmul="",
     ),
     model=dict(
       adapter="qformer",  # qformer (ILM) | mlp (CoLLM) | none (text)
@@ -250,7 +255,10 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   # as soft tokens only, prompt + answer is at most 102 tokens (sequential),
   # 70 (straightforward), 98 (conversation); descriptions run longer but
   # only their first max_target_tokens answer tokens are scored.
-  config.ilm.llm.update(dtype="float32", param_dtype="float32")
+  # f32 activations and weights, bf16 matmul operands (docs/results/ilm.md).
+  config.ilm.llm.update(
+    dtype="float32", param_dtype="float32", frozen_matmul="xla"
+  )
   config.ilm.model.tokens_per_entity = 4
   config.ilm.data.update(max_history=5, max_len=160)
   # 160 steps of 8 prompts (1,280 prompts), twice the first runs' budget,
