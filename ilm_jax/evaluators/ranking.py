@@ -22,7 +22,10 @@ batch) -> float [batch, num_items]` (batch has "user", "history",
 Yields <prefix>hr@k and <prefix>ndcg@k averaged over users, and
 <prefix>users, the number of users evaluated (all users of the dataset: each has a validation and test item).
 Per-user metrics come back to the host and are summed in float64 there, so
-the result does not depend on how the batch is split over devices.
+the result does not depend on how the batch is split over devices. Then
+(metric_writer.PER_USER, block): per user (block["user_ids"]), the values
+averaged above and <prefix>rank, the target's 0-based rank among the
+candidates under the tie policy ("expected": the mean over tie-breaks).
 """
 
 import functools
@@ -35,7 +38,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ilm_jax import metrics, progress, sharding
+from ilm_jax import metric_writer, metrics, progress, sharding
 from ilm_jax.data import pipeline, processing
 from ilm_jax.evaluators import common
 
@@ -113,10 +116,9 @@ class RankingEvaluator:
         batch["exclude"] = exclusion_mask(rows, self._num_items)
       yield batch
 
-  def run(self, params: Any) -> Iterator[tuple[str, float]]:
-    """Yields (metric name, mean over users) and ("users", count)."""
-    sums: dict[str, float] = {}
-    num_users = 0
+  def run(self, params: Any) -> Iterator[tuple[str, Any]]:
+    """Yields (metric name, mean over users), ("users", count), per-user."""
+    columns: dict[str, list[np.ndarray]] = {}
     # Counts this process's users (padding excluded).
     bar = progress.Progress(
       f"{self.name} ({self.split}) users",
@@ -126,19 +128,20 @@ class RankingEvaluator:
     )
     for local_batch in self._batches():
       batch = sharding.put_global_batch(local_batch, self._mesh)
-      per_user = _gather_to_host(
+      per_user, greater, tied = _gather_to_host(
         _per_user_metrics(
           params, batch, score_fn=self._score_fn, ks=self.ks, ties=self.ties
         )
       )
+      per_user["rank"] = _target_rank(greater, tied, self.ties)
+      per_user["user_ids"] = _gather_to_host(batch["user"])
       real = _gather_to_host(batch["mask"])
-      num_users += int(real.sum())
       for key, values in per_user.items():
-        sums[key] = sums.get(key, 0.0) + float(
-          np.sum(values[real], dtype=np.float64)
-        )
+        columns.setdefault(key, []).append(np.asarray(values)[real])
       bar.update(int(local_batch["mask"].sum()))
     bar.done()
+    per_user = {key: np.concatenate(v) for key, v in columns.items()}
+    num_users = len(per_user.get("user_ids", ()))
     if not num_users:
       raise ValueError(f"Evaluator {self.name}: no users to evaluate.")
     logging.info(
@@ -149,9 +152,21 @@ class RankingEvaluator:
       self.mask_history,
       self.ties,
     )
-    for key in sorted(sums, key=_metric_order):
-      yield self.prefix + key, sums[key] / num_users
+    user_ids = per_user.pop("user_ids")
+    for key in sorted(per_user.keys() - {"rank"}, key=_metric_order):
+      yield (
+        self.prefix + key,
+        float(np.sum(per_user[key], dtype=np.float64)) / num_users,
+      )
     yield self.prefix + "users", float(num_users)
+    block = {self.prefix + key: values for key, values in per_user.items()}
+    yield metric_writer.PER_USER, {"user_ids": user_ids, **block}
+
+
+def _target_rank(greater: np.ndarray, tied: np.ndarray, ties: str):
+  """0-based rank of each target from `metrics.rank_counts` (float)."""
+  offset = {"pessimistic": tied, "optimistic": 0, "expected": tied / 2}[ties]
+  return (greater + offset).astype(np.float64)
 
 
 def _metric_order(key: str) -> tuple[str, int]:
@@ -164,9 +179,10 @@ def _metric_order(key: str) -> tuple[str, int]:
 @functools.partial(jax.jit, static_argnames=("score_fn", "ks", "ties"))
 def _per_user_metrics(params, batch, *, score_fn, ks, ties):
   scores = score_fn(params, batch)
-  return metrics.ranking_metrics(
-    scores, batch["target"], ks, batch.get("exclude"), ties
-  )
+  exclude = batch.get("exclude")
+  greater, tied = metrics.rank_counts(scores, batch["target"], exclude)
+  values = metrics.ranking_metrics(scores, batch["target"], ks, exclude, ties)
+  return values, greater, tied
 
 
 def _gather_to_host(tree: Any) -> Any:
