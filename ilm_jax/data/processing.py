@@ -158,7 +158,7 @@ class ProcessedDataset:
     Raises:
       ValueError: an unknown split.
     """
-    users, starts, ends = split_bounds(self.sequence_offsets, split)
+    users, starts, ends = _split_bounds(self.sequence_offsets, split)
     return Split(
       name=split,
       users=users,
@@ -175,7 +175,7 @@ SPLITS = ("train", "valid", "test")
 _HELD_OUT = {"valid": 2, "test": 1}
 
 
-def split_bounds(
+def _split_bounds(
   offsets: np.ndarray, split: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(users, history starts, history ends) of a split's examples.
@@ -383,7 +383,7 @@ def process(
   lengths = np.bincount(user_index, minlength=len(user_ids))
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
   # The training part: the valid split's histories.
-  _, _, train_ends = split_bounds(offsets, "valid")
+  _, _, train_ends = _split_bounds(offsets, "valid")
   in_train = np.arange(len(rows)) < train_ends[user_index]
   item_item_pairs, self_pairs = _item_item_pairs(
     user_index, item_index, in_train
@@ -402,7 +402,7 @@ def process(
     "users": len(user_ids),
     "items": len(item_ids),
     "interactions": len(rows),
-    "train_examples": len(split_bounds(offsets, "train")[0]),
+    "train_examples": len(_split_bounds(offsets, "train")[0]),
     "valid": len(user_ids),
     "test": len(user_ids),
     "raw_interactions": len(data),
