@@ -151,6 +151,13 @@ def test_popularity_metrics_match_numpy(phase_run, dataset):
     np.testing.assert_allclose(values[f"hr@{k}"], np.mean(ranks < k))
     ndcg = np.where(ranks < k, 1 / np.log2(ranks + 2.0), 0.0).mean()
     np.testing.assert_allclose(values[f"ndcg@{k}"], ndcg, rtol=1e-6)
+  # The file's per-user results: every user's rank and hit, by user id.
+  per_user = values["per_user"]
+  assert per_user["user_ids"] == list(range(dataset.num_users))
+  np.testing.assert_array_equal(per_user["rank"], ranks)
+  np.testing.assert_array_equal(per_user["hr@10"], ranks < 10)
+  low, high = values["hr@10_ci95"]
+  assert low < values["hr@10"] < high
 
 
 def test_unknown_baseline_is_rejected():
