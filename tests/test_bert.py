@@ -92,6 +92,7 @@ def test_bert_model_has_every_checkpoint_tensor_but_the_pooler():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_tokenizer_matches_transformers_python_wordpiece(tokenizer):
   transformers = pytest.importorskip("transformers")
@@ -111,6 +112,7 @@ def test_tokenizer_matches_transformers_python_wordpiece(tokenizer):
   np.testing.assert_array_equal(encoded.mask, expected["attention_mask"])
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_sentence_embeddings_match_transformers_bert(tokenizer):
   encoded = tokenizer.encode(SENTENCES)

@@ -102,6 +102,7 @@ def phase_run(tmp_path_factory, tiny_config):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_phase_writes_metrics_of_every_model(phase_run):
   workdir, summary = phase_run
   names = {"hr@5", "hr@10", "ndcg@5", "ndcg@10", "users"}
@@ -117,6 +118,7 @@ def test_phase_writes_metrics_of_every_model(phase_run):
     assert summary[f"{model}/wall_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_phase_exports_the_selected_mf_params(phase_run):
   workdir, summary = phase_run
   items, users, metadata = cf_encoder.load_cf_tables(workdir / "cf" / "export")
@@ -127,6 +129,7 @@ def test_phase_exports_the_selected_mf_params(phase_run):
   assert summary["export_dir"] == str(workdir / "cf" / "export")
 
 
+@pytest.mark.slow
 def test_popularity_metrics_match_numpy(phase_run, dataset):
   workdir, _ = phase_run
   counts = np.bincount(

@@ -105,6 +105,7 @@ def _run(code: str, devices: int, *args) -> str:
   return result.stdout
 
 
+@pytest.mark.slow
 def test_every_device_count_restores_on_every_other(tmp_path):
   for n in COUNTS:
     assert f"wrote {n}" in _run(WRITER, n, tmp_path / f"n{n}")
@@ -148,6 +149,7 @@ def test_unreadable_files_are_reported_as_such(tmp_path):
     checkpoint.load_params(tmp_path / "export")
 
 
+@pytest.mark.slow
 def test_overwrite_killed_mid_write_keeps_the_previous_export(tmp_path):
   export = tmp_path / "export"
   checkpoint.save_params(export, _tree(1.0))

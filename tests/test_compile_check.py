@@ -15,6 +15,7 @@ def test_unknown_topology_names_the_accepted_forms():
     compile_check.topology_devices("v5e-12")
 
 
+@pytest.mark.slow
 def test_phase2_step_compiles_on_a_sharded_cpu_mesh():
   config = ml1m.get_config("tiny")
   config.mesh.shape.fsdp = 2  # a 2 x 2 data x fsdp mesh on 4 devices

@@ -1,9 +1,12 @@
 """benchmarks/gpu_check.py at CPU size (no GPU is lent to the test suite)."""
 
 import numpy as np
+import pytest
 
 from benchmarks import gpu_check
 from configs import ml1m
+
+pytestmark = pytest.mark.slow  # a tool run (a phase-2 step)
 
 
 def test_tiny_phase2_step_reports_throughput_and_model_flops():

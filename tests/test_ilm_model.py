@@ -89,7 +89,9 @@ def _batch():
   )
 
 
-@pytest.mark.parametrize("adapter", ["qformer", "mlp"])
+@pytest.mark.parametrize(
+  "adapter", [pytest.param("qformer", marks=pytest.mark.slow), "mlp"]
+)
 def test_soft_tokens_replace_exactly_the_placeholder_embeddings(adapter):
   model = _model(adapter)
   params = _params(model)
@@ -119,6 +121,7 @@ def test_soft_tokens_replace_exactly_the_placeholder_embeddings(adapter):
   assert not np.allclose(changed[0, 1], soft[0, 1])
 
 
+@pytest.mark.slow
 def test_loss_is_answer_cross_entropy_and_grads_reach_the_adapter():
   model = _model("qformer")
   params = _params(model)
@@ -174,6 +177,7 @@ def test_text_only_prompt_adapter_trains_only_its_learned_prompt():
   assert set(params) == {"cf", "llm", "prompt"}
 
 
+@pytest.mark.slow
 def test_training_leaves_every_frozen_parameter_bitwise_unchanged(tmp_path):
   """Real trainer, real ml1m freeze rules, tiny random parts."""
   model = _model("qformer")

@@ -196,6 +196,7 @@ def test_rope_depends_on_relative_positions_only():
   assert np.abs(spread - base).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_frozen_llm_gives_float32_input_gradients():
   model, params = init_params(TINY)
   bf16 = TINY.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -296,6 +297,7 @@ def test_unstacked_layers_give_the_scanned_results():
     )
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_input_gradients_with_less_memory():
   model, params = init_params(TINY)
   remat = llm.Llama(TINY.replace(remat=True))
@@ -362,6 +364,7 @@ def test_activation_constraints_apply_under_the_mesh_and_keep_results():
   np.testing.assert_allclose(logits, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_frozen_bf16_matmuls_match_float32_and_give_input_gradients(tied):
   """`frozen_matmul="xla"`: the dense layers and the head in bf16 operands

@@ -20,6 +20,8 @@ import transformers
 from ilm_jax import decoding
 from ilm_jax.models import llm, llm_loading
 
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
+
 COMMON = dict(
   vocab_size=96,
   hidden_size=64,

@@ -19,6 +19,8 @@ import transformers
 from configs import common
 from ilm_jax.models import llm, llm_loading, llm_tokenizer
 
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
+
 
 @functools.partial(jax.jit, static_argnames="model")
 def forward(model, params, ids, mask):

@@ -18,7 +18,7 @@ import transformers
 from ilm_jax import decoding, resources
 from ilm_jax.models import llm, llm_loading
 
-pytestmark = pytest.mark.reference
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
 PROMPTS = [
   "The capital of France is",

@@ -17,6 +17,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # two processes
 
 REPO = pathlib.Path(__file__).parents[1]
 

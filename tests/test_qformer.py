@@ -173,6 +173,7 @@ def test_bidirectional_and_unimodal_masks_by_hand():
   assert bool(qformer.query_only_mask(2, 3).all())
 
 
+@pytest.mark.slow
 def test_sections_equal_the_pure_losses_on_the_model_outputs(config, params):
   """Each section is its `losses` function on the model's passes, computed
   here step by step; the total is the config-weighted sum of the sections."""
@@ -422,6 +423,7 @@ def test_encode_items_batches_and_pads(config, params):
   np.testing.assert_allclose(out, direct, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_pretrained_text_branch_matches_transformers_bert():
   config = qformer.default_qformer_config()

@@ -75,6 +75,7 @@ def _run_script(workdir, params_out, step_delay, steps=60):
   )
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
   reference = _run_script(tmp_path / "ref", tmp_path / "ref.npz", 0.0)
   assert reference.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()
