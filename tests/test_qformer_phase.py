@@ -42,6 +42,7 @@ def _tiny_config(cf_dim=8):
   return config
 
 
+@pytest.mark.slow
 def test_pretraining_on_planted_data_raises_recall_far_above_chance():
   dataset, table = _planted()
   config = _tiny_config()
