@@ -9,9 +9,10 @@ for `ilm.train.steps` and evaluated on the test users, whose
 (`train.prompts` = steps * global batch) beside HR@10 / NDCG@10 and their
 95% intervals. The runs of one workdir share its phase-0/1 outputs; several
 `--workdir`s are read together (e.g. budgets run on different machines).
-The right-hand panel is each run's logged training loss
-(`WORKDIR/ilm_<series>_s<steps>/logs/metrics.jsonl`, mean answer-token
-cross-entropy per log interval) against prompts seen. Horizontal lines are
+The right-hand panel is each run's logged training loss on the target
+titles (`WORKDIR/ilm_<series>_s<steps>/logs/metrics.jsonl`, the sequential
+task's answer-token cross-entropy per log interval; `--loss_key=loss` for
+all tasks) against prompts seen. Horizontal lines are
 the reference rows present (`--references`, e.g. SASRec and the zero-shot
 LLM), averaged over the curves' users when their files carry per-user
 results. The runs (config `configs/ml1m.py:cpu`, batch 8; one workdir that
@@ -103,14 +104,25 @@ def training_loss(
   """(prompts seen, loss) of every logged training step of run `name`.
 
   The log is appended to by every (re)start of the run: a step logged
-  twice keeps its last record.
+  twice keeps its last record. `loss_key` names a logged metric ("loss":
+  the mean answer-token loss of all tasks), or `task:<task>` for one task's
+  answer-token loss in each log interval, the interval's
+  `answer_nll_sum/<task>` over its `answer_tokens/<task>` (models/ilm.py);
+  `task:sequential` is the target-title loss. Intervals without that task
+  are skipped.
   """
   path = workdir / name / "logs" / "metrics.jsonl"
+  task = loss_key.removeprefix("task:") if loss_key.startswith("task:") else ""
   by_step = {}
   if path.exists():
     for line in path.read_text().splitlines():
       record = json.loads(line)
-      if loss_key in record:
+      if task:
+        tokens = record.get(f"answer_tokens/{task}", 0.0)
+        if tokens > 0:
+          value = record[f"answer_nll_sum/{task}"] / tokens
+          by_step[int(record["step"])] = value
+      elif loss_key in record:
         by_step[int(record["step"])] = float(record[loss_key])
   steps = np.array(sorted(by_step), np.int64)
   return steps * batch_size, np.array([by_step[s] for s in steps.tolist()])
@@ -259,7 +271,12 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--out", type=pathlib.Path, default=pathlib.Path("learning_curves.png")
   )
-  parser.add_argument("--loss_key", default="loss")
+  parser.add_argument(
+    "--loss_key",
+    default="task:sequential",
+    help="the loss panel: task:<task> (that task's answer-token loss; "
+    "task:sequential is the target-title loss) or a logged metric (loss)",
+  )
   args = parser.parse_args(argv)
   curves = collect(args.workdir, loss_key=args.loss_key)
   if not curves:

@@ -9,7 +9,7 @@ import pytest
 
 from configs import common, ml1m
 from ilm_jax import optim, sharding, train, tree_utils
-from ilm_jax.data import prompts
+from ilm_jax.data import ilm_tasks, prompts
 from ilm_jax.models import ilm, llm, qformer
 
 LLM = llm.LlamaConfig(
@@ -25,7 +25,7 @@ CF_DIM, NUM_ITEMS, NUM_USERS = 6, 5, 3
 
 
 def _qformer_config(num_queries=2):
-  config = qformer.default_qformer_config()
+  config = ml1m.base_config().qformer.model
   config.update(
     cf_dim=CF_DIM,
     num_queries=num_queries,
@@ -244,3 +244,36 @@ def test_token_count_must_match_the_qformer_queries():
   )
   with pytest.raises(ValueError, match="tokens_per_entity=3 must equal"):
     ilm.build(config, LLM, _qformer_config(2))
+
+
+def test_per_task_answer_sums_split_the_loss_by_task():
+  """Two rows of different tasks: each task's summed NLL and token count
+  are its own row's, and together they give the batch loss."""
+  model = _model("mlp")
+  params = _params(model)
+  one = _batch()
+  batch = {k: np.concatenate([v, v]) for k, v in one.items()}
+  batch["loss_mask"][1, 7] = False  # the second row scores one token only
+  batch["task"] = np.array(
+    [
+      ilm_tasks.TASKS.index("conversation"),
+      ilm_tasks.TASKS.index("sequential"),
+    ],
+    np.int32,
+  )
+  loss, metrics = jax.jit(model.loss)(params, batch, None)
+  log_probs, mask, _, _ = jax.jit(model.answer_log_likelihood)(
+    params, batch, None
+  )
+  row_nll = -np.asarray(log_probs).sum(axis=1)
+  assert float(metrics["answer_tokens/conversation"]) == 2
+  assert float(metrics["answer_tokens/sequential"]) == 1
+  assert float(metrics["answer_tokens/description"]) == 0
+  np.testing.assert_allclose(
+    float(metrics["answer_nll_sum/conversation"]), row_nll[0], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    float(metrics["answer_nll_sum/sequential"]), row_nll[1], rtol=1e-6
+  )
+  total = sum(float(metrics[f"answer_nll_sum/{t}"]) for t in ilm_tasks.TASKS)
+  np.testing.assert_allclose(total / 3, float(loss), rtol=1e-6)

@@ -166,3 +166,38 @@ def test_a_file_without_its_train_record_is_rejected(tmp_path):
   )
   with pytest.raises(ValueError, match="no train record"):
     plot_learning_curves.collect([tmp_path])
+
+
+def test_task_loss_divides_the_interval_sums_and_skips_intervals_without_it(
+  tmp_path,
+):
+  logs = tmp_path / "ilm_curve_ilm_s4" / "logs"
+  logs.mkdir(parents=True)
+  records = [
+    # Interval means of two steps: 3 sequential tokens, NLL sum 6 -> 2.0.
+    {
+      "step": 2,
+      "answer_nll_sum/sequential": 6.0,
+      "answer_tokens/sequential": 3.0,
+    },
+    # No sequential batch in this interval: skipped, not a zero loss.
+    {
+      "step": 4,
+      "answer_nll_sum/sequential": 0.0,
+      "answer_tokens/sequential": 0.0,
+    },
+    {
+      "step": 6,
+      "answer_nll_sum/sequential": 1.5,
+      "answer_tokens/sequential": 2.0,
+    },
+    {"step": 6, "valid/hr@10": 0.1},
+  ]
+  (logs / "metrics.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in records)
+  )
+  prompts, loss = plot_learning_curves.training_loss(
+    tmp_path, "ilm_curve_ilm_s4", 8, "task:sequential"
+  )
+  np.testing.assert_array_equal(prompts, [16, 48])
+  np.testing.assert_allclose(loss, [2.0, 0.75])

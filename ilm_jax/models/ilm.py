@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ilm_jax.data import prompts
+from ilm_jax.data import ilm_tasks, prompts
 from ilm_jax.models import llm, projector, qformer
 
 ADAPTERS = ("qformer", "mlp", "prompt", "none")
@@ -121,11 +121,23 @@ class IlmModel:
     )
     tokens = jnp.maximum(mask.sum(), 1)
     loss = -log_probs.sum() / tokens
-    return loss, dict(
+    metrics = dict(
       token_accuracy=correct.sum() / tokens,
       answer_tokens=mask.sum(),
       answer_tokens_dropped=dropped.sum(),
     )
+    if "task" in batch:
+      # Per task: the answer tokens' summed negative log-likelihood and
+      # their count. Means of both over a log interval divide into the
+      # task's loss there (e.g. the target-title loss of `sequential`);
+      # a per-task mean here would average in the batches without it.
+      rows = batch["task"][:, None] == jnp.arange(len(ilm_tasks.TASKS))
+      nll = -(log_probs.sum(axis=1) @ rows)
+      count = mask.sum(axis=1).astype(jnp.float32) @ rows
+      for i, task in enumerate(ilm_tasks.TASKS):
+        metrics[f"answer_nll_sum/{task}"] = nll[i]
+        metrics[f"answer_tokens/{task}"] = count[i]
+    return loss, metrics
 
 
 def build(
