@@ -13,8 +13,10 @@ given ("after"), and times, back to back in this one process:
          for the adapter only, AdamW, the config's freeze rules), for each
          adapter of --adapters. Before: mixed-task batches, every prompt
          padded to 160 tokens, titles written beside the soft tokens, the
-         first 64 answer positions scored. After: the config (one-task
-         batches, each task padded to its own length, soft tokens only).
+         first 64 answer positions scored, f32 matmuls. After: the config
+         (one-task batches, each task padded to its own length, soft tokens
+         only, `ilm.llm.frozen_matmul`); with bf16 matmuls there, also
+         "after_f32", the same with f32 matmuls (what bf16 adds alone).
          Every distinct batch shape is compiled first (untimed), then each
          is timed over --steps steps; prompts/s is the batch size over the mean step
          time weighted by the task mix (`ilm.data.task_weights`).
@@ -28,7 +30,9 @@ given ("after"), and times, back to back in this one process:
          stop, one cache row per prompt), prompts trimmed to their length.
   check  on --check_users users, the top-10 lists of both beam searches on
          the same (after) prompts: overlap and whether the new best score
-         is at least the old one.
+         is at least the old one; with bf16 matmuls, also the lists of the
+         current beam search with f32 against bf16 matmuls (overlap,
+         identical lists, HR@10 of each on those users).
 
 The last line printed is one JSON object with the headline figures (ILM =
 the Q-Former adapter). Params are the run's initialisation (speed does not
@@ -54,6 +58,7 @@ from benchmarks import llm_throughput
 from ilm_jax import optim, sharding, train, tree_utils
 from ilm_jax.data import ilm_tasks
 from ilm_jax.evaluators import generative
+from ilm_jax.models import llm
 from ilm_jax.phases import ilm as ilm_phase
 
 BASELINE = "d18ed58"  # the last commit before the phase-2 speed work
@@ -85,6 +90,7 @@ def before_settings(config):
   config.ilm.data.update(
     titles_with_soft=True, max_len=160, one_task_batches=False
   )
+  config.ilm.llm.frozen_matmul = ""  # f32 matmuls
   return config
 
 
@@ -220,18 +226,24 @@ def time_eval(ranking, params) -> dict:
   )
 
 
-def compare_lists(ranking, params, decoding_before, users) -> dict:
-  """Top-10 lists of both beam searches on the same prompts."""
+def compare_lists(ranking, params, users, first, second) -> dict:
+  """Top-10 lists of two (beam search module, LLM) pairs on the same prompts.
+
+  `new_best_at_least_old`: the share of users whose best score under
+  `second` is at least the one under `first`; hr@10_first / _second: the
+  share of users whose test item is in the list.
+  """
   requests = [
     ranking.sampler.evaluation_request("sequential", int(u), "test", False, i)
     for i, u in enumerate(ranking.users[:users])
   ]
+  targets = np.array([r.target_item for r in requests])
   lists = []
-  for module in (decoding_before, generative.decoding):
+  for module, model in (first, second):
     out = []
     for real, batch in ranking._batches(requests):
       result = module.constrained_beam_search(
-        ranking.model.llm,
+        model,
         params["llm"],
         ranking.trie,
         prompt_embeds=ranking._embed(params, batch),
@@ -250,8 +262,14 @@ def compare_lists(ranking, params, decoding_before, users) -> dict:
   overlap = [
     len(set(a) & set(b)) / len(a) for a, b in zip(old_ids, new_ids, strict=True)
   ]
+  hits = [
+    float(np.mean([t in ids for t, ids in zip(targets, x, strict=True)]))
+    for x in (old_ids, new_ids)
+  ]
   return dict(
     users=len(requests),
+    hr10_first=hits[0],
+    hr10_second=hits[1],
     top10_overlap=float(np.mean(overlap)),
     identical_lists=float(
       np.mean(
@@ -280,9 +298,14 @@ def main(argv):
   )
   summary = {}
   train_figures = {}
+  settings = [("before", before), ("after", after)]
+  if after.ilm.llm.frozen_matmul:  # what the bf16 matmuls add on their own
+    after_f32 = after.copy_and_resolve_references()
+    after_f32.ilm.llm.frozen_matmul = ""
+    settings.insert(1, ("after_f32", after_f32))
   for adapter in _ADAPTERS.value:
     figures = {}
-    for name, config in (("before", before), ("after", after)):
+    for name, config in settings:
       figures[name] = time_training(
         with_adapter(config, adapter), workdir, mesh, _STEPS.value
       )
@@ -302,6 +325,13 @@ def main(argv):
     print(f"train {adapter} speedup: {speedup:.2f}x", flush=True)
     train_figures[adapter] = figures
     summary[f"train_speedup_{adapter}"] = round(speedup, 3)
+    if "after_f32" in figures:
+      bf16_gain = (
+        figures["after"]["prompts_per_s"]
+        / figures["after_f32"]["prompts_per_s"]
+      )
+      print(f"train {adapter} bf16 over f32 matmuls: {bf16_gain:.2f}x")
+      summary[f"train_bf16_gain_{adapter}"] = round(bf16_gain, 3)
   if "qformer" in train_figures:
     ilm = train_figures["qformer"]
     summary.update(
@@ -328,11 +358,32 @@ def main(argv):
         flush=True,
       )
       if name == "after" and _CHECK_USERS.value:
+        after_llm = ranking.model.llm
         check = compare_lists(
-          ranking, params, decoding_before, _CHECK_USERS.value
+          ranking,
+          params,
+          _CHECK_USERS.value,
+          (decoding_before, after_llm),
+          (generative.decoding, after_llm),
         )
         print(f"check (same prompts, both beam searches): {check}", flush=True)
         summary["top10_overlap"] = round(check["top10_overlap"], 4)
+        if after_llm.config.frozen_matmul is not None:
+          f32_llm = llm.Llama(after_llm.config.replace(frozen_matmul=None))
+          check = compare_lists(
+            ranking,
+            params,
+            _CHECK_USERS.value,
+            (generative.decoding, f32_llm),
+            (generative.decoding, after_llm),
+          )
+          print(f"check (same prompts, f32 vs bf16 matmuls): {check}")
+          summary.update(
+            bf16_top10_overlap=round(check["top10_overlap"], 4),
+            bf16_identical_lists=round(check["identical_lists"], 4),
+            hr10_f32=check["hr10_first"],
+            hr10_bf16=check["hr10_second"],
+          )
     summary.update(
       eval_users_per_s_before=round(eval_figures["before"]["users_per_s"], 4),
       eval_users_per_s_after=round(eval_figures["after"]["users_per_s"], 4),
