@@ -32,7 +32,8 @@ given ("after"), and times, back to back in this one process:
          the same (after) prompts: overlap and whether the new best score
          is at least the old one; with bf16 matmuls, also the lists of the
          current beam search with f32 against bf16 matmuls (overlap,
-         identical lists, HR@10 of each on those users).
+         identical lists, HR@10 of each on those users), with the
+         workdir's trained adapter where it has one.
 
 The last line printed is one JSON object with the headline figures (ILM =
 the Q-Former adapter). Params are the run's initialisation (speed does not
@@ -55,7 +56,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks import llm_throughput
-from ilm_jax import optim, sharding, train, tree_utils
+from ilm_jax import checkpoint, layout, optim, sharding, train, tree_utils
 from ilm_jax.data import ilm_tasks
 from ilm_jax.evaluators import generative
 from ilm_jax.models import llm
@@ -226,6 +227,16 @@ def time_eval(ranking, params) -> dict:
   )
 
 
+def trained_adapter(config, workdir, params):
+  """`params` with the workdir's trained phase-2 adapter, if it has one
+  (the f32 / bf16 check compares recommendations, not random init)."""
+  path = layout.ilm_adapter(config, workdir)
+  if not path.exists():
+    print(f"no trained adapter at {path}: the check uses the init params")
+    return params
+  return dict(params, **checkpoint.load_params(path))
+
+
 def compare_lists(ranking, params, users, first, second) -> dict:
   """Top-10 lists of two (beam search module, LLM) pairs on the same prompts.
 
@@ -370,9 +381,10 @@ def main(argv):
         summary["top10_overlap"] = round(check["top10_overlap"], 4)
         if after_llm.config.frozen_matmul is not None:
           f32_llm = llm.Llama(after_llm.config.replace(frozen_matmul=None))
+          trained = trained_adapter(after, workdir, params)
           check = compare_lists(
             ranking,
-            params,
+            trained,
             _CHECK_USERS.value,
             (generative.decoding, f32_llm),
             (generative.decoding, after_llm),
