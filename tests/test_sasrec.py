@@ -160,3 +160,21 @@ def test_training_windows_by_hand():
   np.testing.assert_array_equal(
     long_window["target_mask"], [False, False, True, True, True, True]
   )
+
+
+def test_user_states_are_the_last_hidden_state_and_score_by_dot(
+  model_and_params,
+):
+  """5 windows in batches of 2 (the last call padded): states equal the
+  last column of `encode`, and state . item equals SASRec's score."""
+  model, params = model_and_params
+  rng = np.random.default_rng(0)
+  items = rng.integers(0, NUM_ITEMS, (5, LENGTH)).astype(np.int32)
+  mask = np.arange(LENGTH)[None, :] >= rng.integers(0, LENGTH - 1, (5, 1))
+  states = sasrec.user_states(model, params, items, mask, batch_size=2)
+  assert states.shape == (5, DIM) and states.dtype == jnp.float32
+  hidden = model.apply({"params": params}, items, mask, method=model.encode)
+  np.testing.assert_allclose(states, hidden[:, -1], rtol=1e-5, atol=1e-6)
+  table = params["item_embedding"]["embedding"]
+  scores = model.apply({"params": params}, items, mask)
+  np.testing.assert_allclose(states @ table.T, scores, rtol=1e-4, atol=1e-5)

@@ -172,3 +172,40 @@ class SASRec(nn.Module):
       targets_per_batch=num_targets,
       skipped_targets=num_real - jnp.sum(weights),
     )
+
+
+def user_states(
+  model: SASRec, params, items, mask, batch_size: int = 256
+) -> jax.Array:
+  """Each window's sequence state: the last position's hidden state.
+
+  With users' histories as the windows, these are user vectors in the item
+  embedding space: `state @ item_embedding.T` are SASRec's next-item scores
+  (`SASRec.__call__`), so (item table, states) export like MF's (item,
+  user) tables, and phases 1 and 2 can read them as the CF modality
+  (CoLLM and LLaRA take SASRec's item table and sequence state).
+
+  Args:
+    model: the SASRec module.
+    params: its params.
+    items: int [N, L] left-padded windows (L <= model.max_length).
+    mask: bool [N, L], True on real items.
+    batch_size: windows per jitted call (the last call is padded).
+
+  Returns:
+    float32 [N, embed_dim].
+  """
+  encode = jax.jit(
+    lambda p, x, m: model.apply({"params": p}, x, m, method=SASRec.encode)[
+      :, -1
+    ]
+  )
+  n = items.shape[0]
+  pad = -n % batch_size
+  items = jnp.pad(jnp.asarray(items), ((0, pad), (0, 0)))
+  mask = jnp.pad(jnp.asarray(mask, bool), ((0, pad), (0, 0)))
+  states = [
+    encode(params, items[i : i + batch_size], mask[i : i + batch_size])
+    for i in range(0, n + pad, batch_size)
+  ]
+  return jnp.concatenate(states)[:n].astype(jnp.float32)
