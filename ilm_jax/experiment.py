@@ -6,7 +6,6 @@ so rerunning the same command after an interruption continues the work.
 """
 
 import importlib
-import json
 import os
 import pathlib
 import time
@@ -15,7 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from ilm_jax import config_validation, metric_writer, sharding, train
+from ilm_jax import config_validation, layout, metric_writer, sharding, train
 
 
 def log_allocator_hint():
@@ -48,7 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   train.check_writable(workdir)
   if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    layout.config_file(workdir).write_text(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   logging.info(
     "Mesh %s over %d devices (%s).",
@@ -58,10 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   log_allocator_hint()
   # Summaries of earlier invocations stay; this run's phases replace theirs.
-  phases_file = workdir / "phases.json"
-  summaries = (
-    json.loads(phases_file.read_text()) if phases_file.exists() else {}
-  )
+  summaries = layout.read_phases(workdir)
   for phase in config_validation.selected_phases(config.phases):
     module = importlib.import_module(f"ilm_jax.phases.{phase}")
     logging.info("=== Phase %s ===", phase)
@@ -69,8 +65,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = dict(module.run(config, workdir, mesh) or {})
     summary["wall_time_s"] = time.perf_counter() - start
     # Variants (baselines, ablations) keep their own entry.
-    name = module.phase_name(config) if hasattr(module, "phase_name") else phase
+    name = layout.phase_name(config, phase)
     summaries[name] = summary
     logging.info("Phase %s done in %.1f s.", phase, summary["wall_time_s"])
-    metric_writer.write_json(phases_file, summaries)
+    metric_writer.write_json(layout.phases_file(workdir), summaries)
   return summaries

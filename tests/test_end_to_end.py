@@ -14,7 +14,7 @@ import pytest
 
 from configs import ml1m
 from ilm_jax import checkpoint
-from ilm_jax.phases import export
+from ilm_jax.serving import export_bundle
 
 pytestmark = pytest.mark.slow
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_every_phase_runs_and_writes_its_outputs(finished_run):
 
 def test_export_bundle_reloads_the_trained_adapter(finished_run):
   workdir, _ = finished_run
-  bundle = export.load_bundle(workdir / "export")
+  bundle = export_bundle.load_bundle(workdir / "export")
   trained = checkpoint.load_params(workdir / "ilm" / "adapter")
   for got, want in zip(
     jax.tree.leaves({k: bundle.params[k] for k in ("qformer", "proj")}),

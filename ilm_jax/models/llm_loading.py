@@ -696,3 +696,44 @@ def load_hf_dir_sharded(
   if (path / "tokenizer.json").exists():
     tokenizer = llm_tokenizer.LlmTokenizer.from_hf_dir(path)
   return config, params, tokenizer
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_from_config(llm_config):
+  """(LlamaConfig, params, tokenizer) of the frozen LLM of `config.ilm.llm`.
+
+  Args:
+    llm_config: `checkpoint` (see `load_pretrained`), `dtype` and
+      `param_dtype` ("float32" or "bfloat16"), optional `remat` and
+      `frozen_matmul`.
+
+  Raises:
+    ValueError: an unknown dtype or frozen_matmul.
+  """
+  for field in ("dtype", "param_dtype"):
+    if llm_config[field] not in _DTYPES:
+      raise ValueError(
+        f"ilm.llm.{field}={llm_config[field]!r}; expected one "
+        f"of {sorted(_DTYPES)}."
+      )
+  config, params, tokenizer = load_pretrained(
+    llm_config.checkpoint,
+    dtype=_DTYPES[llm_config.dtype],
+    param_dtype=_DTYPES[llm_config.param_dtype],
+  )
+  # Recompute layers in the backward pass (large LLMs on accelerators).
+  # Exports written before the field existed read as False.
+  remat = bool(llm_config.get("remat", False))
+  frozen_matmul = llm_config.get("frozen_matmul", None) or None
+  if frozen_matmul not in llm.FROZEN_MATMULS:
+    raise ValueError(
+      f"ilm.llm.frozen_matmul={frozen_matmul!r}; expected one of "
+      f"{llm.FROZEN_MATMULS} (None or '': ordinary matmuls)."
+    )
+  return (
+    config.replace(remat=remat, frozen_matmul=frozen_matmul),
+    params,
+    tokenizer,
+  )

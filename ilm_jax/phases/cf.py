@@ -25,13 +25,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ilm_jax import data, train
+from ilm_jax import data, layout, train
 from ilm_jax.data import pipeline, processing
 from ilm_jax.evaluators import common
 from ilm_jax.models import cf_encoder, sasrec
 
 BASELINES = ("popularity", "sasrec")
-EXPORT_DIR = ("cf", "export")  # under WORKDIR
 
 
 class _NoBatches:
@@ -210,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   summary.update(_summarise("mf", result))
   item_table, user_table = cf_encoder.tables_from_params(result.params)
   export_dir = cf_encoder.export_cf_tables(
-    workdir.joinpath(*EXPORT_DIR),
+    layout.cf_export(workdir),
     item_table,
     user_table,
     dataset,

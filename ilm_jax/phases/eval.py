@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ilm_jax import metric_writer, stats
+from ilm_jax import layout, metric_writer, stats
 
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # Row label for each metrics-file prefix, in table order. Other
@@ -87,7 +87,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def present_rows(workdir: pathlib.Path) -> list[tuple[str, str, dict]]:
   """(prefix, label, metrics) of every test-metrics file, in table order."""
-  metrics_dir = workdir / "metrics"
+  metrics_dir = layout.metrics_dir(workdir)
   known = dict(ROWS)
   extra = sorted(
     path.name.removesuffix("_test.json")
@@ -96,7 +96,7 @@ def present_rows(workdir: pathlib.Path) -> list[tuple[str, str, dict]]:
   )
   rows = []
   for prefix in [p for p, _ in ROWS] + extra:
-    path = metrics_dir / f"{prefix}_test.json"
+    path = layout.metrics_file(workdir, prefix, "test")
     if path.exists():
       rows.append(
         (prefix, known.get(prefix, prefix), json.loads(path.read_text()))
@@ -113,8 +113,7 @@ def _metric_name(prefix: str, which: str, metric: str) -> str:
 
 def results_table(workdir: pathlib.Path) -> str:
   """The markdown table of every test-metrics file present in `workdir`."""
-  phases_file = workdir / "phases.json"
-  phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
+  phases = layout.read_phases(workdir)
   header = (
     ["model", "users"]
     + [
@@ -226,8 +225,7 @@ def paired_table(workdir: pathlib.Path, which: str = "seen") -> str:
 
 def qformer_table(workdir: pathlib.Path) -> str:
   """Phase-1 evaluators of the main run and each ablation present."""
-  phases_file = workdir / "phases.json"
-  phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
+  phases = layout.read_phases(workdir)
   header = ["phase-1 losses"] + [
     f"{split} {metric}" for split, metric in QFORMER_METRICS
   ]
@@ -235,7 +233,7 @@ def qformer_table(workdir: pathlib.Path) -> str:
   lines.append("|" + "---|" * (len(header) + 1))
   for prefix, label in QFORMER_ROWS:
     files = {
-      split: workdir / "metrics" / f"{prefix}_{split}.json"
+      split: layout.metrics_file(workdir, prefix, split)
       for split in ("test", "valid")
     }
     if not files["test"].exists():
@@ -256,8 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   table = results_table(workdir)
   phase1 = qformer_table(workdir)
-  phases_file = workdir / "phases.json"
-  phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
+  phases = layout.read_phases(workdir)
   timings = "\n".join(
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
     for name, summary in phases.items()
@@ -286,6 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     + timings
     + "\n"
   )
-  (workdir / "results.md").write_text(text)
+  results = layout.results_file(workdir)
+  results.write_text(text)
   logging.info("Results table:\n%s", table)
-  return dict(results=str(workdir / "results.md"))
+  return dict(results=str(results))

@@ -28,49 +28,10 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
-from ilm_jax import checkpoint, data, train
+from ilm_jax import checkpoint, data, layout, train
 from ilm_jax.data import ilm_tasks, pipeline, prompts
 from ilm_jax.evaluators import common
-from ilm_jax.models import cf_encoder, ilm, llm, llm_loading, qformer
-from ilm_jax.phases import cf
-from ilm_jax.phases import qformer as qformer_phase
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def phase_name(config: ml_collections.ConfigDict) -> str:
-  """ "ilm" for the main run, "ilm_<variant>" for baselines."""
-  variant = config.ilm.variant
-  return f"ilm_{variant}" if variant else "ilm"
-
-
-def load_llm(llm_config: ml_collections.ConfigDict):
-  """(LlamaConfig, params, tokenizer) of the frozen LLM from config."""
-  for field in ("dtype", "param_dtype"):
-    if llm_config[field] not in _DTYPES:
-      raise ValueError(
-        f"ilm.llm.{field}={llm_config[field]!r}; expected one "
-        f"of {sorted(_DTYPES)}."
-      )
-  config, params, tokenizer = llm_loading.load_pretrained(
-    llm_config.checkpoint,
-    dtype=_DTYPES[llm_config.dtype],
-    param_dtype=_DTYPES[llm_config.param_dtype],
-  )
-  # Recompute layers in the backward pass (large LLMs on accelerators).
-  # Exports written before the field existed read as False.
-  remat = bool(llm_config.get("remat", False))
-  frozen_matmul = llm_config.get("frozen_matmul", None) or None
-  if frozen_matmul not in llm.FROZEN_MATMULS:
-    raise ValueError(
-      f"ilm.llm.frozen_matmul={frozen_matmul!r}; expected one of "
-      f"{llm.FROZEN_MATMULS} (None or '': ordinary matmuls)."
-    )
-  return (
-    config.replace(remat=remat, frozen_matmul=frozen_matmul),
-    params,
-    tokenizer,
-  )
+from ilm_jax.models import ilm, llm, llm_loading, qformer
 
 
 def _logically_partitioned(llm_config, llm_params):
@@ -89,7 +50,7 @@ def load_qformer(config, workdir: pathlib.Path, rng):
   qformer_config = config.qformer.model
   init = config.ilm.model.qformer_init
   if init == "phase1":
-    path = qformer_phase.export_dir(config, workdir)
+    path = layout.qformer_export(config, workdir)
     logging.info("Q-Former from phase 1: %s.", path)
     return checkpoint.load_params(path / "params")
   if init == "random":
@@ -117,7 +78,9 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
   workdir = pathlib.Path(workdir).absolute()
   ilm_config = config.ilm
   dataset = data.load_dataset(config.data)
-  llm_config, llm_params, tokenizer = load_llm(ilm_config.llm)
+  llm_config, llm_params, tokenizer = llm_loading.load_from_config(
+    ilm_config.llm
+  )
   logging.info(
     "Frozen LLM %s: %d layers, d=%d, vocab %d.",
     ilm_config.llm.checkpoint,
@@ -126,16 +89,12 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     llm_config.vocab_size,
   )
   model = ilm.build(ilm_config.model, llm_config, config.qformer.model)
-  item_table, user_table, _ = cf_encoder.load_cf_tables(
-    workdir.joinpath(*cf.EXPORT_DIR)
-  )
-  qformer_phase.check_cf_tables(
-    item_table,
-    user_table,
+  item_table, user_table = layout.read_cf_export(
+    workdir,
     dataset,
     config.qformer.model.cf_dim
     if ilm_config.model.adapter == "qformer"
-    else item_table.shape[1],
+    else None,
   )
   sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
 
@@ -179,7 +138,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     seed=config.seed,
   )
   task = train.Task(
-    name=phase_name(config),
+    name=layout.phase_name(config, "ilm"),
     init_params=init_params,
     loss_fn=model.loss,
     train_iterator=iterator,
@@ -204,7 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   )
   adapter = {k: v for k, v in result.params.items() if k in ilm.ADAPTER_PARTS}
   if adapter:
-    checkpoint.save_params(workdir / phase2.task.name / "adapter", adapter)
+    checkpoint.save_params(layout.ilm_adapter(config, workdir), adapter)
   summary = dict(result.metrics)
   summary.update(
     steps=result.step,

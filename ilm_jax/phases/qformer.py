@@ -18,39 +18,10 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ilm_jax import checkpoint, data, train
+from ilm_jax import checkpoint, data, layout, train
 from ilm_jax.data import pipeline
 from ilm_jax.evaluators import common
-from ilm_jax.models import cf_encoder, qformer
-from ilm_jax.phases import cf
-
-
-def phase_name(config: ml_collections.ConfigDict) -> str:
-  """ "qformer" for the main run, "qformer_<variant>" for ablations."""
-  variant = config.qformer.variant
-  return f"qformer_{variant}" if variant else "qformer"
-
-
-def export_dir(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
-  """Where this config's phase-1 Q-Former is exported (and phase 2 reads)."""
-  return pathlib.Path(workdir).absolute() / phase_name(config) / "export"
-
-
-def check_cf_tables(item_table, user_table, dataset, cf_dim: int) -> None:
-  """Clear errors when the CF export does not fit the data or the model."""
-  if item_table.shape[0] != dataset.num_items or (
-    user_table.shape[0] != dataset.num_users
-  ):
-    raise ValueError(
-      f"CF tables have {item_table.shape[0]} items / {user_table.shape[0]} "
-      f"users but the dataset has {dataset.num_items} / "
-      f"{dataset.num_users}: rerun the cf phase for this dataset."
-    )
-  if item_table.shape[1] != cf_dim:
-    raise ValueError(
-      f"CF tables have dimension {item_table.shape[1]} but "
-      f"qformer.model.cf_dim={cf_dim}; set them equal."
-    )
+from ilm_jax.models import qformer
 
 
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
@@ -58,10 +29,9 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   model_config = config.qformer.model
   dataset = data.load_dataset(config.data)
-  item_table, user_table, _ = cf_encoder.load_cf_tables(
-    workdir.joinpath(*cf.EXPORT_DIR)
+  item_table, user_table = layout.read_cf_export(
+    workdir, dataset, model_config.cf_dim
   )
-  check_cf_tables(item_table, user_table, dataset, model_config.cf_dim)
   text_ids, text_mask, truncated = pipeline.tokenize_item_texts(
     dataset, model_config.max_text_len
   )
@@ -94,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     seed=config.seed,
   )
   task = train.Task(
-    name=phase_name(config),
+    name=layout.phase_name(config, "qformer"),
     init_params=init_params,
     loss_fn=loss_fn,
     train_iterator=iterator,
@@ -108,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     workdir=workdir,
     seed=config.seed,
   )
-  export = export_dir(config, workdir)
+  export = layout.qformer_export(config, workdir)
   checkpoint.save_params(export / "params", result.params)
   if jax.process_index() == 0:
     (export / "config.json").write_text(

@@ -32,12 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ilm_jax import checkpoint, data, decoding
+from ilm_jax import checkpoint, data, decoding, layout
 from ilm_jax.data import ilm_tasks, prompts
 from ilm_jax.evaluators import generative
-from ilm_jax.phases import export
 from ilm_jax.serving import catalog as catalog_lib
-from ilm_jax.serving import grounding
+from ilm_jax.serving import export_bundle, grounding
 from ilm_jax.serving import session as session_lib
 
 BEAM_BUCKETS = (5, 10, 20, 50)  # num_beams is static: a few shapes only
@@ -174,9 +173,11 @@ def masked_trie(
 class Recommender:
   """The trained ILM as a recommender (thread-safe; one model in memory)."""
 
-  def __init__(self, bundle: export.Bundle, dataset, *, warmup: bool = True):
+  def __init__(
+    self, bundle: export_bundle.Bundle, dataset, *, warmup: bool = True
+  ):
     """Args:
-    bundle: a loaded export (`export.load_bundle`).
+    bundle: a loaded export (`export_bundle.load_bundle`).
     dataset: the ProcessedDataset the export was trained on (metadata).
     warmup: compile the ranking and reason decoders now (one dummy call
       each), so the first request does not pay XLA compilation.
@@ -260,7 +261,7 @@ class Recommender:
         that writes it.
     """
     workdir = pathlib.Path(workdir).absolute()
-    export_dir = workdir / export.EXPORT_DIR
+    export_dir = layout.export_dir(workdir)
     if not (export_dir / "config.json").exists():
       raise NoExportError(
         f"No ILM export at {export_dir}. Train and export first: python -m "
@@ -269,7 +270,7 @@ class Recommender:
       )
     start = time.perf_counter()
     try:
-      bundle = export.load_bundle(export_dir, llm_checkpoint)
+      bundle = export_bundle.load_bundle(export_dir, llm_checkpoint)
     except checkpoint.CheckpointError as e:
       raise NoExportError(str(e)) from e
     except (AttributeError, KeyError) as e:

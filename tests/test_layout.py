@@ -1,0 +1,72 @@
+"""Workdir layout: the paths phases share, and phases not importing phases."""
+
+import ast
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+
+from ilm_jax import layout
+
+PACKAGE = pathlib.Path(layout.__file__).parent
+
+
+def _config(qformer_variant="", ilm_variant=""):
+  return ml_collections.ConfigDict(
+    dict(qformer=dict(variant=qformer_variant), ilm=dict(variant=ilm_variant))
+  )
+
+
+def test_variants_name_their_phase_directories(tmp_path):
+  plain, variant = _config(), _config("it", "mlp")
+  assert layout.phase_name(plain, "qformer") == "qformer"
+  assert layout.phase_name(variant, "qformer") == "qformer_it"
+  assert layout.phase_name(variant, "ilm") == "ilm_mlp"
+  assert layout.phase_name(variant, "cf") == "cf"
+  assert layout.phase_name(variant, "eval") == "eval"
+  assert layout.qformer_export(variant, tmp_path) == (
+    tmp_path / "qformer_it" / "export"
+  )
+  assert layout.qformer_export(plain, tmp_path) == tmp_path / "qformer/export"
+  assert layout.ilm_adapter(variant, tmp_path) == tmp_path / "ilm_mlp/adapter"
+  assert layout.cf_export(tmp_path) == tmp_path / "cf" / "export"
+  assert layout.export_dir(tmp_path) == tmp_path / "export"
+  assert layout.metrics_file(tmp_path, "ilm_mlp", "test") == (
+    tmp_path / "metrics" / "ilm_mlp_test.json"
+  )
+  assert layout.results_file(tmp_path) == tmp_path / "results.md"
+
+
+def test_read_phases_is_empty_before_any_phase(tmp_path):
+  assert layout.read_phases(tmp_path) == {}
+  layout.phases_file(tmp_path).write_text(json.dumps({"cf": {"x": 1}}))
+  assert layout.read_phases(tmp_path) == {"cf": {"x": 1}}
+
+
+def test_cf_tables_that_do_not_fit_the_dataset_are_a_clear_error():
+  dataset = type("Dataset", (), dict(num_items=4, num_users=3))()
+  items, users = np.zeros((4, 8)), np.zeros((3, 8))
+  layout.check_cf_tables(items, users, dataset, cf_dim=8)
+  layout.check_cf_tables(items, users, dataset, cf_dim=None)
+  with pytest.raises(ValueError, match="5 items / 3 users but the dataset"):
+    layout.check_cf_tables(np.zeros((5, 8)), users, dataset, cf_dim=8)
+  with pytest.raises(ValueError, match="dimension 8 but qformer.model.cf_dim"):
+    layout.check_cf_tables(items, users, dataset, cf_dim=64)
+
+
+@pytest.mark.parametrize("package", ["phases", "serving"])
+def test_phases_and_serving_do_not_import_phases(package):
+  importers = []
+  for path in sorted((PACKAGE / package).glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+        "ilm_jax.phases"
+      ):
+        importers.append(path.name)
+      if isinstance(node, ast.Import) and any(
+        alias.name.startswith("ilm_jax.phases") for alias in node.names
+      ):
+        importers.append(path.name)
+  assert importers == []
