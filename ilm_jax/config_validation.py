@@ -107,19 +107,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # Fields that must agree across sections, checked before phase 0 starts
-# rather than when phase 1 or 2 meets the mismatch: (field, must equal).
+# rather than when phase 1 or 2 meets the mismatch: (field, must equal,
+# only when these fields have these values).
 _TIED = [
-  ("qformer.model.cf_dim", "cf.model.embed_dim"),
-  ("ilm.model.tokens_per_entity", "qformer.model.num_queries"),
+  ("qformer.model.cf_dim", "cf.model.embed_dim", {}),
+  (
+    "ilm.model.tokens_per_entity",
+    "qformer.model.num_queries",
+    # Every query output becomes one soft token; the MLP projector and the
+    # text-only prompt choose their own count.
+    {"ilm.model.adapter": "qformer"},
+  ),
 ]
 
 
 def _tied_fields(config: ml_collections.ConfigDict) -> list[str]:
   flat = dict(_flatten(config))
   return [
-    f"config.{name}={flat[name]!r}: must equal {other}={flat[other]!r}."
-    for name, other in _TIED
-    if name in flat and other in flat and flat[name] != flat[other]
+    f"config.{name}={flat[name]!r}: must equal {other}={flat[other]!r}"
+    + "".join(f" when {k}={v!r}" for k, v in when.items())
+    + "."
+    for name, other, when in _TIED
+    if name in flat
+    and other in flat
+    and flat[name] != flat[other]
+    and all(flat.get(k) == v for k, v in when.items())
   ]
 
 

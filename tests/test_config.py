@@ -194,12 +194,18 @@ def test_tied_fields_must_agree():
   message = str(error.value)
   assert (
     "config.ilm.model.tokens_per_entity=4: must equal "
-    "qformer.model.num_queries=8." in message
+    "qformer.model.num_queries=8 when ilm.model.adapter='qformer'." in message
   )
   assert (
     "config.qformer.model.cf_dim=32: must equal cf.model.embed_dim=64."
     in message
   )
+  # The MLP projector and the text-only prompt choose their token count.
+  for adapter in ("mlp", "prompt"):
+    config = ml1m.get_config("cpu")
+    config.ilm.model.adapter = adapter
+    config.ilm.model.tokens_per_entity = 20
+    config_validation.validate(config)
 
 
 def test_phase_selection():
