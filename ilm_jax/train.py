@@ -397,13 +397,14 @@ def train(
   )
   _log_parameter_overview(params, frozen_mask)
   partition = optim.Partition.from_mask(frozen_mask)
-  state, frozen = initial_state(params, tx, frozen_mask)
+  trainable, frozen = partition.split(params)
   del params
   state = dict(
-    step=jax.device_put(state["step"], sharding.replicated(mesh)),
-    params=state["params"],
-    opt_state=sharding.on_mesh(jax.jit(tx.init)(state["params"]), mesh),
+    step=jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+    params=trainable,
+    opt_state=sharding.on_mesh(jax.jit(tx.init)(trainable), mesh),
   )
+  del trainable
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
