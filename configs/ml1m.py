@@ -58,6 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.cf = dict(
     # Comma list of baselines trained after MF: popularity, sasrec.
     baselines="popularity,sasrec",
+    # The CF tables phases 1 and 2 read as the item modality: "mf" (the
+    # paper's: MF's item and user embeddings) or "sasrec" (SASRec's item
+    # embeddings and users' sequence states, as CoLLM / LLaRA; needs sasrec
+    # in baselines and qformer.model.cf_dim = cf.sasrec.model.embed_dim).
+    tables="mf",
     model=dict(
       type="mf",
       embed_dim=64,  # d of the exported user and item tables

@@ -46,6 +46,10 @@ def _float_in(low: float, high: float) -> tuple[Callable, str]:
   )
 
 
+def _one_of(*allowed) -> tuple[Callable, str]:
+  return (lambda v: v in allowed), f"one of {', '.join(allowed)}"
+
+
 # (regex over dotted field names, check, description of the allowed range)
 _RULES = [
   (r"(.*\.)?optim\.learning_rate", *_positive_float()),
@@ -62,6 +66,7 @@ _RULES = [
   (r"seed", *_int_at_least(0)),
   (r"(qformer|ilm)\.variant", *_name()),
   (r"ilm\.model\.tokens_per_entity", *_int_at_least(1)),
+  (r"cf\.tables", *_one_of("mf", "sasrec")),
 ]
 
 
@@ -95,6 +100,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"must be <= {section}.train.steps={phase.train.steps}."
       )
   errors.extend(_tied_fields(config))
+  cf = config.get("cf")
+  if cf is not None and cf.get("tables") == "sasrec":
+    if "sasrec" not in [b.strip() for b in cf.baselines.split(",")]:
+      errors.append(
+        f"config.cf.tables='sasrec': phase cf writes SASRec's tables only "
+        f"when cf.baselines includes sasrec (it is {cf.baselines!r})."
+      )
   if "phases" in config:
     unknown = set(selected_phases(config.phases, strict=False)) - set(PHASES)
     if unknown:
@@ -110,7 +122,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # rather than when phase 1 or 2 meets the mismatch: (field, must equal,
 # only when these fields have these values).
 _TIED = [
-  ("qformer.model.cf_dim", "cf.model.embed_dim", {}),
+  # The Q-Former reads the CF tables that `cf.tables` names.
+  ("qformer.model.cf_dim", "cf.model.embed_dim", {"cf.tables": "mf"}),
+  (
+    "qformer.model.cf_dim",
+    "cf.sasrec.model.embed_dim",
+    {"cf.tables": "sasrec"},
+  ),
   (
     "ilm.model.tokens_per_entity",
     "qformer.model.num_queries",

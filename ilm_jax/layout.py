@@ -53,9 +53,24 @@ def phase_dir(workdir, name: str) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / name
 
 
-def cf_export(workdir) -> pathlib.Path:
-  """`WORKDIR/cf/export/`: the CF item and user tables (phase cf)."""
-  return phase_dir(workdir, "cf") / "export"
+# `cf.tables`: which CF tables phases 1 and 2 read, and where phase cf
+# writes them. "mf" (the paper's): MF's item and user embeddings; "sasrec":
+# SASRec's item embeddings and users' sequence states.
+CF_TABLES = {"mf": "cf", "sasrec": "sasrec"}
+
+
+def cf_export(workdir, tables: str = "mf") -> pathlib.Path:
+  """`WORKDIR/cf/export/` (MF) or `WORKDIR/sasrec/export/`: the CF item
+  and user tables (phase cf).
+
+  Raises:
+    ValueError: `tables` is not one of CF_TABLES.
+  """
+  if tables not in CF_TABLES:
+    raise ValueError(
+      f"cf.tables={tables!r}; expected one of {sorted(CF_TABLES)}."
+    )
+  return phase_dir(workdir, CF_TABLES[tables]) / "export"
 
 
 def check_cf_tables(item_table, user_table, dataset, cf_dim: int | None):
@@ -86,8 +101,11 @@ def check_cf_tables(item_table, user_table, dataset, cf_dim: int | None):
     )
 
 
-def read_cf_export(workdir, dataset, cf_dim: int | None = None):
-  """The CF tables of `cf_export(workdir)`, checked against the dataset.
+def read_cf_export(
+  workdir, dataset, cf_dim: int | None = None, tables: str = "mf"
+):
+  """The CF tables of `cf_export(workdir, tables)`, checked against the
+  dataset.
 
   Returns:
     (item_table `[num_items, d]`, user_table `[num_users, d]`), float numpy.
@@ -96,7 +114,9 @@ def read_cf_export(workdir, dataset, cf_dim: int | None = None):
     checkpoint.CheckpointError: no CF export (run the cf phase first).
     ValueError: as `check_cf_tables`.
   """
-  item_table, user_table, _ = cf_encoder.load_cf_tables(cf_export(workdir))
+  item_table, user_table, _ = cf_encoder.load_cf_tables(
+    cf_export(workdir, tables)
+  )
   check_cf_tables(item_table, user_table, dataset, cf_dim)
   return item_table, user_table
 
@@ -107,6 +127,23 @@ def qformer_export(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
   Written by phase qformer, read by phase ilm (`ilm.model.qformer_init`).
   """
   return phase_dir(workdir, phase_name(config, "qformer")) / "export"
+
+
+_CF_TABLES_RECORD = "cf_tables.json"
+
+
+def write_cf_tables_record(export: pathlib.Path, tables: str) -> None:
+  """Records in a phase-1 export which CF tables (`cf.tables`) it saw."""
+  (export / _CF_TABLES_RECORD).write_text(json.dumps({"cf_tables": tables}))
+
+
+def read_cf_tables_record(export: pathlib.Path) -> str | None:
+  """The `cf.tables` a phase-1 export was trained on (None: not recorded,
+  an export from before the record existed, trained on MF's)."""
+  path = export / _CF_TABLES_RECORD
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())["cf_tables"]
 
 
 def ilm_adapter(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:

@@ -130,6 +130,37 @@ def test_phase_exports_the_selected_mf_params(phase_run):
 
 
 @pytest.mark.slow
+def test_phase_exports_sasrec_items_and_user_states(
+  phase_run, dataset, tiny_config
+):
+  """`cf.tables=sasrec`'s export: SASRec's item table and, per user, the
+  state after the training part, whose dot with the items is SASRec's own
+  next-item score on that history."""
+  workdir, summary = phase_run
+  export = workdir / "sasrec" / "export"
+  assert summary["sasrec_export_dir"] == str(export)
+  items, users, metadata = cf_encoder.load_cf_tables(export)
+  assert metadata["model"] == "sasrec"
+  assert users.shape == (dataset.num_users, items.shape[1])
+  params = checkpoint.load_params(workdir / "sasrec" / "best_params")
+  np.testing.assert_array_equal(items, params["item_embedding"]["embedding"])
+  model = cf.sasrec_model(dataset, tiny_config.cf)
+  length = tiny_config.cf.sasrec.model.max_length
+  some = np.array([0, 7, dataset.num_users - 1])
+  # The training part items[:-2], written out from the full sequences.
+  history = np.zeros((len(some), length), np.int32)
+  mask = np.zeros((len(some), length), bool)
+  for row, user in enumerate(some):
+    train_part = dataset.sequence(user)[:-2][-length:]
+    history[row, length - len(train_part) :] = train_part
+    mask[row, length - len(train_part) :] = True
+  scores = model.apply({"params": params}, history, mask)
+  np.testing.assert_allclose(
+    users[some] @ items.T, scores, rtol=1e-4, atol=1e-4
+  )
+
+
+@pytest.mark.slow
 def test_popularity_metrics_match_numpy(phase_run, dataset):
   workdir, _ = phase_run
   counts = np.bincount(

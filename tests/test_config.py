@@ -197,8 +197,8 @@ def test_tied_fields_must_agree():
     "qformer.model.num_queries=8 when ilm.model.adapter='qformer'." in message
   )
   assert (
-    "config.qformer.model.cf_dim=32: must equal cf.model.embed_dim=64."
-    in message
+    "config.qformer.model.cf_dim=32: must equal cf.model.embed_dim=64 "
+    "when cf.tables='mf'." in message
   )
   # The MLP projector and the text-only prompt choose their token count.
   for adapter in ("mlp", "prompt"):
@@ -263,3 +263,23 @@ def test_allocator_hint_only_on_cpu_with_glibc_malloc(
   )
   experiment.log_allocator_hint()
   assert any("tcmalloc" in m for m in messages) == hinted
+
+
+def test_cf_tables_must_exist_and_fit_the_q_former():
+  config = ml1m.get_config("cpu")
+  config.cf.tables = "sasrec"  # cpu: SASRec's d is 64 like MF's
+  config_validation.validate(config)
+  config = ml1m.get_config()  # full: SASRec d 128, cf_dim 64
+  config.cf.tables = "sasrec"
+  config.cf.baselines = "popularity"
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config)
+  message = str(error.value)
+  assert (
+    "config.qformer.model.cf_dim=64: must equal cf.sasrec.model.embed_dim="
+    "128 when cf.tables='sasrec'." in message
+  )
+  assert "cf.baselines includes sasrec (it is 'popularity')" in message
+  config.cf.tables = "lightgcn"
+  with pytest.raises(config_validation.ConfigError, match="one of mf, sasrec"):
+    config_validation.validate(config)

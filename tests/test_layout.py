@@ -56,6 +56,16 @@ def test_cf_tables_that_do_not_fit_the_dataset_are_a_clear_error():
     layout.check_cf_tables(items, users, dataset, cf_dim=64)
 
 
+def test_cf_tables_choose_the_export_and_phase_1_records_them(tmp_path):
+  assert layout.cf_export(tmp_path, "mf") == tmp_path / "cf" / "export"
+  assert layout.cf_export(tmp_path, "sasrec") == tmp_path / "sasrec/export"
+  with pytest.raises(ValueError, match="cf.tables='bpr'; expected one of"):
+    layout.cf_export(tmp_path, "bpr")
+  assert layout.read_cf_tables_record(tmp_path) is None  # older exports
+  layout.write_cf_tables_record(tmp_path, "sasrec")
+  assert layout.read_cf_tables_record(tmp_path) == "sasrec"
+
+
 @pytest.mark.parametrize("package", ["phases", "serving"])
 def test_phases_and_serving_do_not_import_phases(package):
   importers = []
@@ -70,3 +80,16 @@ def test_phases_and_serving_do_not_import_phases(package):
       ):
         importers.append(path.name)
   assert importers == []
+
+
+def test_phase_2_refuses_a_q_former_trained_on_other_cf_tables(tmp_path):
+  from configs import ml1m
+  from ilm_jax.phases import ilm as ilm_phase
+
+  config = ml1m.get_config("tiny")
+  export = layout.qformer_export(config, tmp_path)
+  export.mkdir(parents=True)
+  layout.write_cf_tables_record(export, "mf")
+  config.cf.tables = "sasrec"
+  with pytest.raises(ValueError, match="trained on the 'mf' CF tables but"):
+    ilm_phase.load_qformer(config, tmp_path, None)

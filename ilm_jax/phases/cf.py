@@ -19,6 +19,7 @@ import pathlib
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -115,10 +116,10 @@ def popularity_task(dataset, cf_config, mesh) -> train.Task:
   )
 
 
-def sasrec_task(dataset, cf_config, mesh, seed) -> train.Task:
-  """SASRec trained with full softmax cross-entropy."""
+def sasrec_model(dataset, cf_config) -> sasrec.SASRec:
+  """The SASRec of `cf.sasrec.model` over the dataset's items."""
   model_config = cf_config.sasrec.model
-  model = sasrec.SASRec(
+  return sasrec.SASRec(
     num_items=dataset.num_items,
     max_length=model_config.max_length,
     embed_dim=model_config.embed_dim,
@@ -127,6 +128,43 @@ def sasrec_task(dataset, cf_config, mesh, seed) -> train.Task:
     mlp_dim=model_config.mlp_dim,
     dropout_rate=model_config.dropout_rate,
   )
+
+
+def export_sasrec_tables(workdir, dataset, cf_config, result) -> str:
+  """Writes SASRec's item table and user sequence states as CF tables.
+
+  Users' states are SASRec's hidden state after their training part
+  items[:-2] (the valid split's histories): the information MF's user
+  table has. `user . item` is SASRec's next-item score, so the export reads
+  like MF's (`cf.tables=sasrec` makes phases 1 and 2 use it).
+  """
+  model = sasrec_model(dataset, cf_config)
+  histories = dataset.leave_one_out("valid")
+  items, mask = histories.padded_histories(
+    np.arange(len(histories)), cf_config.sasrec.model.max_length
+  )
+  states = sasrec.user_states(model, result.params, items, mask)
+  item_table = result.params["item_embedding"]["embedding"]
+  return str(
+    cf_encoder.export_cf_tables(
+      layout.cf_export(workdir, "sasrec"),
+      np.asarray(jax.device_get(item_table), np.float32),
+      np.asarray(jax.device_get(states), np.float32),
+      dataset,
+      extra_metadata=dict(
+        model="sasrec",
+        config=cf_config.sasrec.model.to_dict(),
+        trained_steps=result.step,
+        metrics=result.metrics,
+      ),
+    )
+  )
+
+
+def sasrec_task(dataset, cf_config, mesh, seed) -> train.Task:
+  """SASRec trained with full softmax cross-entropy."""
+  model_config = cf_config.sasrec.model
+  model = sasrec_model(dataset, cf_config)
   length = model_config.max_length
   examples = pipeline.sasrec_windows(dataset, length)
 
@@ -228,7 +266,12 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     else:
       task = sasrec_task(dataset, cf_config, mesh, config.seed)
       phase_config = cf_config.sasrec
-    summary.update(_summarise(name, fit(task, phase_config)))
+    result = fit(task, phase_config)
+    summary.update(_summarise(name, result))
+    if name == "sasrec":
+      summary["sasrec_export_dir"] = export_sasrec_tables(
+        workdir, dataset, cf_config, result
+      )
   return summary
 
 

@@ -34,7 +34,9 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     )
   out = layout.export_dir(workdir)
   dataset = data.load_dataset(config.data)
-  items, users = layout.read_cf_export(workdir, dataset)
+  items, users = layout.read_cf_export(
+    workdir, dataset, tables=config.cf.tables
+  )
   checkpoint.save_params(out / "adapter", checkpoint.load_params(adapter_dir))
   checkpoint.save_params(out / "cf_tables", dict(items=items, users=users))
   if jax.process_index() == 0:

@@ -52,6 +52,14 @@ def load_qformer(config, workdir: pathlib.Path, rng):
   if init == "phase1":
     path = layout.qformer_export(config, workdir)
     logging.info("Q-Former from phase 1: %s.", path)
+    trained_on = layout.read_cf_tables_record(path)
+    if trained_on not in (None, config.cf.tables):
+      raise ValueError(
+        f"The phase-1 Q-Former at {path} was trained on the {trained_on!r} "
+        f"CF tables but cf.tables={config.cf.tables!r}: run phase 1 with "
+        f"these tables (e.g. --config.qformer.variant={config.cf.tables} "
+        "keeps both) or set cf.tables to match."
+      )
     return checkpoint.load_params(path / "params")
   if init == "random":
     return qformer.load(
@@ -95,6 +103,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     config.qformer.model.cf_dim
     if ilm_config.model.adapter == "qformer"
     else None,
+    config.cf.tables,
   )
   sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
 

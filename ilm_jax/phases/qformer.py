@@ -30,7 +30,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   model_config = config.qformer.model
   dataset = data.load_dataset(config.data)
   item_table, user_table = layout.read_cf_export(
-    workdir, dataset, model_config.cf_dim
+    workdir, dataset, model_config.cf_dim, config.cf.tables
   )
   text_ids, text_mask, truncated = pipeline.tokenize_item_texts(
     dataset, model_config.max_text_len
@@ -84,6 +84,8 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     (export / "config.json").write_text(
       json.dumps(model_config.to_dict(), indent=1)
     )
+    # Phase 2 checks that it feeds the Q-Former the tables it learned on.
+    layout.write_cf_tables_record(export, config.cf.tables)
   return dict(
     result.metrics,
     steps=result.step,
