@@ -162,9 +162,8 @@ def time_training(config, workdir, mesh, repeats) -> dict:
   # Compile every shape first, so that the timed steps share the cores with
   # nothing else (the iterator's prefetch threads fill their buffer now),
   # then run every shape once more: the first step after the compilations
-  # takes several times its steady time, whatever its shape (measured:
-  # 19.6 s, then 3.9-4.6 s for the same conversation batch), and was
-  # charged to the first timed shape.
+  # takes several times its steady time, whatever its shape, and was
+  # charged to the first timed shape (docs/results/ilm.md).
   for _ in range(2):
     for batch in batches.values():
       state, _ = step_fn(state, batch, rng)
