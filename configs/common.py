@@ -9,12 +9,13 @@ import ml_collections
 MODES = ("full", "cpu", "tiny")
 
 
-def parse_mode(arg: str | None) -> str:
-  """Returns the size mode named by a config argument (`configs/x.py:cpu`)."""
+def parse_mode(arg: str | None, modes=MODES) -> str:
+  """Returns the size mode named by a config argument (`configs/x.py:cpu`),
+  one of `modes` (a config file with more sizes passes its own)."""
   mode = arg or "full"
-  if mode not in MODES:
+  if mode not in modes:
     raise ValueError(
-      f"Unknown config argument {mode!r}; expected one of {MODES}."
+      f"Unknown config argument {mode!r}; expected one of {tuple(modes)}."
     )
   return mode
 

@@ -276,6 +276,24 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.describe.num_items = 20
 
 
+def _gpu(config: ml_collections.ConfigDict) -> None:
+  """Phase 2 on one GPU from a `cpu` run's phase-0/1 outputs (same data,
+  CF tables and 4-query Q-Former), at a real budget, evaluating every test
+  user: launch/gpu_phase2.sh. The budget is sized for at most 8 minutes
+  on one H100/H200-class GPU and not yet measured there."""
+  _cpu(config)
+  config.ilm.llm.update(
+    dtype="bfloat16", param_dtype="bfloat16", frozen_matmul=""
+  )
+  config.ilm.optim.update(learning_rate=3e-4, warmup_steps=100)
+  # 2,000 steps of 64 prompts: 128,000 prompts, 100x the cpu run's.
+  config.ilm.train.update(
+    steps=2000, batch_size=64, log_every=50, checkpoint_every=500
+  )
+  config.ilm.evals.rank.update(num_users=0, batch_size=64)  # all users
+  config.ilm.evals.describe.update(num_items=200, batch_size=64)
+
+
 def _tiny(config: ml_collections.ConfigDict) -> None:
   """Tests: synthetic data, small random models, a few steps (seconds)."""
   config.data.dataset = "synthetic"
@@ -315,12 +333,17 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
 
 
 # The base is the full size; the others override it.
-SIZES = {"full": lambda config: None, "cpu": _cpu, "tiny": _tiny}
+SIZES = {
+  "full": lambda config: None,
+  "cpu": _cpu,
+  "gpu": _gpu,
+  "tiny": _tiny,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The experiment at the size named by `arg` (full, cpu or tiny)."""
-  size = common.parse_mode(arg)
+  """The experiment at the size named by `arg` (full, cpu, gpu or tiny)."""
+  size = common.parse_mode(arg, tuple(SIZES))
   config = base_config()
   with common.locked(config):  # a size block changes fields, adds none
     SIZES[size](config)

@@ -283,3 +283,22 @@ def test_cf_tables_must_exist_and_fit_the_q_former():
   config.cf.tables = "lightgcn"
   with pytest.raises(config_validation.ConfigError, match="one of mf, sasrec"):
     config_validation.validate(config)
+
+
+def test_gpu_size_is_phase_2_of_a_cpu_run_at_a_real_budget():
+  """`configs/ml1m.py:gpu` reads a `cpu` run's phase-0/1 outputs, so every
+  field before phase 2 is the cpu size's; phase 2 trains in bf16 on all
+  users. Other config files keep their three sizes."""
+  gpu, cpu = ml1m.get_config("gpu"), ml1m.get_config("cpu")
+  config_validation.validate(gpu)
+  for section in ("data", "cf", "qformer", "mesh"):
+    assert gpu[section].to_dict() == cpu[section].to_dict(), section
+  assert gpu.ilm.model.to_dict() == cpu.ilm.model.to_dict()
+  assert gpu.ilm.data.to_dict() == cpu.ilm.data.to_dict()
+  assert gpu.ilm.llm.dtype == "bfloat16" and gpu.ilm.llm.frozen_matmul == ""
+  assert gpu.ilm.evals.rank.num_users == 0  # all test users
+  assert gpu.ilm.train.steps * gpu.ilm.train.batch_size == 128_000
+  from configs import ml100k
+
+  with pytest.raises(ValueError, match="'gpu'; expected one of"):
+    ml100k.get_config("gpu")

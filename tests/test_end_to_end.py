@@ -141,3 +141,42 @@ def test_text_only_baseline_trains_only_its_prompt_beside_the_main_run(
   table = (workdir / "results.md").read_text()
   assert "| ILM (Q-Former + linear projector) |" in table
   assert "| Text-only (titles, learned prompt) |" in table
+
+
+def test_gpu_phase2_script_runs_phase_2_and_writes_per_user_metrics(
+  finished_run,
+):
+  """launch/gpu_phase2.sh at the tiny size on CPU: phase 2 and the tables
+  from the run's phase-0/1 outputs, with per-user results; a workdir
+  without them is refused with what to run."""
+  workdir, _ = finished_run
+  env = dict(os.environ, XLA_FLAGS="")
+  script = REPO / "launch" / "gpu_phase2.sh"
+  proc = subprocess.run(
+    [
+      str(script),
+      str(workdir),
+      "configs/ml1m.py:tiny",
+      "--config.ilm.variant=gpuscript",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert "gpu_phase2: phase 2 and the tables in" in proc.stdout
+  metrics = json.loads(
+    (workdir / "metrics" / "ilm_gpuscript_test.json").read_text()
+  )
+  users = metrics["per_user"]["user_ids"]
+  assert metrics["users"] == len(users) > 0
+  assert "| ilm_gpuscript |" in (workdir / "results.md").read_text()
+  empty = workdir.parent / "empty_workdir"
+  empty.mkdir(exist_ok=True)
+  refused = subprocess.run(
+    [str(script), str(empty)], capture_output=True, text=True, check=False
+  )
+  assert refused.returncode == 1
+  assert "cf/export/metadata.json is missing" in refused.stderr
