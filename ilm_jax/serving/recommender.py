@@ -48,7 +48,8 @@ ANSWER_PREFIX_ROOM = 32  # title tokens a reason prompt can carry
 TOKEN_KEYS = generative.TOKEN_AXIS_KEYS
 ENTITY_KEYS = ("entity_kind", "entity_index", "entity_mask")
 # Prompts keep half or all of max_len after trimming the left padding:
-# two shapes per decoder, each compiled once (~20 s on 2 CPU cores).
+# two shapes per decoder, each compiled once (compile times in
+# docs/results/serving.md).
 PROMPT_BUCKETS = 2
 
 
