@@ -81,6 +81,16 @@ def _top_p_filter(logits, top_p):
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+class _SamplingState(NamedTuple):
+  """The greedy / sampling loop's state."""
+
+  step: jax.Array  # int32 scalar: tokens generated so far
+  tokens: jax.Array  # int32 [B, max_new_tokens], pad after the end
+  done: jax.Array  # bool [B]: the row has produced eos
+  logits: jax.Array  # float32 [B, V]: next-token logits
+  cache: Any  # the model's KV cache
+
+
 def _generate(
   model,
   params,
@@ -114,23 +124,33 @@ def _generate(
     logits = _top_p_filter(logits, top_p)
     return jax.random.categorical(key, logits, axis=-1)
 
-  def cond(state):
-    step, _, done, *_ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def cond(state: _SamplingState):
+    return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-  def body(state):
-    step, tokens, done, logits, cache = state
-    key = None if greedy else jax.random.fold_in(rng, step)
-    token = choose(logits, key).astype(jnp.int32)
-    token = jnp.where(done, pad_id, token)
-    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-    done = done | jnp.isin(token, eos)
-    logits, cache = _step(model, params, token, cache, step_inputs)
-    return step + 1, tokens, done, logits, cache
+  def body(state: _SamplingState):
+    key = None if greedy else jax.random.fold_in(rng, state.step)
+    token = choose(state.logits, key).astype(jnp.int32)
+    token = jnp.where(state.done, pad_id, token)
+    tokens = jax.lax.dynamic_update_slice(
+      state.tokens, token[:, None], (0, state.step)
+    )
+    logits, cache = _step(model, params, token, state.cache, step_inputs)
+    return _SamplingState(
+      step=state.step + 1,
+      tokens=tokens,
+      done=state.done | jnp.isin(token, eos),
+      logits=logits,
+      cache=cache,
+    )
 
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  state = (0, tokens, jnp.zeros((batch,), bool), logits, cache)
-  return jax.lax.while_loop(cond, body, state)[1]
+  state = _SamplingState(
+    step=jnp.zeros((), jnp.int32),
+    tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+    done=jnp.zeros((batch,), bool),
+    logits=logits,
+    cache=cache,
+  )
+  return jax.lax.while_loop(cond, body, state).tokens
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
