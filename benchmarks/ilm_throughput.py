@@ -5,7 +5,7 @@ r"""Phase-2 throughput, before and after: training prompts/s, evaluated users/s.
 
 Needs a workdir where the cf and qformer phases already ran (the README's
 main command, or `--config.phases=cf,qformer`). Builds the real phase-2 task
-(ilm_jax/phases/ilm.py: frozen SmolLM2, CF tables, Q-Former, prompts) twice,
+(ilm_jax/phases/ilm_training.py: frozen SmolLM2, CF tables, Q-Former, prompts) twice,
 with the settings of commit `BASELINE` ("before") and with the config as
 given ("after"), and times, back to back in this one process:
 
@@ -60,7 +60,7 @@ from ilm_jax import checkpoint, layout, optim, sharding, train, tree_utils
 from ilm_jax.data import ilm_tasks
 from ilm_jax.evaluators import generative
 from ilm_jax.models import llm
-from ilm_jax.phases import ilm as ilm_phase
+from ilm_jax.phases import ilm_training as ilm_phase
 
 BASELINE = "d18ed58"  # the last commit before the phase-2 speed work
 

@@ -121,7 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.cf.train.best_metric = "valid/masked_ndcg@10"
   config.cf.sasrec.train.best_metric = "valid/ndcg@10"
 
-  # Phase 1: Q-Former pretraining (ilm_jax/phases/qformer.py,
+  # Phase 1: Q-Former pretraining (ilm_jax/phases/qformer_pretraining.py,
   # models/qformer.py): BLIP-2 settings with a MiniLM text branch.
   config.qformer = dict(
     # "" writes WORKDIR/qformer; "it" writes WORKDIR/qformer_it ... (the
@@ -166,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
     ),
   )
 
-  # Phase 2: the ILM (ilm_jax/phases/ilm.py). Baselines are variants of
+  # Phase 2: the ILM (ilm_jax/phases/ilm_training.py). Baselines are variants of
   # this block; see README / docs/RESULTS.md for their command lines.
   config.ilm = dict(
     variant="",  # "" writes WORKDIR/ilm; "mlp" writes WORKDIR/ilm_mlp ...

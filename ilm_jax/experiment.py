@@ -16,6 +16,15 @@ from absl import logging
 
 from ilm_jax import config_validation, layout, metric_writer, sharding, train
 
+# The module of each phase (`config.phases` names) under ilm_jax/phases/.
+PHASE_MODULES = {
+  "cf": "cf",
+  "qformer": "qformer_pretraining",
+  "ilm": "ilm_training",
+  "eval": "eval",
+  "export": "export",
+}
+
 
 def log_allocator_hint():
   """On CPU without a preloaded malloc, says how to avoid page-fault stalls.
@@ -59,7 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Summaries of earlier invocations stay; this run's phases replace theirs.
   summaries = layout.read_phases(workdir)
   for phase in config_validation.selected_phases(config.phases):
-    module = importlib.import_module(f"ilm_jax.phases.{phase}")
+    module = importlib.import_module(f"ilm_jax.phases.{PHASE_MODULES[phase]}")
     logging.info("=== Phase %s ===", phase)
     start = time.perf_counter()
     summary = dict(module.run(config, workdir, mesh) or {})

@@ -64,7 +64,7 @@ class Task:
       Traced under jit with the global batch.
     train_iterator: a grain DatasetIterator (next/get_state/set_state) that
       yields this process's slice of each global batch as numpy arrays.
-    evaluators: plugins from `ilm_jax.evaluators.common`.
+    evaluators: plugins from `ilm_jax.evaluators.registry`.
   """
 
   name: str

@@ -84,7 +84,7 @@ def test_phases_and_serving_do_not_import_phases(package):
 
 def test_phase_2_refuses_a_q_former_trained_on_other_cf_tables(tmp_path):
   from configs import ml1m
-  from ilm_jax.phases import ilm as ilm_phase
+  from ilm_jax.phases import ilm_training as ilm_phase
 
   config = ml1m.get_config("tiny")
   export = layout.qformer_export(config, tmp_path)
@@ -93,3 +93,13 @@ def test_phase_2_refuses_a_q_former_trained_on_other_cf_tables(tmp_path):
   config.cf.tables = "sasrec"
   with pytest.raises(ValueError, match="trained on the 'mf' CF tables but"):
     ilm_phase.load_qformer(config, tmp_path, None)
+
+
+def test_every_phase_name_has_a_module_with_run():
+  import importlib
+
+  from ilm_jax import config_validation, experiment
+
+  assert set(experiment.PHASE_MODULES) == set(config_validation.PHASES)
+  for module in experiment.PHASE_MODULES.values():
+    assert callable(importlib.import_module(f"ilm_jax.phases.{module}").run)

@@ -8,7 +8,7 @@ import pytest
 from configs import common as config_common
 from ilm_jax import metric_writer, sharding
 from ilm_jax.data import sources
-from ilm_jax.evaluators import common, ranking
+from ilm_jax.evaluators import ranking, registry
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def _mesh(num_devices):
 
 def _evaluate(dataset, score_fn, params, mesh, **overrides):
   config = dict(type="ranking", split="test", batch_size=16) | overrides
-  (evaluator,) = common.from_config(
+  (evaluator,) = registry.from_config(
     {"under_test": config}, dataset=dataset, score_fn=score_fn, mesh=mesh
   )
   return {
@@ -36,7 +36,7 @@ def _evaluate(dataset, score_fn, params, mesh, **overrides):
 
 def _per_user(dataset, score_fn, params, mesh, **overrides):
   config = dict(type="ranking", split="test", batch_size=16) | overrides
-  (evaluator,) = common.from_config(
+  (evaluator,) = registry.from_config(
     {"under_test": config}, dataset=dataset, score_fn=score_fn, mesh=mesh
   )
   results = list(evaluator.run(params))
@@ -150,7 +150,7 @@ def test_eight_device_mesh_equals_one_device(dataset):
 
 
 def test_batch_size_is_rounded_up_to_the_data_shards(dataset):
-  (evaluator,) = common.from_config(
+  (evaluator,) = registry.from_config(
     {"v": dict(type="ranking", split="valid", batch_size=10)},
     dataset=dataset,
     score_fn=_index_order_scores,

@@ -32,7 +32,7 @@ from absl import logging
 
 from ilm_jax import decoding, metric_writer, metrics, progress, resources
 from ilm_jax.data import pipeline
-from ilm_jax.evaluators import common
+from ilm_jax.evaluators import registry
 from ilm_jax.models import bert
 
 
@@ -167,7 +167,7 @@ class _PromptEvaluator:
     bar.done()
 
 
-@common.register("generative_ranking")
+@registry.register("generative_ranking")
 class GenerativeRankingEvaluator(_PromptEvaluator):
   """HR/NDCG of trie-constrained beam search over all item titles."""
 
@@ -283,7 +283,7 @@ def cached_sentence_embeddings(texts, cache_dir=None) -> np.ndarray:
   return embeddings
 
 
-@common.register("description")
+@registry.register("description")
 class DescriptionEvaluator(_PromptEvaluator):
   """Semantic consistency and log-perplexity of item descriptions."""
 

@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 
 from ilm_jax import metric_writer, metrics, progress, sharding
 from ilm_jax.data import pipeline, processing
-from ilm_jax.evaluators import common
+from ilm_jax.evaluators import registry
 
 ScoreFn = Callable[[Any, dict], jax.Array]
 
@@ -54,7 +54,7 @@ def exclusion_mask(item_lists: list[np.ndarray], num_items: int) -> np.ndarray:
   return mask
 
 
-@common.register("ranking")
+@registry.register("ranking")
 class RankingEvaluator:
   """HR@k / NDCG@k under full ranking, batched, jitted and sharded."""
 

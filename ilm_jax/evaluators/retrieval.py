@@ -22,7 +22,7 @@ import numpy as np
 
 from ilm_jax import losses, progress
 from ilm_jax.data import pipeline
-from ilm_jax.evaluators import common
+from ilm_jax.evaluators import registry
 from ilm_jax.models import qformer
 
 
@@ -133,7 +133,7 @@ class _QFormerEvaluator:
     return np.concatenate(item_features), np.concatenate(text_features)
 
 
-@common.register("item_text_retrieval")
+@registry.register("item_text_retrieval")
 class ItemTextRetrieval(_QFormerEvaluator):
   def run(self, params):
     item_features, text_features = self.all_features(params)
@@ -148,7 +148,7 @@ class ItemTextRetrieval(_QFormerEvaluator):
     yield "items", len(item_features)
 
 
-@common.register("cooccurrence_retrieval")
+@registry.register("cooccurrence_retrieval")
 class CooccurrenceRetrieval(_QFormerEvaluator):
   def run(self, params):
     item_features, _ = self.all_features(params)
@@ -169,7 +169,7 @@ class CooccurrenceRetrieval(_QFormerEvaluator):
     yield "ii/pairs", len(users)
 
 
-@common.register("itg_loss")
+@registry.register("itg_loss")
 class TextGenerationLoss(_QFormerEvaluator):
   @functools.cached_property
   def _loss(self):

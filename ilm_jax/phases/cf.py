@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from ilm_jax import data, layout, train
 from ilm_jax.data import pipeline, processing
-from ilm_jax.evaluators import common
+from ilm_jax.evaluators import registry
 from ilm_jax.models import cf_encoder, sasrec
 
 BASELINES = ("popularity", "sasrec")
@@ -48,7 +48,7 @@ class _NoBatches:
 
 
 def _evaluators(cf_config, dataset, score_fn, mesh, history_length=1):
-  return common.from_config(
+  return registry.from_config(
     cf_config.evals,
     dataset=dataset,
     score_fn=score_fn,

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from ilm_jax import checkpoint, data, layout, train
 from ilm_jax.data import pipeline
-from ilm_jax.evaluators import common
+from ilm_jax.evaluators import registry
 from ilm_jax.models import qformer
 
 
@@ -54,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   def loss_fn(params, batch, rng):
     return qformer.phase1_losses(params, batch, rng, model_config)
 
-  evaluators = common.from_config(
+  evaluators = registry.from_config(
     config.qformer.evals,
     dataset=dataset,
     model_config=model_config,

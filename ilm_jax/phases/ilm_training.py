@@ -30,7 +30,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from ilm_jax import checkpoint, data, layout, train
 from ilm_jax.data import ilm_tasks, pipeline, prompts
-from ilm_jax.evaluators import common
+from ilm_jax.evaluators import registry
 from ilm_jax.models import ilm, llm, llm_loading, qformer
 
 
@@ -137,7 +137,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     # consecutive examples to stay together.
     shuffle=not one_task,
   )
-  evaluators = common.from_config(
+  evaluators = registry.from_config(
     ilm_config.evals,
     model=model,
     sampler=sampler,
