@@ -302,3 +302,12 @@ def test_gpu_size_is_phase_2_of_a_cpu_run_at_a_real_budget():
 
   with pytest.raises(ValueError, match="'gpu'; expected one of"):
     ml100k.get_config("gpu")
+
+
+def test_ml100k_ranks_every_test_user_in_phase_2():
+  from configs import ml100k
+
+  for size in (None, "cpu"):
+    config = ml100k.get_config(size)
+    assert config.data.dataset == "ml100k"
+    assert config.ilm.evals.rank.num_users == 0  # 0: all 943 users
