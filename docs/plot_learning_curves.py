@@ -255,7 +255,7 @@ def plot(
   handles, labels = panel_axes[0].get_legend_handles_labels()
   legend_ax.legend(handles, labels, loc="center")
   legend_ax.set_title(
-    f"test users: {', '.join(map(str, users))}; bands: 95% bootstrap"
+    f"test users: {', '.join(map(str, users))}; bands: 95% intervals"
   )
   figure.tight_layout()
   out.parent.mkdir(parents=True, exist_ok=True)

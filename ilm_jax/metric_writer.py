@@ -5,7 +5,8 @@ trainer can call it unconditionally.
 
 A metrics file (`WORKDIR/metrics/<name>_<split>.json`, `write_metrics`)
 holds each metric's mean over users and, when the evaluators returned
-per-user values, those values and a 95% bootstrap interval per mean:
+per-user values, those values and a 95% interval per mean
+(`stats.mean_interval`: Wilson for hit rates, bootstrap otherwise):
 
   {
     "sequential/seen/hr@10": 0.04,
@@ -197,7 +198,7 @@ def metrics_payload(
       evaluated = values[~np.isnan(values)]
       if name in payload and len(evaluated):
         payload[name + INTERVAL_SUFFIX] = [
-          _json_number(v) for v in stats.bootstrap_interval(evaluated)
+          _json_number(v) for v in stats.mean_interval(evaluated)
         ]
     payload.setdefault("users", float(len(ids)))
     payload[PER_USER] = block

@@ -2,6 +2,8 @@
 
 Every evaluation here averages a per-user quantity (a hit, an NDCG gain)
 over a fixed set of users, so the unit of resampling is the user:
+  mean_interval       95% interval of one row's mean: Wilson score for
+                      binary hits (a proportion), else bootstrap;
   bootstrap_interval  95% interval of one row's mean (BCa bootstrap);
   paired_bootstrap    two rows on the same users: the mean difference, its
                       interval and a two-sided p-value for "no difference";
@@ -83,6 +85,35 @@ def bootstrap_interval(
     values, confidence, resamples, seed, method
   ).confidence_interval
   return float(interval.low), float(interval.high)
+
+
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+  """Confidence interval of the mean of per-user values.
+
+  Binary values (hits: every value 0 or 1) are a proportion: the Wilson
+  score interval (`scipy.stats.binomtest(...).proportion_ci`), which stays
+  informative at 0 or all hits, where a bootstrap collapses to a point
+  (0 of 200 users gives [0, 0.019], not [0, 0]). Other values (NDCG gains)
+  get `bootstrap_interval`.
+
+  Args:
+    values: float [users], finite.
+    confidence: the interval's level.
+
+  Returns:
+    (low, high) floats.
+
+  Raises:
+    ValueError: empty, not 1-D, or non-finite values.
+  """
+  values = _as_vector(values)
+  if np.all((values == 0) | (values == 1)):
+    hits = int(values.sum())
+    interval = scipy.stats.binomtest(hits, len(values)).proportion_ci(
+      confidence_level=confidence, method="wilson"
+    )
+    return float(interval.low), float(interval.high)
+  return bootstrap_interval(values, confidence)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,12 +192,15 @@ def test_evaluate_routes_per_user_blocks_and_files_carry_them(tmp_path):
   # Per-user values add up to the reported means.
   for name in ("hr@10", "masked_hr@10"):
     assert np.mean(saved["per_user"][name]) == saved[name]
-  # Intervals of the means (BCa on 4 users: within [0, 1], around the mean).
+  # Intervals of the means: hits are a proportion (Wilson, 2 of 4).
   low, high = saved["hr@10_ci95"]
-  assert 0.0 <= low <= 0.5 <= high <= 1.0
+  np.testing.assert_allclose([low, high], stats.mean_interval([1, 1, 0, 0]))
+  assert 0.0 < low < 0.5 < high < 1.0
   assert "users_ci95" not in saved  # not a per-user metric
   valid = json.loads((tmp_path / "metrics" / "toy_valid.json").read_text())
-  assert valid["hr@10_ci95"] == [0.0, 0.0]  # every user missed
+  # Every user missed: Wilson's upper bound z^2 / (2 + z^2), not a point.
+  z2 = 1.959963984540054**2
+  np.testing.assert_allclose(valid["hr@10_ci95"], [0.0, z2 / (2 + z2)])
 
 
 def test_merge_marks_users_a_block_did_not_evaluate():

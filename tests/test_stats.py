@@ -162,3 +162,24 @@ def test_align_keeps_common_evaluated_users_in_id_order():
   np.testing.assert_array_equal(b, [1.0, 9.0])
   with pytest.raises(ValueError, match="twice"):
     stats.align([1, 1], [0.0, 1.0], [1], [0.0])
+
+
+def test_mean_interval_is_wilson_for_hits_and_bootstrap_otherwise():
+  z2 = 1.959963984540054**2
+  # 0 of 200 hits: Wilson's upper bound is z^2 / (n + z^2), not 0.
+  low, high = stats.mean_interval(np.zeros(200))
+  assert low == 0.0
+  np.testing.assert_allclose(high, z2 / (200 + z2), rtol=1e-9)
+  # 3 of 100: the closed form (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2))
+  # / (1 + z^2/n).
+  n, p = 100, 0.03
+  centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+  half = np.sqrt(z2) * np.sqrt(p * (1 - p) / n + z2 / (4 * n**2)) / (1 + z2 / n)
+  hits = np.zeros(n)
+  hits[:3] = 1
+  np.testing.assert_allclose(
+    stats.mean_interval(hits), (centre - half, centre + half), rtol=1e-9
+  )
+  # Graded values (NDCG gains) use the bootstrap.
+  gains = np.array([0.0, 0.5, 0.0, 1.0, 0.3, 0.0, 0.63, 0.0])
+  assert stats.mean_interval(gains) == stats.bootstrap_interval(gains)

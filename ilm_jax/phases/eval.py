@@ -4,7 +4,7 @@ Reads `WORKDIR/metrics/<name>_test.json` for every ILM variant and phase-0
 model that ran, and `WORKDIR/phases.json` for wall times, and writes
 `WORKDIR/results.md`:
   - one row per metrics file: users, HR@10 / NDCG@10 with their 95%
-    bootstrap intervals (from the file), HR@5 / NDCG@5, semantic
+    intervals (from the file: Wilson for HR, bootstrap for NDCG), HR@5 / NDCG@5, semantic
     consistency, wall time; rows whose file has no per-user results (older
     runs) print with "no" in the per-user column and no intervals;
   - ILM against every other row, on the users both evaluated: exact
@@ -263,8 +263,8 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   text = (
     "# Results\n\nTest split. ILM rows: sequential recommendation by "
     "trie-constrained beam search over all item titles. Phase-0 rows: "
-    "full ranking over all items. Intervals: 95% BCa bootstrap over "
-    "users.\n\n"
+    "full ranking over all items. Intervals: 95%, Wilson score for hit "
+    "rates, BCa bootstrap over users for NDCG.\n\n"
     + table
     + "".join(
       f"\n## ILM against each row ({which} templates, common users)\n\n"
