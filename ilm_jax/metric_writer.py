@@ -169,6 +169,26 @@ def _json_number(value: float) -> float | None:
   return None if np.isnan(value) else float(value)
 
 
+def _set_interval(payload: dict, name: str, values: np.ndarray) -> None:
+  evaluated = values[~np.isnan(values)]
+  if len(evaluated):
+    payload[name + INTERVAL_SUFFIX] = [
+      _json_number(v) for v in stats.mean_interval(evaluated)
+    ]
+
+
+def with_current_intervals(payload: Mapping) -> dict:
+  """A loaded metrics file with its intervals recomputed from its per-user
+  values by today's `stats.mean_interval` (files keep the intervals of the
+  code that wrote them; tables should not)."""
+  payload = dict(payload)
+  per_user = read_per_user(payload)
+  for name, values in (per_user or {}).items():
+    if name != USER_IDS and name in payload:
+      _set_interval(payload, name, values)
+  return payload
+
+
 def metrics_payload(
   scalars: Mapping[str, float],
   per_user: Mapping[str, np.ndarray] | None = None,
@@ -195,11 +215,8 @@ def metrics_payload(
         continue
       values = np.asarray(values, np.float64)[order]
       block[name] = [_json_number(v) for v in values]
-      evaluated = values[~np.isnan(values)]
-      if name in payload and len(evaluated):
-        payload[name + INTERVAL_SUFFIX] = [
-          _json_number(v) for v in stats.mean_interval(evaluated)
-        ]
+      if name in payload:
+        _set_interval(payload, name, values)
     payload.setdefault("users", float(len(ids)))
     payload[PER_USER] = block
   payload.update(extra or {})

@@ -371,3 +371,18 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   # Phase-0 rows have no unseen templates: only phase-2 rows there.
   unseen = eval_phase.paired_table(tmp_path, "unseen")
   assert "SASRec" not in unseen and "CoLLM" in unseen
+
+
+def test_tables_recompute_intervals_from_the_per_user_values(tmp_path):
+  """A file written with an older interval (a bootstrap's [0, 0] at zero
+  hits) is tabulated with today's interval of its per-user values."""
+  path = tmp_path / "metrics" / "old_test.json"
+  metric_writer.write_metrics(
+    path, {"hr@10": 0.0}, {"user_ids": np.arange(50), "hr@10": np.zeros(50)}
+  )
+  payload = json.loads(path.read_text())
+  payload["hr@10_ci95"] = [0.0, 0.0]
+  current = metric_writer.with_current_intervals(payload)
+  assert current["hr@10_ci95"] == list(stats.mean_interval(np.zeros(50)))
+  assert current["hr@10_ci95"][1] > 0.07  # Wilson: z^2 / (50 + z^2)
+  assert payload["hr@10_ci95"] == [0.0, 0.0]  # the input is not changed

@@ -98,9 +98,10 @@ def present_rows(workdir: pathlib.Path) -> list[tuple[str, str, dict]]:
   for prefix in [p for p, _ in ROWS] + extra:
     path = layout.metrics_file(workdir, prefix, "test")
     if path.exists():
-      rows.append(
-        (prefix, known.get(prefix, prefix), json.loads(path.read_text()))
+      values = metric_writer.with_current_intervals(
+        json.loads(path.read_text())
       )
+      rows.append((prefix, known.get(prefix, prefix), values))
   return rows
 
 
