@@ -169,12 +169,16 @@ def _json_number(value: float) -> float | None:
   return None if np.isnan(value) else float(value)
 
 
+def is_proportion(name: str) -> bool:
+  """Whether per-user values of metric `name` are hits (HR@k: 0 or 1)."""
+  return name.rsplit("/", 1)[-1].removeprefix("masked_").startswith("hr@")
+
+
 def _set_interval(payload: dict, name: str, values: np.ndarray) -> None:
   evaluated = values[~np.isnan(values)]
   if len(evaluated):
-    payload[name + INTERVAL_SUFFIX] = [
-      _json_number(v) for v in stats.mean_interval(evaluated)
-    ]
+    interval = stats.mean_interval(evaluated, proportion=is_proportion(name))
+    payload[name + INTERVAL_SUFFIX] = [_json_number(v) for v in interval]
 
 
 def with_current_intervals(payload: Mapping) -> dict:

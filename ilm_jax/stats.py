@@ -87,33 +87,39 @@ def bootstrap_interval(
   return float(interval.low), float(interval.high)
 
 
-def mean_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+def mean_interval(
+  values, proportion: bool, confidence: float = 0.95
+) -> tuple[float, float]:
   """Confidence interval of the mean of per-user values.
 
-  Binary values (hits: every value 0 or 1) are a proportion: the Wilson
-  score interval (`scipy.stats.binomtest(...).proportion_ci`), which stays
+  A proportion (hits: HR@k, every value 0 or 1) gets the Wilson score
+  interval (`scipy.stats.binomtest(...).proportion_ci`), which stays
   informative at 0 or all hits, where a bootstrap collapses to a point
   (0 of 200 users gives [0, 0.019], not [0, 0]). Other values (NDCG gains)
-  get `bootstrap_interval`.
+  get `bootstrap_interval`, also when they happen to be all 0 or 1.
 
   Args:
     values: float [users], finite.
+    proportion: whether the values are hits of a proportion.
     confidence: the interval's level.
 
   Returns:
     (low, high) floats.
 
   Raises:
-    ValueError: empty, not 1-D, or non-finite values.
+    ValueError: empty, not 1-D, or non-finite values, or a proportion
+      with a value other than 0 or 1.
   """
   values = _as_vector(values)
-  if np.all((values == 0) | (values == 1)):
-    hits = int(values.sum())
-    interval = scipy.stats.binomtest(hits, len(values)).proportion_ci(
-      confidence_level=confidence, method="wilson"
-    )
-    return float(interval.low), float(interval.high)
-  return bootstrap_interval(values, confidence)
+  if not proportion:
+    return bootstrap_interval(values, confidence)
+  if not np.all((values == 0) | (values == 1)):
+    raise ValueError("A proportion's per-user values must be 0 or 1.")
+  hits = int(values.sum())
+  interval = scipy.stats.binomtest(hits, len(values)).proportion_ci(
+    confidence_level=confidence, method="wilson"
+  )
+  return float(interval.low), float(interval.high)
 
 
 @dataclasses.dataclass(frozen=True)

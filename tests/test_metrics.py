@@ -194,7 +194,9 @@ def test_evaluate_routes_per_user_blocks_and_files_carry_them(tmp_path):
     assert np.mean(saved["per_user"][name]) == saved[name]
   # Intervals of the means: hits are a proportion (Wilson, 2 of 4).
   low, high = saved["hr@10_ci95"]
-  np.testing.assert_allclose([low, high], stats.mean_interval([1, 1, 0, 0]))
+  np.testing.assert_allclose(
+    [low, high], stats.mean_interval([1, 1, 0, 0], proportion=True)
+  )
   assert 0.0 < low < 0.5 < high < 1.0
   assert "users_ci95" not in saved  # not a per-user metric
   valid = json.loads((tmp_path / "metrics" / "toy_valid.json").read_text())
@@ -383,6 +385,22 @@ def test_tables_recompute_intervals_from_the_per_user_values(tmp_path):
   payload = json.loads(path.read_text())
   payload["hr@10_ci95"] = [0.0, 0.0]
   current = metric_writer.with_current_intervals(payload)
-  assert current["hr@10_ci95"] == list(stats.mean_interval(np.zeros(50)))
+  assert current["hr@10_ci95"] == list(
+    stats.mean_interval(np.zeros(50), proportion=True)
+  )
   assert current["hr@10_ci95"][1] > 0.07  # Wilson: z^2 / (50 + z^2)
   assert payload["hr@10_ci95"] == [0.0, 0.0]  # the input is not changed
+
+
+def test_only_hit_rates_are_proportions():
+  for name in ("hr@10", "masked_hr@5", "sequential/seen/hr@10"):
+    assert metric_writer.is_proportion(name)
+  for name in ("ndcg@10", "masked_ndcg@10", "sequential/unseen/ndcg@5", "rank"):
+    assert not metric_writer.is_proportion(name)
+  # All-zero NDCG gains are not a proportion: a point, not a Wilson band.
+  payload = metric_writer.metrics_payload(
+    {"hr@10": 0.0, "ndcg@10": 0.0},
+    {"user_ids": np.arange(20), "hr@10": np.zeros(20), "ndcg@10": np.zeros(20)},
+  )
+  assert payload["ndcg@10_ci95"] == [0.0, 0.0]
+  assert payload["hr@10_ci95"][1] > 0.1  # Wilson at 0 of 20

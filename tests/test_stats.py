@@ -167,7 +167,7 @@ def test_align_keeps_common_evaluated_users_in_id_order():
 def test_mean_interval_is_wilson_for_hits_and_bootstrap_otherwise():
   z2 = 1.959963984540054**2
   # 0 of 200 hits: Wilson's upper bound is z^2 / (n + z^2), not 0.
-  low, high = stats.mean_interval(np.zeros(200))
+  low, high = stats.mean_interval(np.zeros(200), proportion=True)
   assert low == 0.0
   np.testing.assert_allclose(high, z2 / (200 + z2), rtol=1e-9)
   # 3 of 100: the closed form (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2))
@@ -178,8 +178,13 @@ def test_mean_interval_is_wilson_for_hits_and_bootstrap_otherwise():
   hits = np.zeros(n)
   hits[:3] = 1
   np.testing.assert_allclose(
-    stats.mean_interval(hits), (centre - half, centre + half), rtol=1e-9
+    stats.mean_interval(hits, proportion=True),
+    (centre - half, centre + half),
+    rtol=1e-9,
   )
-  # Graded values (NDCG gains) use the bootstrap.
+  # Graded values (NDCG gains) use the bootstrap, even all 0 or 1.
   gains = np.array([0.0, 0.5, 0.0, 1.0, 0.3, 0.0, 0.63, 0.0])
-  assert stats.mean_interval(gains) == stats.bootstrap_interval(gains)
+  assert stats.mean_interval(gains, False) == stats.bootstrap_interval(gains)
+  assert stats.mean_interval(np.zeros(9), False) == (0.0, 0.0)
+  with pytest.raises(ValueError, match="must be 0 or 1"):
+    stats.mean_interval(gains, proportion=True)
