@@ -103,3 +103,16 @@ def test_every_phase_name_has_a_module_with_run():
   assert set(experiment.PHASE_MODULES) == set(config_validation.PHASES)
   for module in experiment.PHASE_MODULES.values():
     assert callable(importlib.import_module(f"ilm_jax.phases.{module}").run)
+
+
+def test_config_validation_accepts_exactly_the_layouts_cf_tables():
+  from configs import ml1m
+  from ilm_jax import config_validation
+
+  for tables in layout.CF_TABLES:
+    config = ml1m.get_config("cpu")
+    config.cf.tables = tables
+    config_validation.validate(config)  # cpu: MF's and SASRec's d are 64
+  config.cf.tables = "lightgcn"
+  with pytest.raises(config_validation.ConfigError, match="cf.tables"):
+    config_validation.validate(config)

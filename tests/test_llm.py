@@ -84,6 +84,16 @@ def test_smollm2_shape_is_the_embedded_checkpoints():
   assert header == SMOLLM2.replace(rms_norm_eps=header.rms_norm_eps)
 
 
+def _prefilled_cache(model, params, ids, mask):
+  """A 12-slot cache holding the batch's first 8 columns (decoding tests
+  then run the ninth on top of it)."""
+  cache = model.init_cache(3, 12)
+  _, cache = apply(
+    model, params, input_ids=ids[:, :8], attention_mask=mask[:, :8], cache=cache
+  )
+  return cache
+
+
 def test_smollm2_parameter_count_and_logical_axes():
   shapes = jax.eval_shape(
     llm.Llama(SMOLLM2).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
@@ -272,14 +282,7 @@ def test_unstacked_layers_give_the_scanned_results():
   np.testing.assert_array_equal(layers[1]["q"], params["layers"]["q"][1])
   outputs = {}
   for name, extra in (("scanned", {}), ("unstacked", {"layer_params": layers})):
-    cache = model.init_cache(3, 12)
-    _, cache = apply(
-      model,
-      params,
-      input_ids=ids[:, :8],
-      attention_mask=mask[:, :8],
-      cache=cache,
-    )
+    cache = _prefilled_cache(model, params, ids, mask)
     # The decoding pattern: one token on top of a prefilled cache.
     outputs[name] = apply(
       model,
@@ -422,14 +425,7 @@ def test_decode_step_inputs_give_the_same_step_logits(tied):
     config = TINY.replace(tie_word_embeddings=tied, frozen_matmul=frozen_matmul)
     model, params = init_params(config)
     ids, mask = left_padded_batch()
-    cache = model.init_cache(3, 12)
-    _, cache = apply(
-      model,
-      params,
-      input_ids=ids[:, :8],
-      attention_mask=mask[:, :8],
-      cache=cache,
-    )
+    cache = _prefilled_cache(model, params, ids, mask)
     prepared = model.decode_step_inputs(params)
     assert ("output_head" in prepared) == (frozen_matmul is not None)
     step = dict(input_ids=ids[:, 8:], attention_mask=mask[:, 8:], cache=cache)
