@@ -56,7 +56,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks import llm_throughput
-from ilm_jax import checkpoint, layout, optim, sharding, train, tree_utils
+from ilm_jax import checkpoint, layout, optim, sharding, train
 from ilm_jax.data import ilm_tasks
 from ilm_jax.evaluators import generative
 from ilm_jax.models import llm
@@ -140,7 +140,7 @@ def time_training(config, workdir, mesh, repeats) -> dict:
   """Prompts/s of the trainer's step under the config's task mix."""
   phase2 = ilm_phase.make_task(config, workdir)
   task, data = phase2.task, config.ilm.data
-  params = tree_utils.unbox(task.init_params(jax.random.key(0)))
+  params = train.init_on_mesh(task, jax.random.key(0), mesh, config.mesh)
   tx, frozen_mask, schedule = optim.make(config.ilm.optim, params, 100)
   state, frozen = train.initial_state(params, tx, frozen_mask)
   jitted = jax.jit(train.make_train_step(task, tx, frozen_mask, schedule))
@@ -190,7 +190,7 @@ def time_training(config, workdir, mesh, repeats) -> dict:
   )
 
 
-def ranking_evaluator(config, workdir, users):
+def ranking_evaluator(config, workdir, mesh, users):
   phase2 = ilm_phase.make_task(config, workdir)
   ranking = next(
     e
@@ -198,7 +198,7 @@ def ranking_evaluator(config, workdir, users):
     if e.config["type"] == "generative_ranking"
   )
   ranking.users = ranking.users[:users]
-  params = tree_utils.unbox(phase2.task.init_params(jax.random.key(0)))
+  params = train.init_on_mesh(phase2.task, jax.random.key(0), mesh, config.mesh)
   return ranking, params
 
 
@@ -362,7 +362,9 @@ def main(argv):
       ("before", before, decoding_before, False),
       ("after", after, generative.decoding, True),
     ):
-      ranking, params = ranking_evaluator(config, workdir, _EVAL_USERS.value)
+      ranking, params = ranking_evaluator(
+        config, workdir, mesh, _EVAL_USERS.value
+      )
       with evaluator_patched(module, trim):
         eval_figures[name] = time_eval(ranking, params)
       print(

@@ -189,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
       qformer_init="phase1",  # phase1 | random (ILM-rand)
       max_target_tokens=64,  # answer tokens scored per example, at most
       mlp_hidden_dim=1024,  # adapter="mlp" only
+      # "" soft tokens as projected (the paper); "llm": each rescaled to
+      # the mean norm of the LLM's token embeddings (docs/results/ilm.md).
+      soft_token_norm="",
     ),
     data=dict(
       templates="",  # "" = ilm_jax/data/templates/prompts.json
@@ -240,6 +243,15 @@ def base_config() -> ml_collections.ConfigDict:
         max_new_tokens=48,
         batch_size=8,
       ),
+      # Target-title NLL with true vs randomly swapped soft-token entities:
+      # does the adapter pass item identity at all?
+      shuffle=dict(
+        type="shuffled_entities",
+        split="test",
+        tasks=("sequential",),
+        num_users=0,  # 0: all users (the first of the rank subset's order)
+        batch_size=8,
+      ),
     ),
   )
   return config
@@ -274,6 +286,7 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   # time; the speed work pays for twice the users of the first runs (50).
   config.ilm.evals.rank.update(tasks=("sequential",), num_users=100)
   config.ilm.evals.describe.num_items = 20
+  config.ilm.evals.shuffle.num_users = 500  # teacher forcing: cheap
 
 
 def _gpu(config: ml_collections.ConfigDict) -> None:
@@ -292,6 +305,7 @@ def _gpu(config: ml_collections.ConfigDict) -> None:
   )
   config.ilm.evals.rank.update(num_users=0, batch_size=64)  # all users
   config.ilm.evals.describe.update(num_items=200, batch_size=64)
+  config.ilm.evals.shuffle.update(num_users=0, batch_size=64)
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
@@ -330,6 +344,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   )
   config.ilm.evals.rank.update(num_users=4, num_beams=4, batch_size=4)
   config.ilm.evals.describe.update(num_items=2, max_new_tokens=8, batch_size=2)
+  config.ilm.evals.shuffle.update(num_users=4, batch_size=4)
 
 
 # The base is the full size; the others override it.

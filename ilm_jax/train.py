@@ -18,8 +18,14 @@ Restore order (first that applies wins):
      killed run continues where it stopped, data iterator included);
   2. an explicit `train.resume_from` path (a checkpoints dir or a step dir);
   3. the pretrained init inside `Task.init_params` (e.g. MiniLM weights, the
-     phase-1 Q-Former, the frozen LLM);
+     phase-1 Q-Former) and `Task.load_params` (the frozen LLM);
   4. scratch (the rest of `Task.init_params`).
+
+Params are created on the mesh (`init_on_mesh`): `Task.init_params` runs
+once under `jax.jit` with the output shardings its abstract shapes
+(`jax.eval_shape`) call for, and `Task.load_params` reads large pretrained
+parts shard by shard onto their devices, so no host holds a whole sharded
+model.
 """
 
 import dataclasses
@@ -59,7 +65,13 @@ class Task:
   Attributes:
     name: phase name; outputs go to `WORKDIR/<name>/`.
     init_params: rng -> params (arrays or flax logically-partitioned boxes).
-      Loads pretrained parts itself; runs on the host, once.
+      Traced under jit (`init_on_mesh`), so it must be traceable: weights
+      it reads with numpy become constants of that program (keep them
+      small); checkpoints (orbax) belong in `load_params`.
+    load_params: optional (mesh, config.mesh) -> params read from files:
+      arrays laid out on the mesh already (a large frozen LLM read shard by
+      shard) or host arrays, which the trainer places. Joined with
+      init_params' tree at the top level.
     loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics).
       Traced under jit with the global batch.
     train_iterator: a grain DatasetIterator (next/get_state/set_state) that
@@ -72,6 +84,7 @@ class Task:
   loss_fn: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict]]
   train_iterator: Any
   evaluators: Sequence[Any] = ()
+  load_params: Callable[[Mesh, ml_collections.ConfigDict], Params] | None = None
 
 
 @dataclasses.dataclass
@@ -80,6 +93,52 @@ class TrainResult:
   step: int
   metrics: dict[str, float]  # final evaluation, "<split>/<name>" keys
   wall_time_s: float
+
+
+def init_on_mesh(
+  task: Task, rng: jax.Array, mesh: Mesh, mesh_config: ml_collections.ConfigDict
+) -> Params:
+  """The task's params, created directly in their shardings on `mesh`.
+
+  `task.init_params` is traced once for its abstract shapes
+  (`jax.eval_shape`), which give each leaf its sharding
+  (`sharding.param_shardings`), then runs under `jax.jit` with those
+  `out_shardings`: every device computes only its own shards. Of what
+  `task.load_params` returns, arrays already laid out over the whole mesh
+  (e.g. read shard by shard) are kept as they are; the rest (host arrays,
+  arrays on one device) are placed by `sharding.param_shardings`.
+
+  Raises:
+    ValueError: init_params and load_params return the same top-level key.
+  """
+  abstract = jax.eval_shape(task.init_params, rng)
+  shardings = sharding.param_shardings(abstract, mesh, mesh_config)
+  params = jax.jit(
+    lambda key: tree_utils.unbox(task.init_params(key)),
+    out_shardings=shardings,
+  )(rng)
+  if task.load_params is None:
+    return params
+  loaded = task.load_params(mesh, mesh_config)
+  both = sorted(set(params) & set(loaded))
+  if both:
+    raise ValueError(
+      f"{task.name}: init_params and load_params both return {both}; each "
+      "top-level part comes from one of them."
+    )
+  devices = set(mesh.devices.flat)
+
+  def place(x, where):
+    if isinstance(x, jax.Array) and set(x.sharding.device_set) == devices:
+      return x
+    return jax.device_put(x, where)
+
+  loaded = jax.tree.map(
+    place,
+    tree_utils.unbox(loaded),
+    sharding.param_shardings(loaded, mesh, mesh_config),
+  )
+  return {**params, **loaded}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -388,10 +447,7 @@ def train(
   init_rng, step_rng = jax.random.split(jax.random.key(seed))
 
   # --- Model and optimizer.
-  boxed_params = task.init_params(init_rng)
-  param_shardings = sharding.param_shardings(boxed_params, mesh, mesh_config)
-  params = jax.device_put(tree_utils.unbox(boxed_params), param_shardings)
-  del boxed_params
+  params = init_on_mesh(task, init_rng, mesh, mesh_config)
   tx, frozen_mask, schedule = optim.make(
     phase_config.optim, params, total_steps
   )

@@ -42,13 +42,14 @@ def _qformer_config(num_queries=2):
   return config
 
 
-def _model(adapter, tokens=2):
+def _model(adapter, tokens=2, **fields):
   model_config = ml_collections.ConfigDict(
     dict(
       adapter=adapter,
       tokens_per_entity=tokens,
       max_target_tokens=4,
       mlp_hidden_dim=8,
+      **fields,
     )
   )
   return ilm.build(model_config, LLM, _qformer_config(tokens))
@@ -277,3 +278,25 @@ def test_per_task_answer_sums_split_the_loss_by_task():
   )
   total = sum(float(metrics[f"answer_nll_sum/{t}"]) for t in ilm_tasks.TASKS)
   np.testing.assert_allclose(total / 3, float(loss), rtol=1e-6)
+
+
+def test_soft_token_norm_llm_rescales_to_the_mean_token_norm_and_trains():
+  plain, scaled = _model("mlp"), _model("mlp", soft_token_norm="llm")
+  params = _params(plain)
+  batch = _batch()
+  kind, index = batch["entity_kind"], batch["entity_index"]
+  before = np.asarray(plain.soft_tokens(params, kind, index))
+  after = np.asarray(scaled.soft_tokens(params, kind, index))
+  table = np.asarray(params["llm"]["embedding"], np.float64)
+  target = np.linalg.norm(table, axis=-1).mean()
+  # Same directions as projected, every token at the LLM's mean norm.
+  np.testing.assert_allclose(
+    np.linalg.norm(after, axis=-1), np.full(after.shape[:-1], target), 1e-5
+  )
+  unit = before / np.linalg.norm(before, axis=-1, keepdims=True)
+  np.testing.assert_allclose(after, unit * target, rtol=1e-4, atol=1e-6)
+  # The projector still gets a gradient through the rescaling.
+  grads = jax.grad(lambda p: scaled.loss(p, batch, None)[0])(params)
+  assert np.abs(np.asarray(grads["proj"]["out"]["kernel"])).sum() > 0
+  with pytest.raises(ValueError, match="soft_token_norm='unit'"):
+    _model("mlp", soft_token_norm="unit")

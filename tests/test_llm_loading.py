@@ -10,6 +10,7 @@ import json
 
 import gguf
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tokenizers
@@ -331,3 +332,53 @@ def test_sharded_loading_reads_per_device_blocks_and_equals_host_loading(
     forward(llm.Llama(config), host, *batch(64)),
     atol=1e-5,
   )
+
+
+def test_load_from_config_on_a_mesh_never_loads_an_hf_dir_whole(
+  tmp_path, monkeypatch
+):
+  cfg = transformers.LlamaConfig(**TINY_LLAMA3, attn_implementation="eager")
+  randomize(transformers.LlamaForCausalLM(cfg), seed=6).save_pretrained(
+    tmp_path, max_shard_size="20KB"
+  )
+  _, host, _ = llm_loading.load_hf_dir(tmp_path)
+  llm_config = ml_collections.ConfigDict(
+    dict(
+      checkpoint=str(tmp_path),
+      dtype="float32",
+      param_dtype="float32",
+      remat=True,
+      frozen_matmul="xla",
+    )
+  )
+
+  def whole(*args, **kwargs):
+    raise AssertionError("the whole-model loader ran")
+
+  monkeypatch.setattr(llm_loading, "load_hf_dir", whole)
+  mesh = jax.make_mesh(
+    (1, 2, 2),
+    ("data", "fsdp", "model"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=jax.devices()[:4],
+  )
+  rules = common.mesh_config().logical_axis_rules
+  config, params, tokenizer = llm_loading.load_from_config(
+    llm_config, mesh, rules
+  )
+  assert tokenizer is None  # the random model was saved without one
+  assert llm_loading.load_tokenizer(str(tmp_path)) is None
+  # The settings of the config reach the model; the rest is the file's.
+  assert config.remat and config.frozen_matmul == "xla"
+  assert config == llm_loading.config_from(llm_config)
+  assert tuple(params["layers"]["up"].sharding.spec) == (
+    None,
+    "fsdp",
+    "model",
+  )
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(params),
+    jax.tree.leaves(host),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), str(path))

@@ -297,7 +297,7 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
 # --- The results tables of the eval phase.
 
 
-def _write_row(workdir, prefix, user_ids, hits, ndcg, phase2=True):
+def _write_row(workdir, prefix, user_ids, hits, ndcg, phase2=True, **more):
   names = (
     ("sequential/seen/hr@10", "sequential/seen/ndcg@10")
     if phase2
@@ -305,6 +305,9 @@ def _write_row(workdir, prefix, user_ids, hits, ndcg, phase2=True):
   )
   per_user = {"user_ids": np.asarray(user_ids)}
   per_user[names[0]], per_user[names[1]] = np.asarray(hits), np.asarray(ndcg)
+  for name, column in more.items():  # other per-user columns
+    per_user[name.replace("__", "/")] = np.asarray(column)
+    names += (name.replace("__", "/"),)
   scalars = {n: float(np.mean(per_user[n])) for n in names}
   scalars["users"] = float(len(user_ids))
   metric_writer.write_metrics(
@@ -317,7 +320,14 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   # 0-19 only and hits 0 and 2-18.
   users = np.arange(30)
   ilm_hits = (users < 10).astype(float)
-  _write_row(tmp_path, "ilm", users, ilm_hits, ilm_hits * 0.5)
+  _write_row(
+    tmp_path,
+    "ilm",
+    users,
+    ilm_hits,
+    ilm_hits * 0.5,
+    sequential__target_nll_gain=users * 0.01,  # mean 0.145
+  )
   mlp_users = np.arange(20)
   mlp_hits = ((mlp_users == 0) | (mlp_users >= 2)).astype(float)
   mlp_hits[19] = 0.0
@@ -337,6 +347,11 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   )
   assert f"| 30 | 0.3333 [{low:.4f}, {high:.4f}] |" in ilm_line
   assert ilm_line.split(" | ")[-2] == "yes"  # per-user results
+  gain_low, gain_high = ilm["sequential/target_nll_gain_ci95"]
+  assert gain_low < 0.145 < gain_high
+  assert ilm_line.split(" | ")[-3] == (
+    f"0.1450 [{gain_low:.4f}, {gain_high:.4f}]"
+  )
   popularity = next(
     line for line in table.splitlines() if line.startswith("| Popularity")
   )

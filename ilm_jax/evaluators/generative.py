@@ -18,6 +18,15 @@ template index is the user's position in that permutation).
 `generative_ranking` also yields (metric_writer.PER_USER, block): per user,
 every HR/NDCG averaged above and `<task>/<which>/rank`, the target's 0-based
 position in the beam list (the list's length when it is absent).
+
+`shuffled_entities`: does the model use *which* items and user its prompt
+holds? The target title's negative log-likelihood (nats per answer token,
+teacher forcing) of each user's seen-template prompt, once as is and once
+with every soft-token entity swapped for a random one of the same kind
+(seeded); `<task>/target_nll_gain` = shuffled - true, per user. A gain
+near 0 says the adapter passes no usable identity (it may still teach the
+LLM what a title looks like); a counterfactual probe of our own, not one of
+the paper's metrics.
 """
 
 import functools
@@ -31,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from ilm_jax import decoding, metric_writer, metrics, progress, resources
-from ilm_jax.data import pipeline
+from ilm_jax.data import pipeline, prompts
 from ilm_jax.evaluators import registry
 from ilm_jax.models import bert
 
@@ -350,3 +359,58 @@ class DescriptionEvaluator(_PromptEvaluator):
         generated[0],
       )
     yield "items", len(self.items)
+
+
+@registry.register("shuffled_entities")
+class ShuffledEntitiesEvaluator(_PromptEvaluator):
+  """Target-title NLL with the prompt's true vs randomly swapped entities."""
+
+  def __init__(self, name, config, **context):
+    super().__init__(name, config, **context)
+    self.users = _subset(
+      self.dataset.num_users, config.get("num_users", 0), self.seed
+    )
+    self._log_likelihood = jax.jit(self.model.answer_log_likelihood)
+
+  def _swapped(self, batch, rng):
+    """The batch with each entity replaced by a random one of its kind."""
+    kind = batch["entity_kind"]
+    items = rng.integers(0, self.dataset.num_items, kind.shape)
+    users = rng.integers(0, self.dataset.num_users, kind.shape)
+    index = np.where(kind == prompts.USER, users, items).astype(np.int32)
+    return dict(batch, entity_index=index)
+
+  def _nll_per_token(self, params, batch, real):
+    log_probs, mask, _, _ = self._log_likelihood(params, batch)
+    nll = -np.asarray(log_probs, np.float64)[:real].sum(axis=1)
+    return nll / np.maximum(np.asarray(mask)[:real].sum(axis=1), 1)
+
+  def run(self, params):
+    per_user = {"user_ids": np.asarray(self.users)}
+    rng = np.random.default_rng(self.seed)
+    for task in self.config["tasks"]:
+      requests = [
+        self.sampler.evaluation_request(
+          task, int(u), self.split, False, template_index=i
+        )
+        for i, u in enumerate(self.users)
+      ]
+      true, shuffled = [], []
+      for real, batch in self._batches(
+        requests, with_target=True, what=f"{self.name} {task} users"
+      ):
+        true.append(self._nll_per_token(params, batch, real))
+        swapped = self._swapped(batch, rng)
+        shuffled.append(self._nll_per_token(params, swapped, real))
+      columns = {
+        f"{task}/target_nll": np.concatenate(true),
+        f"{task}/target_nll_shuffled": np.concatenate(shuffled),
+      }
+      columns[f"{task}/target_nll_gain"] = (
+        columns[f"{task}/target_nll_shuffled"] - columns[f"{task}/target_nll"]
+      )
+      for metric, column in columns.items():
+        per_user[metric] = column
+        yield metric, float(np.mean(column))
+    yield "shuffled_entities/users", len(self.users)
+    yield metric_writer.PER_USER, per_user

@@ -12,6 +12,11 @@ soft token through a linear projector), "mlp" (CoLLM-style MLP from the raw
 CF vector to `tokens_per_entity` soft tokens), "prompt" (text-only: titles
 as text and `tokens_per_entity` learned prompt tokens at the start of the
 request, prompt tuning with no CF input), "none" (the zero-shot LLM).
+
+`soft_token_norm="llm"` rescales every soft token to the mean L2 norm of
+the frozen LLM's token embeddings (a departure from the paper, whose
+projector output goes in as is: there, phase 2 grew the soft tokens to
+five times that norm, docs/results/ilm.md).
 """
 
 import dataclasses
@@ -26,6 +31,7 @@ from ilm_jax.models import llm, projector, qformer
 
 ADAPTERS = ("qformer", "mlp", "prompt", "none")
 ADAPTER_PARTS = ("qformer", "proj", "prompt")  # what training changes
+SOFT_TOKEN_NORMS = ("", "llm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,7 @@ class IlmModel:
   projector: nn.Module | None
   tokens_per_entity: int
   max_target_tokens: int  # answer tokens scored per example (loss, ppl)
+  soft_token_norm: str = ""  # "" as projected; "llm": the LLM's token norm
 
   def soft_tokens(self, params, entity_kind, entity_index, rng=None):
     """Soft tokens of entities: [B, E] -> [B, E, tokens_per_entity, D]."""
@@ -60,6 +67,12 @@ class IlmModel:
       soft = self.projector.apply({"params": params["proj"]}, queries)
     else:
       soft = self.projector.apply({"params": params["proj"]}, flat)
+    if self.soft_token_norm == "llm":
+      squared = jnp.sum(jnp.square(soft), axis=-1, keepdims=True)
+      soft = soft * (
+        _mean_token_norm(params["llm"]["embedding"])
+        * jax.lax.rsqrt(squared + 1e-12)
+      )
     return soft.reshape(entity_index.shape + soft.shape[-2:])
 
   def input_embeddings(self, params, batch, rng=None):
@@ -140,6 +153,12 @@ class IlmModel:
     return loss, metrics
 
 
+def _mean_token_norm(embedding: jax.Array) -> jax.Array:
+  """Mean L2 norm of the rows of a [V, D] token-embedding table (f32)."""
+  rows = embedding.astype(jnp.float32)
+  return jax.lax.stop_gradient(jnp.mean(jnp.linalg.norm(rows, axis=-1)))
+
+
 def build(
   model_config, llm_config: llm.LlamaConfig, qformer_config=None
 ) -> IlmModel:
@@ -147,7 +166,7 @@ def build(
 
   Args:
     model_config: adapter, tokens_per_entity, max_target_tokens,
-      mlp_hidden_dim.
+      mlp_hidden_dim, soft_token_norm.
     llm_config: the frozen LLM's architecture (from its checkpoint).
     qformer_config: the Q-Former config (adapter "qformer" only).
   """
@@ -155,6 +174,13 @@ def build(
   if adapter not in ADAPTERS:
     raise ValueError(
       f"ilm.model.adapter={adapter!r}; expected one of {ADAPTERS}."
+    )
+  # Exports written before the field existed read as "" (as projected).
+  soft_token_norm = model_config.get("soft_token_norm", "")
+  if soft_token_norm not in SOFT_TOKEN_NORMS:
+    raise ValueError(
+      f"ilm.model.soft_token_norm={soft_token_norm!r}; expected one of "
+      f"{SOFT_TOKEN_NORMS}."
     )
   qformer_module, proj = None, None
   if adapter == "qformer":
@@ -179,6 +205,7 @@ def build(
     projector=proj,
     tokens_per_entity=model_config.tokens_per_entity,
     max_target_tokens=model_config.max_target_tokens,
+    soft_token_norm=soft_token_norm,
   )
 
 

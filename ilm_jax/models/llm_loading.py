@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 from absl import logging
+from jax.sharding import PartitionSpec
 
 from ilm_jax import resources
 from ilm_jax.models import llm, llm_tokenizer
@@ -133,6 +134,16 @@ def _known_dir(name: str) -> pathlib.Path:
   return path
 
 
+def _checkpoint_path(spec: str) -> pathlib.Path:
+  """The file or directory a checkpoint spec names (see `load_pretrained`)."""
+  if spec in EMBEDDED:
+    (path,) = resources.fetch(EMBEDDED[spec]).values()
+    return pathlib.Path(path)
+  if spec in KNOWN_HF:
+    return _known_dir(spec)
+  return pathlib.Path(spec)
+
+
 def architecture(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
   """The `llm.LlamaConfig` of a checkpoint spec, reading no weights.
 
@@ -147,14 +158,24 @@ def architecture(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
   dtypes = dict(dtype=dtype, param_dtype=param_dtype)
   if spec in KNOWN_HF:
     return _hf_config(KNOWN_HF[spec], **dtypes)
-  if spec in EMBEDDED:
-    (path,) = resources.fetch(EMBEDDED[spec]).values()
-  else:
-    path = pathlib.Path(spec)
-  path = pathlib.Path(path)
+  path = _checkpoint_path(spec)
   if path.is_dir():
     return _hf_config(json.loads((path / "config.json").read_text()), **dtypes)
   return _gguf_config(_GGUFReader(path), **dtypes)
+
+
+def load_tokenizer(spec: str):
+  """The tokenizer of a checkpoint spec, reading no weights.
+
+  Returns:
+    an `LlmTokenizer`, or None for an HF directory without tokenizer.json.
+  """
+  path = _checkpoint_path(spec)
+  if not path.is_dir():
+    return llm_tokenizer.LlmTokenizer.from_gguf(_GGUFReader(path))
+  if (path / "tokenizer.json").exists():
+    return llm_tokenizer.LlmTokenizer.from_hf_dir(path)
+  return None
 
 
 def _stack_layers(per_layer: list[dict]) -> dict:
@@ -518,13 +539,8 @@ def load_pretrained(spec: str, dtype=jnp.float32, param_dtype=jnp.float32):
   Returns:
     (config, params, tokenizer).
   """
-  if spec in EMBEDDED:
-    (path,) = resources.fetch(EMBEDDED[spec]).values()
-  elif spec in KNOWN_HF:
-    path = _known_dir(spec)
-  else:
-    path = pathlib.Path(spec)
-  if pathlib.Path(path).is_dir():
+  path = _checkpoint_path(spec)
+  if path.is_dir():
     return load_hf_dir(path, dtype, param_dtype)
   return load_gguf(path, dtype, param_dtype)
 
@@ -701,8 +717,8 @@ def load_hf_dir_sharded(
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_from_config(llm_config):
-  """(LlamaConfig, params, tokenizer) of the frozen LLM of `config.ilm.llm`.
+def config_from(llm_config) -> llm.LlamaConfig:
+  """The `LlamaConfig` that `config.ilm.llm` describes, reading no weights.
 
   Args:
     llm_config: `checkpoint` (see `load_pretrained`), `dtype` and
@@ -718,11 +734,6 @@ def load_from_config(llm_config):
         f"ilm.llm.{field}={llm_config[field]!r}; expected one "
         f"of {sorted(_DTYPES)}."
       )
-  config, params, tokenizer = load_pretrained(
-    llm_config.checkpoint,
-    dtype=_DTYPES[llm_config.dtype],
-    param_dtype=_DTYPES[llm_config.param_dtype],
-  )
   # Recompute layers in the backward pass (large LLMs on accelerators).
   # Exports written before the field existed read as False.
   remat = bool(llm_config.get("remat", False))
@@ -732,8 +743,48 @@ def load_from_config(llm_config):
       f"ilm.llm.frozen_matmul={frozen_matmul!r}; expected one of "
       f"{llm.FROZEN_MATMULS} (None or '': ordinary matmuls)."
     )
-  return (
-    config.replace(remat=remat, frozen_matmul=frozen_matmul),
-    params,
-    tokenizer,
+  config = architecture(
+    llm_config.checkpoint,
+    dtype=_DTYPES[llm_config.dtype],
+    param_dtype=_DTYPES[llm_config.param_dtype],
   )
+  return config.replace(remat=remat, frozen_matmul=frozen_matmul)
+
+
+def load_from_config(llm_config, mesh=None, rules=()):
+  """(LlamaConfig, params, tokenizer) of the frozen LLM of `config.ilm.llm`.
+
+  Args:
+    llm_config: as for `config_from`.
+    mesh: if given, the params come back laid out on it by their logical
+      axes (`llm.logical_partition_specs`, `rules`). From an HF directory
+      each device reads only its own block (`load_hf_dir_sharded`), so the
+      whole LLM is never on the host; a GGUF file is dequantised whole
+      first (the embedded SmolLM2 is small).
+    rules: logical axis rules (`config.mesh.logical_axis_rules`).
+
+  Raises:
+    ValueError: an unknown dtype or frozen_matmul.
+  """
+  wanted = config_from(llm_config)
+  dtypes = dict(dtype=wanted.dtype, param_dtype=wanted.param_dtype)
+  path = _checkpoint_path(llm_config.checkpoint)
+  rules = [tuple(r) for r in rules]
+  if mesh is not None and path.is_dir():
+    config, params, tokenizer = load_hf_dir_sharded(path, mesh, rules, **dtypes)
+  else:
+    config, params, tokenizer = load_pretrained(llm_config.checkpoint, **dtypes)
+    if mesh is not None:
+      import flax.linen as nn  # noqa: PLC0415 (only this loader needs flax)
+      import jax  # noqa: PLC0415
+
+      shardings = jax.tree.map(
+        lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules),
+        llm.logical_partition_specs(config),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+      )
+      params = jax.device_put(params, shardings)
+  config = config.replace(
+    remat=wanted.remat, frozen_matmul=wanted.frozen_matmul
+  )
+  return config, params, tokenizer

@@ -4,8 +4,9 @@ Reads `WORKDIR/metrics/<name>_test.json` for every ILM variant and phase-0
 model that ran, and `WORKDIR/phases.json` for wall times, and writes
 `WORKDIR/results.md`:
   - one row per metrics file: users, HR@10 / NDCG@10 with their 95%
-    intervals (from the file: Wilson for HR, bootstrap for NDCG), HR@5 / NDCG@5, semantic
-    consistency, wall time; rows whose file has no per-user results (older
+    intervals (from the file: Wilson for HR, bootstrap for NDCG), HR@5 /
+    NDCG@5, semantic consistency, the target-title NLL gain of true over
+    shuffled entities (`shuffled_entities`, nats per token), wall time; rows whose file has no per-user results (older
     runs) print with "no" in the per-user column and no intervals;
   - ILM against every other row, on the users both evaluated: exact
     McNemar test on the HR@10 hits and a paired bootstrap test of NDCG@10;
@@ -126,6 +127,7 @@ def results_table(workdir: pathlib.Path) -> str:
       "seen hr@5",
       "seen ndcg@5",
       "semantic consistency (seen)",
+      "target NLL gain, shuffled entities [95% CI]",
       "per-user",
       "phase wall time (s)",
     ]
@@ -157,6 +159,7 @@ def results_table(workdir: pathlib.Path) -> str:
       + at5
       + [
         _cell(consistency),
+        _interval_cell(values, "sequential/target_nll_gain"),
         "yes" if metric_writer.PER_USER in values else "no",
         "–" if wall is None else f"{wall:.0f}",
       ]

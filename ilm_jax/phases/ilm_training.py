@@ -21,28 +21,15 @@ the `export` phase bundles with the config and item index.
 import dataclasses
 import pathlib
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from ilm_jax import checkpoint, data, layout, train
 from ilm_jax.data import ilm_tasks, pipeline, prompts
 from ilm_jax.evaluators import registry
-from ilm_jax.models import ilm, llm, llm_loading, qformer
-
-
-def _logically_partitioned(llm_config, llm_params):
-  """Boxes the LLM params with their logical axis names for sharding."""
-  specs = llm.logical_partition_specs(llm_config)
-  return jax.tree.map(
-    lambda p, s: nn.LogicallyPartitioned(p, tuple(s)),
-    llm_params,
-    specs,
-    is_leaf=lambda x: isinstance(x, PartitionSpec),
-  )
+from ilm_jax.models import ilm, llm_loading, qformer
 
 
 def load_qformer(config, workdir: pathlib.Path, rng):
@@ -86,9 +73,10 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
   workdir = pathlib.Path(workdir).absolute()
   ilm_config = config.ilm
   dataset = data.load_dataset(config.data)
-  llm_config, llm_params, tokenizer = llm_loading.load_from_config(
-    ilm_config.llm
-  )
+  # Architecture and tokenizer now; the weights are read onto the mesh by
+  # `load_params` (shard by shard from an HF directory).
+  llm_config = llm_loading.config_from(ilm_config.llm)
+  tokenizer = llm_loading.load_tokenizer(ilm_config.llm.checkpoint)
   logging.info(
     "Frozen LLM %s: %d layers, d=%d, vocab %d.",
     ilm_config.llm.checkpoint,
@@ -108,18 +96,25 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
   sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
 
   def init_params(rng):
+    # Random parts only (traced under jit); files are read in load_params.
     qformer_rng, proj_rng = jax.random.split(rng)
-    params = dict(
-      cf=dict(items=jnp.asarray(item_table), users=jnp.asarray(user_table)),
-      llm=_logically_partitioned(llm_config, llm_params),
-    )
-    if ilm_config.model.adapter == "qformer":
+    params = {}
+    if model.adapter == "qformer" and ilm_config.model.qformer_init != "phase1":
       params["qformer"] = load_qformer(config, workdir, qformer_rng)
     adapter = ilm.init_adapter(
       model, proj_rng, item_table.shape[1], config.qformer.model.hidden_size
     )
     if adapter:
       params["prompt" if model.adapter == "prompt" else "proj"] = adapter
+    return params
+
+  def load_params(mesh, mesh_config):
+    params = dict(cf=dict(items=item_table, users=user_table))
+    if model.adapter == "qformer" and ilm_config.model.qformer_init == "phase1":
+      params["qformer"] = load_qformer(config, workdir, None)
+    _, params["llm"], _ = llm_loading.load_from_config(
+      ilm_config.llm, mesh, mesh_config.logical_axis_rules
+    )
     return params
 
   one_task = ilm_config.data.one_task_batches
@@ -149,6 +144,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
   task = train.Task(
     name=layout.phase_name(config, "ilm"),
     init_params=init_params,
+    load_params=load_params,
     loss_fn=model.loss,
     train_iterator=iterator,
     evaluators=evaluators,
