@@ -53,6 +53,7 @@ from ilm_jax import metric_writer  # noqa: E402
 # (label, series key): runs are ilm.variant=<key>_s<steps>.
 SERIES = (
   ("ILM (Q-Former)", "curve_ilm"),
+  ("ILM, soft tokens at the LLM's token norm", "curve_ilmnorm"),
   ("MLP projector (CoLLM-style)", "curve_mlp"),
   ("Text-only", "curve_textonly"),
   ("ILM-rand (no phase 1)", "curve_rand"),
@@ -61,12 +62,17 @@ REFERENCES = (
   ("SASRec", "sasrec"),
   ("Zero-shot LLM", "ilm_zeroshot"),
 )
-# (metric, templates) per panel, row by row.
+# (metric, templates) per panel, row by row. GAIN is the shuffled-entities
+# probe (evaluators/generative.py): target-title NLL with swapped soft-token
+# entities minus with the true ones, nats per token; its "templates" are
+# the seen ones.
+GAIN = "target_nll_gain"
 PANELS = (
   ("hr@10", "seen"),
   ("hr@10", "unseen"),
   ("ndcg@10", "seen"),
   ("ndcg@10", "unseen"),
+  (GAIN, "seen"),
 )
 
 
@@ -95,6 +101,8 @@ class Run:
 
 
 def _key(metric: str, templates: str) -> str:
+  if metric == GAIN:
+    return f"sequential/{GAIN}"
   return f"sequential/{templates}/{metric}"
 
 
@@ -144,7 +152,8 @@ def read_run(workdir: pathlib.Path, name: str, loss_key: str = "loss") -> Run:
     key = _key(metric, templates)
     interval = payload.get(key + metric_writer.INTERVAL_SUFFIX) or [None] * 2
     low, high = (np.nan if v is None else v for v in interval)
-    values[(metric, templates)] = (payload[key], low, high)
+    # Runs evaluated before the probe existed have no GAIN.
+    values[(metric, templates)] = (payload.get(key, np.nan), low, high)
   per_user = metric_writer.read_per_user(payload)
   batch_size = int(payload["train"]["batch_size"])
   loss_prompts, loss = training_loss(workdir, name, batch_size, loss_key)
@@ -218,11 +227,11 @@ def plot(
   between their 95% interval ends, x = training prompts (log scale). Loss
   panel: each run's logged loss against prompts seen.
   """
-  figure, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+  figure, axes = plt.subplots(2, 3, figsize=(15, 9), squeeze=False)
   colors = dict(
     zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False)
   )
-  panel_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]]
+  panel_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1], axes[1, 2]]
   for ax, panel in zip(panel_axes, PANELS, strict=True):
     for label, runs in curves.items():
       x = np.array([run.prompts for run in runs], np.float64)
@@ -239,8 +248,12 @@ def plot(
         )
     ax.set_xscale("log")
     ax.set_xlabel("training prompts")
-    ax.set_title(f"test {panel[0].upper()} ({panel[1]} templates)")
-    ax.set_ylim(bottom=0)
+    if panel[0] == GAIN:
+      ax.axhline(0.0, color="black", lw=0.8)
+      ax.set_title("target-title NLL, shuffled - true entities (nats/token)")
+    else:
+      ax.set_title(f"test {panel[0].upper()} ({panel[1]} templates)")
+      ax.set_ylim(bottom=0)
   loss_ax = axes[0, 2]
   for label, runs in curves.items():
     for run in runs:
@@ -250,14 +263,12 @@ def plot(
   loss_ax.set_xlabel("prompts seen")
   loss_ax.set_title("training loss (answer tokens)")
   users = sorted({run.users for runs in curves.values() for run in runs})
-  legend_ax = axes[1, 2]
-  legend_ax.axis("off")
   handles, labels = panel_axes[0].get_legend_handles_labels()
-  legend_ax.legend(handles, labels, loc="center")
-  legend_ax.set_title(
+  figure.legend(handles, labels, loc="lower center", ncol=3)
+  figure.suptitle(
     f"test users: {', '.join(map(str, users))}; bands: 95% intervals"
   )
-  figure.tight_layout()
+  figure.tight_layout(rect=(0, 0.08, 1, 0.97))
   out.parent.mkdir(parents=True, exist_ok=True)
   figure.savefig(out, dpi=100)
   return figure

@@ -170,8 +170,10 @@ def _json_number(value: float) -> float | None:
 
 
 def is_proportion(name: str) -> bool:
-  """Whether per-user values of metric `name` are hits (HR@k: 0 or 1)."""
-  return name.rsplit("/", 1)[-1].removeprefix("masked_").startswith("hr@")
+  """Whether per-user values of metric `name` are 0 or 1: hits (HR@k) or
+  shares (`share_*`), which get Wilson intervals."""
+  last = name.rsplit("/", 1)[-1].removeprefix("masked_")
+  return last.startswith(("hr@", "share_"))
 
 
 def _set_interval(payload: dict, name: str, values: np.ndarray) -> None:

@@ -8,6 +8,7 @@ import types
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from ilm_jax import metric_writer, metrics, stats, train
 from ilm_jax.evaluators import generative
@@ -274,6 +275,9 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
     True: np.array([[0, 1, 3], [3, 4, 6], [8, 9, 10]]),
   }
   evaluator._rank = lambda params, requests, what: lists["unseen" in what]
+  # Watched before the target, and the popular items.
+  evaluator._history_of = {5: np.array([0, 4]), 2: np.array([9]), 7: []}
+  evaluator._popular = np.array([3, 8])
   results = list(evaluator.run(params=None))
   scalars = {k: v for k, v in results if k != "per_user"}
   (block,) = [v for k, v in results if k == "per_user"]
@@ -292,6 +296,18 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
       assert np.mean(block[name], dtype=np.float64) == scalars[name]
   assert scalars["sequential/seen/hr@10"] == pytest.approx(2 / 3)
   assert scalars["users"] == 3
+  # First titles: seen 0, 3, 7; unseen 0, 3, 8.
+  for which, watched, popular in (
+    ("seen", [1, 0, 0], [0, 1, 0]),
+    ("unseen", [1, 0, 0], [0, 1, 1]),
+  ):
+    for metric, expected in (
+      ("share_top1_in_history", watched),
+      ("share_top1_popular", popular),
+    ):
+      name = f"sequential/{which}/{metric}"
+      np.testing.assert_array_equal(block[name], expected)
+      assert scalars[name] == pytest.approx(np.mean(expected))
 
 
 # --- The results tables of the eval phase.
@@ -327,6 +343,8 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
     ilm_hits,
     ilm_hits * 0.5,
     sequential__target_nll_gain=users * 0.01,  # mean 0.145
+    sequential__seen__share_top1_in_history=users < 3,  # 0.1
+    sequential__seen__share_top1_popular=users < 15,  # 0.5
   )
   mlp_users = np.arange(20)
   mlp_hits = ((mlp_users == 0) | (mlp_users >= 2)).astype(float)
@@ -349,9 +367,14 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   assert ilm_line.split(" | ")[-2] == "yes"  # per-user results
   gain_low, gain_high = ilm["sequential/target_nll_gain_ci95"]
   assert gain_low < 0.145 < gain_high
-  assert ilm_line.split(" | ")[-3] == (
+  assert ilm_line.split(" | ")[-4] == (
     f"0.1450 [{gain_low:.4f}, {gain_high:.4f}]"
   )
+  assert ilm_line.split(" | ")[-3] == "0.100 / 0.500"
+  # Shares are proportions: Wilson intervals, like HR.
+  low, high = ilm["sequential/seen/share_top1_popular_ci95"]
+  wilson = scipy.stats.binomtest(15, 30).proportion_ci(method="wilson")
+  assert (low, high) == pytest.approx((wilson.low, wilson.high))
   popularity = next(
     line for line in table.splitlines() if line.startswith("| Popularity")
   )

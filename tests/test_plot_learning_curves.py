@@ -30,7 +30,7 @@ def _write_run(workdir, name, steps, seed, log_steps):
     values = _hits(0.05 * np.log2(steps), seed + offset)
     if metric.startswith("ndcg"):
       values = values * 0.5
-    key = f"sequential/{templates}/{metric}"
+    key = plot_learning_curves._key(metric, templates)
     per_user[key] = values
     scalars[key] = float(values.mean())
   metric_writer.write_metrics(
@@ -103,7 +103,7 @@ def test_collect_reads_the_files_values(workdirs):
         ).read_text()
       )
       for metric, templates in plot_learning_curves.PANELS:
-        key = f"sequential/{templates}/{metric}"
+        key = plot_learning_curves._key(metric, templates)
         mean, low, high = run.values[(metric, templates)]
         assert mean == saved[key] == np.mean(written[run.name][key])
         assert [low, high] == saved[key + "_ci95"]
@@ -144,6 +144,12 @@ def test_plot_draws_the_collected_values_into_a_png(workdirs, tmp_path):
     _, low, high = run.values[("hr@10", "seen")]
     at_x = band[np.isclose(band[:, 0], run.prompts), 1]
     assert np.isclose(at_x, low).any() and np.isclose(at_x, high).any()
+  # The shuffled-entities panel plots each run's mean gain.
+  gain_lines = {ln.get_label(): ln for ln in figure.axes[5].get_lines()}
+  np.testing.assert_array_equal(
+    gain_lines["ILM (Q-Former)"].get_ydata(),
+    [r.values[(plot_learning_curves.GAIN, "seen")][0] for r in ilm],
+  )
   # The loss panel holds every run's logged losses.
   loss_lines = figure.axes[2].get_lines()
   assert len(loss_lines) == 5

@@ -17,7 +17,11 @@ users of the 500-user rows), and each user keeps its seen template (the
 template index is the user's position in that permutation).
 `generative_ranking` also yields (metric_writer.PER_USER, block): per user,
 every HR/NDCG averaged above and `<task>/<which>/rank`, the target's 0-based
-position in the beam list (the list's length when it is absent).
+position in the beam list (the list's length when it is absent). What the
+lists hold, per user and as means: `share_top1_in_history` (the first
+title is one the user already watched before the target: in ML-1M, never
+the answer) and `share_top1_popular` (it is one of the `POPULAR` items
+with the most training interactions: a popularity-like recommender).
 
 `shuffled_entities`: does the model use *which* items and user its prompt
 holds? The target title's negative log-likelihood (nats per answer token,
@@ -189,6 +193,22 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
       self.tokenizer, self.dataset.item_titles
     )
     self.num_beams = config.get("num_beams", 10)
+    split = self.dataset.leave_one_out(self.split)
+    self._history_of = dict(
+      zip(split.users.tolist(), split.histories(), strict=True)
+    )
+    training = self.dataset.leave_one_out("train")
+    counts = np.bincount(training.targets, minlength=self.dataset.num_items)
+    self._popular = np.argsort(-counts, kind="stable")[:POPULAR]
+
+  def list_contents(self, ranked, users) -> dict[str, np.ndarray]:
+    """Per user, whether the first title is watched before / popular."""
+    top1 = ranked[:, 0]
+    watched = [top1[n] in self._history_of[int(u)] for n, u in enumerate(users)]
+    return dict(
+      share_top1_in_history=np.asarray(watched, np.float64),
+      share_top1_popular=np.isin(top1, self._popular).astype(np.float64),
+    )
 
   def _rank(self, params, requests, what):
     ranked = []
@@ -231,6 +251,10 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
         per_user[f"{task}/{which}/rank"] = np.where(
           found.any(axis=1), found.argmax(axis=1), ranked.shape[1]
         )
+        for metric, column in self.list_contents(ranked, self.users).items():
+          name = f"{task}/{which}/{metric}"
+          per_user[name] = column
+          yield name, float(np.mean(column))
     yield "users", len(self.users)
     yield metric_writer.PER_USER, per_user
     # One prompt per user, task and template kind (seen, unseen).
@@ -239,6 +263,7 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
 
 
 _MAX_TEXT_TOKENS = 128  # MiniLM input length for semantic consistency
+POPULAR = 100  # items counted as popular by share_top1_popular
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,9 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
   - one row per metrics file: users, HR@10 / NDCG@10 with their 95%
     intervals (from the file: Wilson for HR, bootstrap for NDCG), HR@5 /
     NDCG@5, semantic consistency, the target-title NLL gain of true over
-    shuffled entities (`shuffled_entities`, nats per token), wall time; rows whose file has no per-user results (older
+    shuffled entities (`shuffled_entities`, nats per token), the shares of
+    first titles the user watched before and among the 100 most popular
+    items, wall time; rows whose file has no per-user results (older
     runs) print with "no" in the per-user column and no intervals;
   - ILM against every other row, on the users both evaluated: exact
     McNemar test on the HR@10 hits and a paired bootstrap test of NDCG@10;
@@ -80,6 +82,17 @@ def _interval_cell(values: dict, name: str) -> str:
   return f"{mean:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
 
 
+def _shares_cell(values: dict) -> str:
+  """ "watched / popular" shares of the first title, seen templates."""
+  watched, popular = (
+    values.get(f"sequential/seen/share_top1_{what}")
+    for what in ("in_history", "popular")
+  )
+  if watched is None or popular is None:
+    return "–"
+  return f"{watched:.3f} / {popular:.3f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -128,6 +141,7 @@ def results_table(workdir: pathlib.Path) -> str:
       "seen ndcg@5",
       "semantic consistency (seen)",
       "target NLL gain, shuffled entities [95% CI]",
+      "first title watched / popular (seen)",
       "per-user",
       "phase wall time (s)",
     ]
@@ -160,6 +174,7 @@ def results_table(workdir: pathlib.Path) -> str:
       + [
         _cell(consistency),
         _interval_cell(values, "sequential/target_nll_gain"),
+        _shares_cell(values),
         "yes" if metric_writer.PER_USER in values else "no",
         "–" if wall is None else f"{wall:.0f}",
       ]

@@ -1,4 +1,4 @@
-"""The shuffled-entities probe: target-title NLL with true vs swapped items."""
+"""Phase-2 evaluators: the shuffled-entities probe, what ranked lists hold."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 from configs import ml1m
 from ilm_jax import metric_writer, tree_utils
 from ilm_jax.data import ilm_tasks, prompts, sources
-from ilm_jax.evaluators import registry
+from ilm_jax.evaluators import generative, registry
 from ilm_jax.models import ilm, llm, llm_loading
 
 USERS = 6
@@ -155,3 +155,44 @@ def test_an_adapter_blind_to_entities_gains_nothing(context):
     per_user["sequential/target_nll"],
   )
   assert means["sequential/target_nll_gain"] == 0.0
+
+
+def test_list_contents_flag_watched_and_popular_first_titles(
+  context, monkeypatch
+):
+  monkeypatch.setattr(generative, "POPULAR", 5)  # of the 40 synthetic items
+  model, _ = _model_and_params(context, "mlp")
+  (evaluator,) = registry.from_config(
+    {"rank": dict(type="generative_ranking", split="test", num_users=3)},
+    model=model,
+    seed=0,
+    **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+  )
+  dataset = context["dataset"]
+  # Popularity by hand: training targets are items[1:-2] of each sequence.
+  counts = np.zeros(dataset.num_items, np.int64)
+  for user in range(dataset.num_users):
+    for item in dataset.sequence(user)[1:-2]:
+      counts[item] += 1
+  most, least = int(np.argmax(counts)), int(np.argmin(counts))
+  users = np.array([0, 1, 2])
+  watched = [int(dataset.sequence(u)[0]) for u in users]  # before the target
+  unseen = [
+    next(
+      i
+      for i in np.argsort(counts)
+      if i not in dataset.sequence(u)[:-1] and counts[i] == counts[least]
+    )
+    for u in users
+  ]
+  ranked = np.array([[watched[0], 1], [most, 1], [unseen[2], 1]])
+  contents = evaluator.list_contents(ranked, users)
+  np.testing.assert_array_equal(
+    contents["share_top1_in_history"],
+    [1.0, float(most in dataset.sequence(1)[:-1]), 0.0],
+  )
+  top5 = set(np.argsort(-counts, kind="stable")[:5].tolist())
+  assert least not in top5
+  np.testing.assert_array_equal(
+    contents["share_top1_popular"], [float(watched[0] in top5), 1.0, 0.0]
+  )
