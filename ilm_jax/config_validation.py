@@ -95,7 +95,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     phase = config.get(section)
     if phase is None or "optim" not in phase or "train" not in phase:
       continue
-    if phase.optim.warmup_steps > max(phase.train.steps, 0):
+    # No steps (evaluation only, e.g. the zero-shot row): no schedule runs.
+    steps = phase.train.steps
+    if steps > 0 and phase.optim.warmup_steps > steps:
       errors.append(
         f"config.{section}.optim.warmup_steps={phase.optim.warmup_steps}: "
         f"must be <= {section}.train.steps={phase.train.steps}."

@@ -185,6 +185,16 @@ def test_out_of_range_values_name_field_and_range():
   assert "config.ilm.variant='../mlp': must be lowercase letters" in message
 
 
+def test_warmup_longer_than_training_is_rejected_unless_nothing_trains():
+  config = ml1m.get_config("cpu")  # ilm warmup 16
+  config.ilm.train.steps = 10
+  with pytest.raises(config_validation.ConfigError, match=r"warmup_steps=16"):
+    config_validation.validate(config)
+  # The README's zero-shot row: --config.ilm.train.steps=0, evaluation only.
+  config.ilm.train.steps = 0
+  config_validation.validate(config)
+
+
 def test_tied_fields_must_agree():
   config = ml1m.get_config("cpu")
   config.qformer.model.num_queries = 8
