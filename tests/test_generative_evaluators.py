@@ -1,5 +1,7 @@
 """Phase-2 evaluators: the shuffled-entities probe, what ranked lists hold."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +12,8 @@ from configs import ml1m
 from ilm_jax import metric_writer, tree_utils
 from ilm_jax.data import ilm_tasks, prompts, sources
 from ilm_jax.evaluators import generative, registry
-from ilm_jax.models import ilm, llm, llm_loading
+from ilm_jax.models import ilm, llm_loading
+from tests import test_ilm_model
 
 USERS = 6
 
@@ -21,14 +24,9 @@ def context():
   dataset = sources.load_dataset(config.data)
   tokenizer = llm_loading.load_tokenizer(config.ilm.llm.checkpoint)
   sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
-  llm_config = llm.LlamaConfig(
-    vocab_size=tokenizer.vocab_size,
-    hidden_size=16,
-    intermediate_size=32,
-    num_layers=2,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=8,
+  # test_ilm_model's tiny random Llama, over the real tokenizer's vocabulary.
+  llm_config = dataclasses.replace(
+    test_ilm_model.LLM, vocab_size=tokenizer.vocab_size
   )
   return dict(
     config=config,

@@ -243,6 +243,26 @@ def test_gguf_llama_untied_roundtrip_matches_torch(tmp_path):
   with torch.no_grad():
     ref.lm_head.weight.copy_(ref.lm_head.weight.half().float())
   assert_same_logits(config, params, ref)
+  # On a mesh a GGUF file is dequantised whole, then laid out by the
+  # logical axes; the tokenizer alone reads no weights.
+  mesh = jax.make_mesh(
+    (1, 2, 2),
+    ("data", "fsdp", "model"),
+    axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    devices=jax.devices()[:4],
+  )
+  llm_config = ml_collections.ConfigDict(
+    dict(checkpoint=str(path), dtype="float32", param_dtype="float32")
+  )
+  _, placed, _ = llm_loading.load_from_config(
+    llm_config, mesh, common.mesh_config().logical_axis_rules
+  )
+  assert tuple(placed["layers"]["up"].sharding.spec) == (None, "fsdp", "model")
+  for a, b in zip(
+    jax.tree.leaves(placed), jax.tree.leaves(params), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert llm_loading.load_tokenizer(str(path)).eos_id == tokenizer.eos_id
 
 
 def test_tokenizer_from_hf_dir_matches_transformers(tmp_path):

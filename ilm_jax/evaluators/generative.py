@@ -180,15 +180,31 @@ class _PromptEvaluator:
     bar.done()
 
 
-@registry.register("generative_ranking")
-class GenerativeRankingEvaluator(_PromptEvaluator):
-  """HR/NDCG of trie-constrained beam search over all item titles."""
+class _UserPromptEvaluator(_PromptEvaluator):
+  """One prompt per user of a fixed, seeded subset (`num_users`; 0 = all)."""
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
     self.users = _subset(
       self.dataset.num_users, config.get("num_users", 0), self.seed
     )
+
+  def _requests(self, task, unseen):
+    """Each user's evaluation request; user n keeps seen template n."""
+    return [
+      self.sampler.evaluation_request(
+        task, int(u), self.split, unseen, template_index=i
+      )
+      for i, u in enumerate(self.users)
+    ]
+
+
+@registry.register("generative_ranking")
+class GenerativeRankingEvaluator(_UserPromptEvaluator):
+  """HR/NDCG of trie-constrained beam search over all item titles."""
+
+  def __init__(self, name, config, **context):
+    super().__init__(name, config, **context)
     self.trie, self.trie_report = build_title_trie(
       self.tokenizer, self.dataset.item_titles
     )
@@ -231,12 +247,7 @@ class GenerativeRankingEvaluator(_PromptEvaluator):
     per_user = {"user_ids": np.asarray(self.users)}
     for task in self.config["tasks"]:
       for unseen in (False, True):
-        requests = [
-          self.sampler.evaluation_request(
-            task, int(u), self.split, unseen, template_index=i
-          )
-          for i, u in enumerate(self.users)
-        ]
+        requests = self._requests(task, unseen)
         which = "unseen" if unseen else "seen"
         ranked = self._rank(
           params, requests, f"{self.name} {task}/{which} users"
@@ -387,14 +398,11 @@ class DescriptionEvaluator(_PromptEvaluator):
 
 
 @registry.register("shuffled_entities")
-class ShuffledEntitiesEvaluator(_PromptEvaluator):
+class ShuffledEntitiesEvaluator(_UserPromptEvaluator):
   """Target-title NLL with the prompt's true vs randomly swapped entities."""
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
-    self.users = _subset(
-      self.dataset.num_users, config.get("num_users", 0), self.seed
-    )
     self._log_likelihood = jax.jit(self.model.answer_log_likelihood)
 
   def _swapped(self, batch, rng):
@@ -414,12 +422,7 @@ class ShuffledEntitiesEvaluator(_PromptEvaluator):
     per_user = {"user_ids": np.asarray(self.users)}
     rng = np.random.default_rng(self.seed)
     for task in self.config["tasks"]:
-      requests = [
-        self.sampler.evaluation_request(
-          task, int(u), self.split, False, template_index=i
-        )
-        for i, u in enumerate(self.users)
-      ]
+      requests = self._requests(task, unseen=False)
       true, shuffled = [], []
       for real, batch in self._batches(
         requests, with_target=True, what=f"{self.name} {task} users"

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors
 from absl import logging
-from jax.sharding import PartitionSpec
 
 from ilm_jax import resources
 from ilm_jax.models import llm, llm_tokenizer
@@ -582,6 +581,15 @@ def _read_block(tensor, first_dims, second_dims, transpose, index):
   ]
 
 
+def _mesh_shardings(config: llm.LlamaConfig, mesh, rules):
+  """A NamedSharding per LLM param: its logical axes through `rules`."""
+  import flax.linen as nn  # noqa: PLC0415 (only the mesh loaders need flax)
+
+  return nn.logical_to_mesh_sharding(
+    llm.logical_partition_specs(config), mesh, rules
+  )
+
+
 def load_hf_dir_sharded(
   path: os.PathLike, mesh, rules, dtype=jnp.float32, param_dtype=jnp.float32
 ):
@@ -602,7 +610,6 @@ def load_hf_dir_sharded(
   Returns:
     (config, params on `mesh` laid out by `rules`, tokenizer or None).
   """
-  import flax.linen as nn  # noqa: PLC0415 (only this loader needs flax)
   import jax  # noqa: PLC0415
 
   path = pathlib.Path(path)
@@ -669,7 +676,7 @@ def load_hf_dir_sharded(
   if not config.tie_word_embeddings:
     sources[("lm_head",)] = ("lm_head.weight", (e,), (config.vocab_size,), True)
 
-  specs = llm.logical_partition_specs(config)
+  shardings = _mesh_shardings(config, mesh, rules)
 
   def build(key, source):
     names, first, second, transpose = source
@@ -696,10 +703,9 @@ def load_hf_dir_sharded(
       )
 
     shape = ((len(names),) if stacked else ()) + first + second
-    spec = specs
+    sharding = shardings
     for k in key:
-      spec = spec[k]
-    sharding = nn.logical_to_mesh_sharding(spec, mesh, rules)
+      sharding = sharding[k]
     return jax.make_array_from_callback(shape, sharding, callback)
 
   params = {}
@@ -775,15 +781,9 @@ def load_from_config(llm_config, mesh=None, rules=()):
   else:
     config, params, tokenizer = load_pretrained(llm_config.checkpoint, **dtypes)
     if mesh is not None:
-      import flax.linen as nn  # noqa: PLC0415 (only this loader needs flax)
       import jax  # noqa: PLC0415
 
-      shardings = jax.tree.map(
-        lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules),
-        llm.logical_partition_specs(config),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-      )
-      params = jax.device_put(params, shardings)
+      params = jax.device_put(params, _mesh_shardings(config, mesh, rules))
   config = config.replace(
     remat=wanted.remat, frozen_matmul=wanted.frozen_matmul
   )
