@@ -79,6 +79,11 @@ def optim_config(
       # Regexes over '/'-joined param paths: matching leaves are frozen
       # (no optimizer state, never updated; gradients still flow through).
       frozen=list(frozen),
+      # (regex, multiplier) pairs over the same paths: the first match
+      # scales that leaf's learning rate (and its decoupled weight decay).
+      # A tuple, so the command line can set it:
+      # --config.ilm.optim.lr_mults="(('qformer/.*', 0.1),)".
+      lr_mults=(),
     )
   )
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from ilm_jax import optim
+
 PHASES = ("cf", "qformer", "ilm", "eval", "export")
 
 
@@ -91,6 +93,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for pattern, check, allowed in _RULES:
       if re.fullmatch(pattern, name) and not check(value):
         errors.append(f"config.{name}={value!r}: must be {allowed}.")
+    if re.fullmatch(r"(.*\.)?optim\.lr_mults", name):
+      try:
+        optim.parse_lr_mults(value)
+      except ValueError as error:
+        errors.append(f"config.{name}: {error}")
   for section in ("cf", "qformer", "ilm"):
     phase = config.get(section)
     if phase is None or "optim" not in phase or "train" not in phase:

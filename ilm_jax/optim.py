@@ -6,9 +6,17 @@ into a trainable and a frozen half once, and only the trainable half is
 differentiated, updated by the optimizer (so frozen leaves hold no Adam
 moments) and saved in training checkpoints. The frozen half is an input of
 every step, never an output, so it stays bitwise equal to what was loaded.
+
+`config.<phase>.optim.lr_mults` scales the learning rate of parameter groups,
+as (regex, multiplier) pairs in the manner of big_vision's optax config: the
+first pattern that fully matches a leaf's path sets its multiplier, other
+leaves keep 1. The multiplier scales AdamW's whole update, so a group's
+decoupled weight decay scales with its learning rate, as with a PyTorch
+parameter group's `lr`.
 """
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -42,6 +50,92 @@ def learning_rate_schedule(
 
 def _matrices_only(params: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def parse_lr_mults(
+  lr_mults: tuple[tuple[str, float], ...],
+) -> list[tuple[re.Pattern, float]]:
+  """Compiles `optim.lr_mults` (regex, multiplier) pairs.
+
+  Raises:
+    ValueError: an entry is not a (regex, number >= 0) pair, or its regex
+      does not compile; the message shows the command-line form.
+  """
+  if isinstance(lr_mults, str) or not isinstance(lr_mults, tuple | list):
+    raise ValueError(
+      f"optim.lr_mults={lr_mults!r}: expected a tuple of (regex, multiplier"
+      " >= 0) pairs, e.g. --config.ilm.optim.lr_mults=\"(('qformer/.*', 0.1),)\"."
+    )
+  compiled = []
+  for entry in lr_mults:
+    if (
+      not isinstance(entry, tuple | list)
+      or len(entry) != 2
+      or not isinstance(entry[0], str)
+      or isinstance(entry[1], bool)
+      or not isinstance(entry[1], int | float)
+      or not entry[1] >= 0
+    ):
+      raise ValueError(
+        f"optim.lr_mults entry {entry!r}: expected a (regex, multiplier >= 0)"
+        " pair."
+      )
+    try:
+      compiled.append((re.compile(entry[0]), float(entry[1])))
+    except re.error as error:
+      raise ValueError(
+        f"optim.lr_mults regex {entry[0]!r} does not compile: {error}."
+      ) from error
+  return compiled
+
+
+def lr_multipliers(
+  paths: list[str], lr_mults: tuple[tuple[str, float], ...]
+) -> dict[str, float]:
+  """The learning-rate multiplier of each trainable path.
+
+  Args:
+    paths: '/'-joined parameter paths of the trainable leaves.
+    lr_mults: (regex, multiplier) pairs; the first fully matching regex wins.
+
+  Returns:
+    {path: multiplier}, 1.0 where no regex matches.
+
+  Raises:
+    ValueError: as `parse_lr_mults`, or a regex matches no trainable leaf (a
+      typo would otherwise train at the full rate unnoticed).
+  """
+  compiled = parse_lr_mults(lr_mults)
+  multipliers = {}
+  used = set()
+  for path in paths:
+    multipliers[path] = 1.0
+    for index, (pattern, multiplier) in enumerate(compiled):
+      if pattern.fullmatch(path):
+        multipliers[path] = multiplier
+        used.add(index)
+        break
+  for index, (pattern, _) in enumerate(compiled):
+    if index not in used:
+      raise ValueError(
+        f"optim.lr_mults regex {pattern.pattern!r} matches no trainable "
+        "parameter (trainable paths start with: "
+        f"{', '.join(sorted({p.split('/')[0] for p in paths}))})."
+      )
+  return multipliers
+
+
+def _scale_by_path(multipliers: dict[str, float]):
+  """Multiplies each leaf of a flat {path: update} dict by its multiplier."""
+
+  def update(updates, state, params=None):
+    del params
+    return {
+      path: u if multipliers[path] == 1.0 else u * multipliers[path]
+      for path, u in updates.items()
+    }, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def frozen_mask(params: Any, optim_config: ml_collections.ConfigDict) -> Any:
@@ -126,4 +220,13 @@ def make(
       mask=_matrices_only,
     )
   )
+  lr_mults = tuple(optim_config.get("lr_mults", ()))
+  if lr_mults:
+    partition = Partition.from_mask(mask)
+    paths = [
+      path
+      for path, is_frozen in zip(partition.paths, partition.frozen, strict=True)
+      if not is_frozen
+    ]
+    chain.append(_scale_by_path(lr_multipliers(paths, lr_mults)))
   return optax.chain(*chain), mask, schedule

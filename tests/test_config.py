@@ -174,6 +174,8 @@ def test_out_of_range_values_name_field_and_range():
   config.cf.train.batch_size = -4
   config.data.max_history = 0
   config.ilm.variant = "../mlp"
+  # What the command line makes of --config.ilm.optim.lr_mults=qformer/.*=0.1
+  config.ilm.optim.lr_mults = ("qformer/.*=0.1",)
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config)
   message = str(error.value)
@@ -183,6 +185,10 @@ def test_out_of_range_values_name_field_and_range():
   assert "config.cf.train.batch_size=-4: must be an integer >= 1" in message
   assert "config.data.max_history=0: must be an integer >= 1" in message
   assert "config.ilm.variant='../mlp': must be lowercase letters" in message
+  assert (
+    "config.ilm.optim.lr_mults: optim.lr_mults entry 'qformer/.*=0.1': "
+    "expected a (regex, multiplier >= 0) pair" in message
+  )
 
 
 def test_warmup_longer_than_training_is_rejected_unless_nothing_trains():

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import common
@@ -161,6 +162,67 @@ def test_partition_join_inverts_split():
     jax.tree.leaves(joined), jax.tree.leaves(params), strict=True
   ):
     assert a is b
+
+
+def test_lr_mults_match_separate_adamw_per_group():
+  # Independent reference: optax.multi_transform with one AdamW per group,
+  # the second at a tenth of the schedule; clipping off so groups do not
+  # share a global norm.
+  cfg = common.optim_config(
+    lr=1e-2, warmup_steps=2, weight_decay=0.1, frozen=["embed/.*"]
+  )
+  cfg.grad_clip_norm = 0.0
+  cfg.lr_mults = (("head/b", 0.0), ("head/.*", 0.1))
+  params = toy_task.init_params(jax.random.key(1))
+  tx, mask, schedule = optim.make(cfg, params, total_steps=5)
+  trainable, _ = optim.Partition.from_mask(mask).split(params)
+  assert sorted(trainable) == ["head/b", "head/w"]
+
+  def adamw(scale):
+    return optax.adamw(
+      lambda step: scale * schedule(step),
+      weight_decay=0.1,
+      mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
+    )
+
+  reference = optax.multi_transform(
+    {"tenth": adamw(0.1), "zero": adamw(0.0)},
+    {"head/w": "tenth", "head/b": "zero"},
+  )
+  state, ref_state = tx.init(trainable), reference.init(trainable)
+  ours, theirs = dict(trainable), dict(trainable)
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    grads = {
+      k: jnp.asarray(rng.normal(size=v.shape), v.dtype)
+      for k, v in trainable.items()
+    }
+    updates, state = tx.update(grads, state, ours)
+    ours = optax.apply_updates(ours, updates)
+    ref_updates, ref_state = reference.update(grads, ref_state, theirs)
+    theirs = optax.apply_updates(theirs, ref_updates)
+  for key in trainable:
+    np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+  # Multiplier 0 holds the bias, 0.1 moves the matrix.
+  np.testing.assert_array_equal(ours["head/b"], trainable["head/b"])
+  assert not np.allclose(ours["head/w"], trainable["head/w"])
+
+
+@pytest.mark.parametrize(
+  ("lr_mults", "message"),
+  [
+    ((("embed/.*", 0.1),), "matches no trainable parameter"),
+    ((("head/(", 0.1),), "does not compile"),
+    ((("head/.*", -1.0),), "multiplier >= 0"),
+    (("head/.*=0.1",), "pair"),
+  ],
+)
+def test_bad_lr_mults_are_named(lr_mults, message):
+  cfg = toy_task.config().toy.optim
+  cfg.lr_mults = lr_mults
+  # embed/.* is frozen in the toy config: a multiplier for it is a mistake.
+  with pytest.raises(ValueError, match=message):
+    optim.make(cfg, toy_task.init_params(jax.random.key(0)), 10)
 
 
 def test_itstime_every_nth_and_last_step():
