@@ -227,8 +227,10 @@ def base_config() -> ml_collections.ConfigDict:
       steps=20000, batch_size=64, log_every=10, checkpoint_every=50
     ),
     evals=dict(
+      # Each entry's `enabled=False` skips it for one run.
       rank=dict(
         type="generative_ranking",
+        enabled=True,
         split="test",
         # The results table reports sequential recommendation.
         tasks=("sequential", "straightforward"),
@@ -238,6 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
       ),
       describe=dict(
         type="description",
+        enabled=True,
         split="test",
         num_items=0,  # 0: all items
         max_new_tokens=48,
@@ -247,6 +250,7 @@ def base_config() -> ml_collections.ConfigDict:
       # does the adapter pass item identity at all?
       shuffle=dict(
         type="shuffled_entities",
+        enabled=True,
         split="test",
         tasks=("sequential",),
         num_users=0,  # 0: all users (the first of the rank subset's order)

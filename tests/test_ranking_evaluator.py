@@ -200,3 +200,14 @@ def test_per_user_results_add_up_to_the_means(dataset, ties):
   np.testing.assert_array_equal(block["m_rank"], expected)
   if ties != "expected":
     np.testing.assert_array_equal(block["m_hr@10"], expected < 10)
+
+
+def test_disabled_evaluators_are_skipped(dataset):
+  config = dict(type="ranking", split="test", batch_size=16)
+  evaluators = registry.from_config(
+    {"kept": config, "skipped": config | {"enabled": False}},
+    dataset=dataset,
+    score_fn=_index_order_scores,
+    mesh=_mesh(1),
+  )
+  assert [evaluator.name for evaluator in evaluators] == ["kept"]

@@ -57,10 +57,16 @@ def register(type_name: str):
 def from_config(
   evals_config: ml_collections.ConfigDict | Mapping, **context: Any
 ) -> list[Evaluator]:
-  """Builds every evaluator listed in a phase's `evals` config."""
+  """Builds every evaluator listed in a phase's `evals` config.
+
+  An entry with `enabled=False` is skipped (so one run can evaluate only
+  some of them: `--config.ilm.evals.rank.enabled=False`).
+  """
   _import_plugins()
   evaluators = []
   for name, cfg in evals_config.items():
+    if not cfg.get("enabled", True):
+      continue
     type_name = cfg["type"]
     if type_name not in _REGISTRY:
       raise ValueError(
