@@ -121,7 +121,25 @@ def _check_fits(where: str, saved: Any, target: Any) -> None:
     )
 
 
+def _under_trace(error: Exception) -> bool:
+  """Whether a restore failed because it ran inside a JAX trace."""
+  while error is not None:
+    if isinstance(error, jax.errors.JAXTypeError) or "Tracer" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def _read_error(where: str, error: Exception) -> CheckpointError:
+  if _under_trace(error):
+    # The files are fine: orbax builds concrete arrays, which a trace
+    # (jit, eval_shape, grad) cannot hold.
+    return CheckpointError(
+      f"Cannot read the checkpoint at {where} inside a JAX transformation "
+      "(jit / eval_shape / grad): orbax must read outside any trace. Read it "
+      "before tracing, e.g. in Task.load_params rather than Task.init_params "
+      f"({type(error).__name__}: {str(error)[:300]})."
+    )
   return CheckpointError(
     f"Cannot read the checkpoint at {where}: its files are incomplete or "
     f"corrupted ({type(error).__name__}: {str(error)[:500]}). Delete it or "

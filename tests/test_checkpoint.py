@@ -150,6 +150,19 @@ def test_unreadable_files_are_reported_as_such(tmp_path):
 
 
 @pytest.mark.slow
+def test_read_inside_a_trace_blames_the_caller_not_the_files(tmp_path):
+  checkpoint.save_params(tmp_path / "p", {"w": jnp.arange(3.0)})
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    jax.eval_shape(lambda: checkpoint.load_params(tmp_path / "p"))
+  message = str(error.value)
+  assert "inside a JAX transformation" in message
+  assert "corrupted" not in message
+  # The same files read outside the trace are fine.
+  np.testing.assert_array_equal(
+    checkpoint.load_params(tmp_path / "p")["w"], np.arange(3.0)
+  )
+
+
 def test_overwrite_killed_mid_write_keeps_the_previous_export(tmp_path):
   export = tmp_path / "export"
   checkpoint.save_params(export, _tree(1.0))
