@@ -227,9 +227,33 @@ def make_train_step(
       param_norm=tree_utils.global_norm(new_trainable),
       update_norm=tree_utils.global_norm(updates),
     )
+    metrics.update(_group_norms(grads, new_trainable, updates))
     return new_state, metrics
 
   return train_step
+
+
+def _group_norms(grads, params, updates) -> dict:
+  """Per top-level parameter group norms, where more than one group trains.
+
+  Whether gradients reach each part of an adapter at a useful scale (e.g.
+  the Q-Former behind the projector) shows in `grad_norm/<group>` and in
+  the update-to-parameter ratio `update_norm/<group>` / `param_norm/<group>`.
+  The trainable half is a flat {'/'-joined path: leaf} dict; a group is the
+  path's first segment.
+  """
+  groups = sorted({path.split("/")[0] for path in grads})
+  if len(groups) < 2:
+    return {}
+  out = {}
+  for group in groups:
+    part = lambda tree, g=group: [  # noqa: E731
+      leaf for path, leaf in tree.items() if path.split("/")[0] == g
+    ]
+    out[f"grad_norm/{group}"] = tree_utils.global_norm(part(grads))
+    out[f"param_norm/{group}"] = tree_utils.global_norm(part(params))
+    out[f"update_norm/{group}"] = tree_utils.global_norm(part(updates))
+  return out
 
 
 def initial_state(params, tx, frozen_mask) -> tuple[dict, dict]:

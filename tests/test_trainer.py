@@ -225,6 +225,34 @@ def test_bad_lr_mults_are_named(lr_mults, message):
     optim.make(cfg, toy_task.init_params(jax.random.key(0)), 10)
 
 
+def test_group_norms_split_the_global_norm_by_top_level_group(tmp_path):
+  grads = {
+    "a/x": jnp.array([3.0, 4.0]),
+    "a/y": jnp.array([12.0]),
+    "b/z": jnp.array([1.0, 0.0]),
+  }
+  norms = train._group_norms(grads, grads, grads)
+  assert float(norms["grad_norm/a"]) == pytest.approx(13.0)  # 3-4-12-13
+  assert float(norms["grad_norm/b"]) == pytest.approx(1.0)
+  # One group: the global norm says it all, nothing extra is logged.
+  assert train._group_norms({"a/x": grads["a/x"]}, {}, {}) == {}
+
+  # A run training both toy groups logs them, and they add up in squares.
+  cfg = toy_task.config(steps=5, frozen=())
+  cfg.toy.train.log_every = 1  # logged values are interval means
+  toy_task.run(cfg, tmp_path)
+  rows = [
+    json.loads(line)
+    for line in (tmp_path / "toy" / "logs" / "metrics.jsonl")
+    .read_text()
+    .splitlines()
+  ]
+  row = [r for r in rows if "grad_norm/embed" in r][-1]
+  assert row["grad_norm"] ** 2 == pytest.approx(
+    row["grad_norm/embed"] ** 2 + row["grad_norm/head"] ** 2, rel=1e-4
+  )
+
+
 def test_itstime_every_nth_and_last_step():
   assert [s for s in range(1, 13) if train.itstime(s, 5, 12)] == [5, 10, 12]
   assert [s for s in range(1, 13) if train.itstime(s, 1, 12)] == list(
