@@ -28,6 +28,7 @@ def _ml100k(config: ml_collections.ConfigDict) -> None:
   # Phase 2: every one of the 943 test users is ranked (seen and unseen
   # templates), a second benchmark beside ML-1M's user subsets.
   config.ilm.evals.rank.num_users = 0
+  config.ilm.evals.rank_masked.num_users = 0
   config.ilm.evals.shuffle.num_users = 0
 
 

@@ -489,6 +489,7 @@ class TokenTrie:
   ):
     children = [{}]  # node -> {token: child}
     ends = {}
+    leaves = []
     for index, seq in enumerate(sequences):
       seq = [int(t) for t in seq] + ([] if eos_id is None else [int(eos_id)])
       if not seq:
@@ -510,6 +511,7 @@ class TokenTrie:
           "eos_id to end every sequence."
         )
       ends.setdefault(node, index)
+      leaves.append(node)
     degree = [len(c) for c in children]
     self.offsets = np.concatenate([[0], np.cumsum(degree)]).astype(np.int32)
     edges = [sorted(c.items()) for c in children]
@@ -518,6 +520,9 @@ class TokenTrie:
     self.sequence_ids = np.full(len(children), -1, np.int32)
     for node, index in ends.items():
       self.sequence_ids[node] = index
+    # The index the search returns for each sequence (the first of
+    # identical ones).
+    self.canonical = self.sequence_ids[np.asarray(leaves, np.int64)]
     self.max_children = max(degree)
     self.max_depth = max(len(s) for s in sequences) + (eos_id is not None)
 
@@ -545,6 +550,7 @@ def constrained_beam_search(
   prompt_mask=None,
   num_beams: int,
   pad_id: int,
+  banned=None,
 ) -> BeamResult:
   """Beam search that can only emit a complete sequence of `trie`.
 
@@ -556,6 +562,10 @@ def constrained_beam_search(
     model, params, prompt_*, pad_id: as in `greedy`.
     trie: the allowed sequences (e.g. tokenized item titles plus eos).
     num_beams: beams kept per row, also the number returned (static).
+    banned: optional [B, number of sequences] bool: row b may not finish
+      sequence i where banned[b, trie.canonical[i]] (e.g. the user's
+      watched items, for the masked ranking protocol). A banned sequence
+      that is a prefix of others still lets the search continue to them.
 
   Returns:
     A BeamResult with sequence_ids; rows with fewer than num_beams
@@ -572,6 +582,7 @@ def constrained_beam_search(
     pad_id=pad_id,
     max_children=trie.max_children,
     max_depth=trie.max_depth,
+    banned=None if banned is None else jnp.asarray(banned, bool),
   )
 
 
@@ -591,6 +602,7 @@ def _constrained(
   pad_id,
   max_children,
   max_depth,
+  banned=None,
 ):
   offsets, targets = trie["offsets"], trie["edge_targets"]
   num_edges = targets.shape[0]
@@ -603,6 +615,10 @@ def _constrained(
     lp = jnp.take_along_axis(logp, tok, axis=-1)
     child = targets[edge]
     is_leaf = offsets[child + 1] == offsets[child]
+    if banned is not None:
+      sequence = trie["sequence_ids"][child]
+      rows = jnp.arange(banned.shape[0])[:, None, None]
+      valid &= ~(is_leaf & banned[rows, jnp.maximum(sequence, 0)])
     return tok, jnp.where(valid, lp, -jnp.inf), child, is_leaf
 
   tokens, scores, node = _beam_core(

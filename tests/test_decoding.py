@@ -371,3 +371,37 @@ def test_constrained_beam_search_on_llama_is_exact_with_enough_beams():
       length = len(titles[title]) + 1
       assert tokens[:length] == list(titles[title]) + [eos]
       assert tokens[length:] == [0] * (trie.max_depth - length)
+
+
+def test_banned_titles_are_skipped_and_their_extensions_kept():
+  # Row 0 bans "a" (a prefix of "a b" and "a c") and "d"; row 1 bans
+  # nothing. Brute force over the titles left is the reference: banning
+  # "a" must not cut "a b" or "a b b".
+  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
+  np.testing.assert_array_equal(trie.canonical, np.arange(len(TITLES)))
+  banned = np.zeros((2, len(TITLES)), bool)
+  banned[0, [2, 3]] = True
+  embeds, mask = one_hot_prompts([[C, BOS], [C, BOS]])
+  result = decoding.constrained_beam_search(
+    BigramLM(),
+    BIGRAM_PARAMS,
+    trie,
+    prompt_embeds=embeds,
+    prompt_mask=mask,
+    num_beams=4,
+    pad_id=PAD,
+    banned=banned,
+  )
+  allowed = [(i, p) for i, p in brute_force(BOS) if not banned[0, i]]
+  assert [int(i) for i in result.sequence_ids[0]] == [i for i, _ in allowed]
+  np.testing.assert_allclose(
+    result.scores[0], np.log([p for _, p in allowed]), rtol=1e-5
+  )
+  assert [int(i) for i in result.sequence_ids[1]] == [
+    i for i, _ in HAND_RANKING[:4]
+  ]
+
+
+def test_identical_sequences_share_the_first_index():
+  trie = decoding.TokenTrie([[1, 2], [3], [1, 2]], eos_id=9)
+  np.testing.assert_array_equal(trie.canonical, [0, 1, 0])

@@ -194,3 +194,42 @@ def test_list_contents_flag_watched_and_popular_first_titles(
   np.testing.assert_array_equal(
     contents["share_top1_popular"], [float(watched[0] in top5), 1.0, 0.0]
   )
+
+
+def test_masked_ranking_is_the_exact_ranking_without_the_history(context):
+  # With a beam per title both searches are exact, so the masked list must
+  # be the unmasked list with each user's history items taken out.
+  model, params = _model_and_params(context, "mlp")
+  dataset = context["dataset"]
+  config = dict(
+    type="generative_ranking",
+    split="test",
+    tasks=("sequential",),
+    num_users=5,
+    num_beams=dataset.num_items,
+    batch_size=4,  # two batches, the second padded
+  )
+  rank, masked = registry.from_config(
+    {"rank": config, "masked": config | {"mask_history": True}},
+    model=model,
+    seed=0,
+    **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+  )
+  assert len(set(rank.trie.canonical.tolist())) == dataset.num_items
+  requests = rank._requests("sequential", False)
+  full = rank._rank(params, requests, "unmasked")
+  kept = masked._rank(params, requests, "masked")
+  for row, request in enumerate(requests):
+    history = set(dataset.sequence(request.user)[:-1].tolist())
+    expected = [i for i in full[row] if i not in history]
+    assert kept[row, : len(expected)].tolist() == expected
+    assert np.all(kept[row, len(expected) :] == -1)
+    assert history  # the mask had something to remove
+  # Metric names carry the prefix; a masked list never starts with history.
+  results = dict(masked.run(params))
+  per_user = results.pop(metric_writer.PER_USER)
+  assert "sequential/seen/masked_hr@10" in results
+  assert "sequential/seen/hr@10" not in results
+  np.testing.assert_array_equal(
+    per_user["sequential/seen/masked_share_top1_in_history"], 0.0
+  )

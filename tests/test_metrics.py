@@ -413,6 +413,56 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   assert "SASRec" not in unseen and "CoLLM" in unseen
 
 
+def test_masked_lists_get_their_column_and_paired_table(tmp_path):
+  users = np.arange(30)
+  hits, masked = (users < 3).astype(float), (users < 12).astype(float)
+  _write_row(
+    tmp_path,
+    "ilm",
+    users,
+    hits,
+    hits,
+    **{
+      "sequential/seen/masked_hr@10": masked,
+      "sequential/seen/masked_ndcg@10": masked * 0.5,
+    },
+  )
+  _write_row(tmp_path, "ilm_mlp", users, hits, hits)  # unmasked only
+  sasrec_masked = (users < 20).astype(float)
+  _write_row(
+    tmp_path,
+    "sasrec",
+    users,
+    hits,
+    hits,
+    False,
+    **{"masked_hr@10": sasrec_masked, "masked_ndcg@10": sasrec_masked},
+  )
+  table = eval_phase.results_table(tmp_path)
+  header = table.splitlines()[0].split(" | ")
+  column = header.index("seen hr@10, history masked [95% CI]")
+  ilm_row = next(line for line in table.splitlines() if "| ILM (Q" in line)
+  low, high = stats.mean_interval(masked, proportion=True)
+  assert ilm_row.split(" | ")[column] == f"0.4000 [{low:.4f}, {high:.4f}]"
+  mlp_row = next(line for line in table.splitlines() if "CoLLM" in line)
+  assert mlp_row.split(" | ")[column] == "–"
+
+  paired = eval_phase.paired_table(tmp_path, "seen", masked="masked_")
+  assert "CoLLM" not in paired  # no masked lists to compare
+  cells = [
+    c.strip()
+    for c in next(row for row in paired.splitlines() if "SASRec" in row)
+    .strip("|")
+    .split("|")
+  ]
+  # 12 vs 20 hits, nested: only SASRec hits users 12-19 (8).
+  assert cells[1:5] == ["30", "0.4000 / 0.6667", "0 / 8", "0.00781"]
+  # Without masked lists in the ILM row there is no masked table.
+  (tmp_path / "metrics" / "ilm_test.json").unlink()
+  _write_row(tmp_path, "ilm", users, hits, hits)
+  assert eval_phase.paired_table(tmp_path, "seen", masked="masked_") == ""
+
+
 def test_tables_recompute_intervals_from_the_per_user_values(tmp_path):
   """A file written with an older interval (a bootstrap's [0, 0] at zero
   hits) is tabulated with today's interval of its per-user values."""

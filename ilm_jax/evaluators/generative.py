@@ -201,7 +201,14 @@ class _UserPromptEvaluator(_PromptEvaluator):
 
 @registry.register("generative_ranking")
 class GenerativeRankingEvaluator(_UserPromptEvaluator):
-  """HR/NDCG of trie-constrained beam search over all item titles."""
+  """HR/NDCG of trie-constrained beam search over all item titles.
+
+  With `mask_history=True` the search may not finish a title the user has
+  already interacted with (every item before the split's target), the
+  masked protocol of phase 0's `masked_*` rows; its metrics are named
+  `<task>/<seen|unseen>/masked_<metric>`, so it can run beside the
+  unmasked evaluator and be paired with phase 0's `masked_hr@10`.
+  """
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
@@ -209,6 +216,8 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
       self.tokenizer, self.dataset.item_titles
     )
     self.num_beams = config.get("num_beams", 10)
+    self.mask_history = bool(config.get("mask_history", False))
+    self.prefix = "masked_" if self.mask_history else ""
     split = self.dataset.leave_one_out(self.split)
     self._history_of = dict(
       zip(split.users.tolist(), split.histories(), strict=True)
@@ -226,10 +235,22 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
       share_top1_popular=np.isin(top1, self._popular).astype(np.float64),
     )
 
+  def _banned(self, users: np.ndarray, rows: int) -> np.ndarray:
+    """[rows, items] bool: each user's history items, as the trie names them."""
+    banned = np.zeros((rows, self.dataset.num_items), bool)
+    for row, user in enumerate(users):
+      history = np.asarray(self._history_of[int(user)], np.int64)
+      banned[row, self.trie.canonical[history]] = True
+    return banned
+
   def _rank(self, params, requests, what):
-    ranked = []
+    ranked, done = [], 0
     for real, batch in self._batches(requests, what=what):
       embeds = self._embed(params, batch)
+      banned = None
+      if self.mask_history:
+        users = [r.user for r in requests[done : done + real]]
+        banned = self._banned(users, len(batch["attention_mask"]))
       result = decoding.constrained_beam_search(
         self.model.llm,
         params["llm"],
@@ -238,8 +259,10 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
         prompt_mask=batch["attention_mask"],
         num_beams=self.num_beams,
         pad_id=self.tokenizer.pad_id,
+        banned=banned,
       )
       ranked.append(np.asarray(result.sequence_ids)[:real])
+      done += real
     return np.concatenate(ranked)
 
   def run(self, params):
@@ -254,23 +277,24 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
         )
         targets = np.array([r.target_item for r in requests])
         values = ranked_list_metrics(ranked, targets, self.dataset.num_items)
-        for metric, column in values.items():
-          name = f"{task}/{which}/{metric}"
-          per_user[name] = column
-          yield name, float(np.mean(column, dtype=np.float64))
         found = ranked == targets[:, None]
-        per_user[f"{task}/{which}/rank"] = np.where(
+        values["rank"] = np.where(
           found.any(axis=1), found.argmax(axis=1), ranked.shape[1]
         )
-        for metric, column in self.list_contents(ranked, self.users).items():
-          name = f"{task}/{which}/{metric}"
+        values.update(self.list_contents(ranked, self.users))
+        for metric, column in values.items():
+          name = f"{task}/{which}/{self.prefix}{metric}"
           per_user[name] = column
-          yield name, float(np.mean(column))
+          if metric != "rank":
+            yield name, float(np.mean(column, dtype=np.float64))
     yield "users", len(self.users)
     yield metric_writer.PER_USER, per_user
     # One prompt per user, task and template kind (seen, unseen).
     prompts = 2 * len(self.config["tasks"]) * len(self.users)
-    yield "ranking_prompts_per_s", prompts / (time.perf_counter() - start)
+    yield (
+      f"{self.prefix}ranking_prompts_per_s",
+      prompts / (time.perf_counter() - start),
+    )
 
 
 _MAX_TEXT_TOKENS = 128  # MiniLM input length for semantic consistency

@@ -137,6 +137,7 @@ def results_table(workdir: pathlib.Path) -> str:
       for m in ("hr@10", "ndcg@10")
     ]
     + [
+      "seen hr@10, history masked [95% CI]",
       "seen hr@5",
       "seen ndcg@5",
       "semantic consistency (seen)",
@@ -156,7 +157,8 @@ def results_table(workdir: pathlib.Path) -> str:
       for which in ("seen", "unseen")
       for m in ("hr@10", "ndcg@10")
     ]
-    at5 = [
+    at5 = [_interval_cell(values, _metric_name(prefix, "seen", "masked_hr@10"))]
+    at5 += [
       _cell(values.get(_metric_name(prefix, "seen", m)))
       for m in ("hr@5", "ndcg@5")
     ]
@@ -183,9 +185,12 @@ def results_table(workdir: pathlib.Path) -> str:
 
 
 def _paired_row(
-  reference: dict, other_prefix: str, other: dict, which: str
+  reference: dict, other_prefix: str, other: dict, which: str, masked: str = ""
 ) -> list[str]:
-  """Users, HR@10 of both, McNemar p, NDCG@10 difference and its p."""
+  """Users, HR@10 of both, McNemar p, NDCG@10 difference and its p.
+
+  `masked="masked_"` compares the history-masked lists instead.
+  """
   mine, theirs = (
     metric_writer.read_per_user(reference),
     metric_writer.read_per_user(other),
@@ -194,8 +199,8 @@ def _paired_row(
     return ["no per-user data"] + ["–"] * 5
   cells = []
   for metric in ("hr@10", "ndcg@10"):
-    a_name = _metric_name(REFERENCE, which, metric)
-    b_name = _metric_name(other_prefix, which, metric)
+    a_name = _metric_name(REFERENCE, which, masked + metric)
+    b_name = _metric_name(other_prefix, which, masked + metric)
     if a_name not in mine or b_name not in theirs:
       return ["no per-user data"] + ["–"] * 5
     users, a, b = stats.align(
@@ -219,8 +224,13 @@ def _paired_row(
   return cells
 
 
-def paired_table(workdir: pathlib.Path, which: str = "seen") -> str:
-  """ILM against every other row on the users both evaluated ("" if no ILM)."""
+def paired_table(
+  workdir: pathlib.Path, which: str = "seen", masked: str = ""
+) -> str:
+  """ILM against every other row on the users both evaluated ("" if no ILM).
+
+  `masked="masked_"`: on the history-masked lists, only rows that have them.
+  """
   rows = present_rows(workdir)
   reference = next((v for p, _, v in rows if p == REFERENCE), None)
   if reference is None:
@@ -234,10 +244,16 @@ def paired_table(workdir: pathlib.Path, which: str = "seen") -> str:
     "NDCG@10 ILM - row [95% CI]",
     "paired bootstrap p (NDCG@10)",
   ]
+  if masked and _metric_name(REFERENCE, which, masked + "hr@10") not in (
+    reference
+  ):
+    return ""
   body = [
-    [label] + _paired_row(reference, prefix, values, which)
+    [label] + _paired_row(reference, prefix, values, which, masked)
     for prefix, label, values in rows
-    if prefix != REFERENCE and (which == "seen" or prefix.startswith("ilm"))
+    if prefix != REFERENCE
+    and (which == "seen" or prefix.startswith("ilm"))
+    and (not masked or _metric_name(prefix, which, masked + "hr@10") in values)
   ]
   return _table(header, body) if body else ""
 
@@ -278,7 +294,13 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
     for name, summary in phases.items()
   )
-  paired = {which: paired_table(workdir, which) for which in ("seen", "unseen")}
+  paired = {
+    f"{which} templates": paired_table(workdir, which)
+    for which in ("seen", "unseen")
+  }
+  paired["seen templates, history masked"] = paired_table(
+    workdir, "seen", masked="masked_"
+  )
   text = (
     "# Results\n\nTest split. ILM rows: sequential recommendation by "
     "trie-constrained beam search over all item titles. Phase-0 rows: "
@@ -286,11 +308,11 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     "rates, BCa bootstrap over users for NDCG.\n\n"
     + table
     + "".join(
-      f"\n## ILM against each row ({which} templates, common users)\n\n"
+      f"\n## ILM against each row ({which}, common users)\n\n"
       "Exact McNemar test on the HR@10 hits (users hit by only one of the "
       "two rows); paired bootstrap test of the mean NDCG@10 difference.\n\n"
       + paired[which]
-      for which in ("seen", "unseen")
+      for which in paired
       if paired[which]
     )
     + (
