@@ -393,6 +393,11 @@ def write_split_metrics(
 ) -> None:
   """Writes `WORKDIR/metrics/<phase>_<split>.json` for each split present.
 
+  A file already there from the same trained model (an equal `train`
+  record: a finished run evaluated again, e.g. with one more evaluator)
+  keeps the metrics this call does not measure; any other file is
+  replaced.
+
   Args:
     workdir: the experiment's output directory.
     phase: the file name's prefix.
@@ -405,12 +410,42 @@ def write_split_metrics(
     split, name = key.split("/", 1)
     by_split.setdefault(split, {})[name] = value
   for split, values in by_split.items():
-    metric_writer.write_metrics(
-      layout.metrics_file(workdir, phase, split),
-      values,
-      (per_user or {}).get(split),
-      extra,
+    path = layout.metrics_file(workdir, phase, split)
+    block = (per_user or {}).get(split)
+    if path.exists() and extra and "train" in extra:
+      values, block = _keep_unmeasured(path, extra["train"], values, block)
+    metric_writer.write_metrics(path, values, block, extra)
+
+
+def _keep_unmeasured(path, trained, values, block):
+  """(scalars, per-user block) with the file's other metrics added, if the
+  file is from the same trained model (`trained` equals its record)."""
+  old = json.loads(path.read_text())
+  if old.get("train") != trained:
+    return values, block
+  kept = {
+    name: value
+    for name, value in old.items()
+    if name not in values
+    and isinstance(value, int | float)
+    and not isinstance(value, bool)
+  }
+  old_block = metric_writer.read_per_user(old)
+  if old_block is not None:
+    measured = set(block or ()) - {metric_writer.USER_IDS}
+    old_block = {k: v for k, v in old_block.items() if k not in measured}
+    if len(old_block) > 1:
+      block = (
+        metric_writer.merge_per_user([old_block, block]) if block else old_block
+      )
+  if kept:
+    logging.info(
+      "%s: same trained step as before; kept %d metrics this evaluation "
+      "did not measure.",
+      path,
+      len(kept),
     )
+  return {**kept, **values}, block
 
 
 def train(

@@ -206,6 +206,38 @@ def test_evaluate_routes_per_user_blocks_and_files_carry_them(tmp_path):
   np.testing.assert_allclose(valid["hr@10_ci95"], [0.0, z2 / (2 + z2)])
 
 
+def test_re_evaluating_a_trained_model_keeps_the_other_metrics(tmp_path):
+  def write(evaluators, trained):
+    per_user = {}
+    results = train.evaluate(evaluators, params=None, per_user=per_user)
+    train.write_split_metrics(
+      tmp_path, "toy", results, per_user, {"train": trained}
+    )
+    return json.loads((tmp_path / "metrics" / "toy_test.json").read_text())
+
+  rank = _FakeEvaluator("rank", "test", [7, 2, 5, 0], [1.0, 0.0, 1.0, 0.0])
+  write([rank], {"steps": 3})
+  # The same step again with only a masked evaluator on three other users:
+  # the unmasked metrics stay, the union of users gets NaN (null) holes.
+  masked = _FakeEvaluator(
+    "masked", "test", [9, 2, 7], [1.0, 1.0, 0.0], prefix="masked_"
+  )
+  saved = write([masked], {"steps": 3})
+  assert saved["hr@10"] == 0.5 and saved["masked_hr@10"] == pytest.approx(2 / 3)
+  block = saved["per_user"]
+  assert block["user_ids"] == [0, 2, 5, 7, 9]
+  assert block["hr@10"] == [0.0, 0.0, 1.0, 1.0, None]
+  assert block["masked_hr@10"] == [None, 1.0, None, 0.0, 1.0]
+  # Re-measured metrics are replaced, not merged.
+  rank_again = _FakeEvaluator("rank", "test", [7, 2], [0.0, 0.0])
+  saved = write([rank_again], {"steps": 3})
+  assert saved["hr@10"] == 0.0 and saved["masked_hr@10"] == pytest.approx(2 / 3)
+  assert saved["per_user"]["hr@10"] == [None, 0.0, None, 0.0, None]
+  # Another trained step: a fresh file.
+  saved = write([masked], {"steps": 4})
+  assert "hr@10" not in saved and saved["per_user"]["user_ids"] == [2, 7, 9]
+
+
 def test_merge_marks_users_a_block_did_not_evaluate():
   merged = metric_writer.merge_per_user(
     [
@@ -257,6 +289,7 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
   evaluator = object.__new__(generative.GenerativeRankingEvaluator)
   evaluator.name, evaluator.split = "rank", "test"
   evaluator.config = {"tasks": ("sequential",)}
+  evaluator.prefix = ""  # unmasked lists
   evaluator.users = np.array([5, 2, 7])
   evaluator.dataset = types.SimpleNamespace(num_items=20)
   templates = []
