@@ -237,6 +237,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_users=0,  # 0: all users
         num_beams=10,
         batch_size=8,
+        templates=("seen", "unseen"),
         mask_history=False,
       ),
       # The same users with each user's watched items barred from the
@@ -249,6 +250,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_users=0,
         num_beams=10,
         batch_size=8,
+        templates=("seen",),  # the column the results table pairs
         mask_history=True,
       ),
       describe=dict(

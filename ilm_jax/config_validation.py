@@ -70,6 +70,15 @@ _RULES = [
   (r"ilm\.model\.tokens_per_entity", *_int_at_least(1)),
   (r"cf\.tables", *_one_of("mf", "sasrec")),
   (r"ilm\.model\.soft_token_norm", *_one_of("", "llm")),
+  (
+    r"ilm\.evals\.\w+\.templates",
+    lambda v: (
+      isinstance(v, tuple | list)
+      and len(v) > 0
+      and set(v) <= {"seen", "unseen"}
+    ),
+    "a non-empty tuple of 'seen' and/or 'unseen'",
+  ),
 ]
 
 

@@ -176,6 +176,7 @@ def test_out_of_range_values_name_field_and_range():
   config.ilm.variant = "../mlp"
   # What the command line makes of --config.ilm.optim.lr_mults=qformer/.*=0.1
   config.ilm.optim.lr_mults = ("qformer/.*=0.1",)
+  config.ilm.evals.rank_masked.templates = ("seen", "unseen_")
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config)
   message = str(error.value)
@@ -185,6 +186,10 @@ def test_out_of_range_values_name_field_and_range():
   assert "config.cf.train.batch_size=-4: must be an integer >= 1" in message
   assert "config.data.max_history=0: must be an integer >= 1" in message
   assert "config.ilm.variant='../mlp': must be lowercase letters" in message
+  assert (
+    "config.ilm.evals.rank_masked.templates=('seen', 'unseen_'): must be a "
+    "non-empty tuple of 'seen' and/or 'unseen'." in message
+  )
   assert (
     "config.ilm.optim.lr_mults: optim.lr_mults entry 'qformer/.*=0.1': "
     "expected a (regex, multiplier >= 0) pair" in message

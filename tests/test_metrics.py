@@ -290,6 +290,7 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
   evaluator.name, evaluator.split = "rank", "test"
   evaluator.config = {"tasks": ("sequential",)}
   evaluator.prefix = ""  # unmasked lists
+  evaluator.templates = ("seen", "unseen")
   evaluator.users = np.array([5, 2, 7])
   evaluator.dataset = types.SimpleNamespace(num_items=20)
   templates = []

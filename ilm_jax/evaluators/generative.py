@@ -218,6 +218,12 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     self.num_beams = config.get("num_beams", 10)
     self.mask_history = bool(config.get("mask_history", False))
     self.prefix = "masked_" if self.mask_history else ""
+    self.templates = tuple(config.get("templates", ("seen", "unseen")))
+    if not self.templates or set(self.templates) - {"seen", "unseen"}:
+      raise ValueError(
+        f"evals.{name}.templates={self.templates!r}: expected a non-empty "
+        "tuple of 'seen' and/or 'unseen'."
+      )
     split = self.dataset.leave_one_out(self.split)
     self._history_of = dict(
       zip(split.users.tolist(), split.histories(), strict=True)
@@ -269,9 +275,8 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     start = time.perf_counter()
     per_user = {"user_ids": np.asarray(self.users)}
     for task in self.config["tasks"]:
-      for unseen in (False, True):
-        requests = self._requests(task, unseen)
-        which = "unseen" if unseen else "seen"
+      for which in self.templates:
+        requests = self._requests(task, which == "unseen")
         ranked = self._rank(
           params, requests, f"{self.name} {task}/{which} users"
         )
@@ -289,8 +294,8 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
             yield name, float(np.mean(column, dtype=np.float64))
     yield "users", len(self.users)
     yield metric_writer.PER_USER, per_user
-    # One prompt per user, task and template kind (seen, unseen).
-    prompts = 2 * len(self.config["tasks"]) * len(self.users)
+    # One prompt per user, task and template kind.
+    prompts = len(self.templates) * len(self.config["tasks"]) * len(self.users)
     yield (
       f"{self.prefix}ranking_prompts_per_s",
       prompts / (time.perf_counter() - start),
