@@ -54,6 +54,9 @@ from ilm_jax import metric_writer  # noqa: E402
 SERIES = (
   ("ILM (Q-Former)", "curve_ilm"),
   ("ILM, soft tokens at the LLM's token norm", "curve_ilmnorm"),
+  # --config.ilm.optim.learning_rate=1e-3
+  # --config.ilm.optim.lr_mults="(('qformer/.*', 0.1),)"
+  ("ILM, projector lr 1e-3, Q-Former lr 1e-4", "curve_ilmlr"),
   ("MLP projector (CoLLM-style)", "curve_mlp"),
   ("Text-only", "curve_textonly"),
   ("ILM-rand (no phase 1)", "curve_rand"),
