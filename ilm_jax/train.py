@@ -242,17 +242,17 @@ def _group_norms(grads, params, updates) -> dict:
   The trainable half is a flat {'/'-joined path: leaf} dict; a group is the
   path's first segment.
   """
-  groups = sorted({path.split("/")[0] for path in grads})
+  groups: dict[str, list[str]] = {}
+  for path in grads:
+    groups.setdefault(path.split("/")[0], []).append(path)
   if len(groups) < 2:
     return {}
   out = {}
-  for group in groups:
-    part = lambda tree, g=group: [  # noqa: E731
-      leaf for path, leaf in tree.items() if path.split("/")[0] == g
-    ]
-    out[f"grad_norm/{group}"] = tree_utils.global_norm(part(grads))
-    out[f"param_norm/{group}"] = tree_utils.global_norm(part(params))
-    out[f"update_norm/{group}"] = tree_utils.global_norm(part(updates))
+  for group, paths in sorted(groups.items()):
+    for name, tree in (("grad", grads), ("param", params), ("update", updates)):
+      out[f"{name}_norm/{group}"] = tree_utils.global_norm(
+        [tree[path] for path in paths]
+      )
   return out
 
 

@@ -117,6 +117,21 @@ HAND_RANKING_AFTER_D = [
 ]
 
 
+def bigram_title_search(prompts, num_beams, **kwargs):
+  """Constrained beam search of the bigram LM over TITLES."""
+  embeds, mask = one_hot_prompts(prompts)
+  return decoding.constrained_beam_search(
+    BigramLM(),
+    BIGRAM_PARAMS,
+    decoding.TokenTrie(TITLES, eos_id=EOS),
+    prompt_embeds=embeds,
+    prompt_mask=mask,
+    num_beams=num_beams,
+    pad_id=PAD,
+    **kwargs,
+  )
+
+
 @pytest.mark.parametrize("num_beams", [3, 8])
 def test_constrained_beam_search_returns_best_titles(num_beams):
   trie = decoding.TokenTrie(TITLES, eos_id=EOS)
@@ -125,16 +140,7 @@ def test_constrained_beam_search_returns_best_titles(num_beams):
     assert [i for i, _ in exact] == [i for i, _ in hand]
     np.testing.assert_allclose([p for _, p in exact], [p for _, p in hand])
   # Row 0's prompt ends with <s>, row 1's (left-padded) with d.
-  embeds, mask = one_hot_prompts([[C, BOS], [D]])
-  result = decoding.constrained_beam_search(
-    BigramLM(),
-    BIGRAM_PARAMS,
-    trie,
-    prompt_embeds=embeds,
-    prompt_mask=mask,
-    num_beams=num_beams,
-    pad_id=PAD,
-  )
+  result = bigram_title_search([[C, BOS], [D]], num_beams)
   for row, expected in enumerate([HAND_RANKING, HAND_RANKING_AFTER_D]):
     found = min(num_beams, len(TITLES))
     ids = [int(i) for i in result.sequence_ids[row]]
@@ -381,17 +387,7 @@ def test_banned_titles_are_skipped_and_their_extensions_kept():
   np.testing.assert_array_equal(trie.canonical, np.arange(len(TITLES)))
   banned = np.zeros((2, len(TITLES)), bool)
   banned[0, [2, 3]] = True
-  embeds, mask = one_hot_prompts([[C, BOS], [C, BOS]])
-  result = decoding.constrained_beam_search(
-    BigramLM(),
-    BIGRAM_PARAMS,
-    trie,
-    prompt_embeds=embeds,
-    prompt_mask=mask,
-    num_beams=4,
-    pad_id=PAD,
-    banned=banned,
-  )
+  result = bigram_title_search([[C, BOS], [C, BOS]], 4, banned=banned)
   allowed = [(i, p) for i, p in brute_force(BOS) if not banned[0, i]]
   assert [int(i) for i in result.sequence_ids[0]] == [i for i, _ in allowed]
   np.testing.assert_allclose(

@@ -157,8 +157,10 @@ def results_table(workdir: pathlib.Path) -> str:
       for which in ("seen", "unseen")
       for m in ("hr@10", "ndcg@10")
     ]
-    at5 = [_interval_cell(values, _metric_name(prefix, "seen", "masked_hr@10"))]
-    at5 += [
+    more = [
+      _interval_cell(values, _metric_name(prefix, "seen", "masked_hr@10"))
+    ]
+    more += [
       _cell(values.get(_metric_name(prefix, "seen", m)))
       for m in ("hr@5", "ndcg@5")
     ]
@@ -172,7 +174,7 @@ def results_table(workdir: pathlib.Path) -> str:
     rows.append(
       [label, "–" if users is None else str(int(users))]
       + intervals
-      + at5
+      + more
       + [
         _cell(consistency),
         _interval_cell(values, "sequential/target_nll_gain"),
