@@ -141,7 +141,9 @@ def time_training(config, workdir, mesh, repeats) -> dict:
   phase2 = ilm_phase.make_task(config, workdir)
   task, data = phase2.task, config.ilm.data
   params = train.init_on_mesh(task, jax.random.key(0), mesh, config.mesh)
-  tx, frozen_mask, schedule = optim.make(config.ilm.optim, params, 100)
+  tx, frozen_mask, schedule = optim.make(
+    config.ilm.optim, params, 100, task.optional_param_groups
+  )
   state, frozen = train.initial_state(params, tx, frozen_mask)
   jitted = jax.jit(train.make_train_step(task, tx, frozen_mask, schedule))
 

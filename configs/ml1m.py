@@ -271,6 +271,16 @@ def base_config() -> ml_collections.ConfigDict:
         num_users=0,  # 0: all users (the first of the rank subset's order)
         batch_size=8,
       ),
+      # Can the LLM name each user's target item from its soft tokens alone
+      # (greedy description, exact title at its start)?
+      naming=dict(
+        type="item_naming",
+        enabled=True,
+        split="test",
+        num_users=0,  # 0: all users (the first of the rank subset's order)
+        batch_size=8,
+        templates=("seen",),
+      ),
     ),
   )
   return config
@@ -309,6 +319,7 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.rank_masked.update(enabled=False, num_users=100)
   config.ilm.evals.describe.num_items = 20
   config.ilm.evals.shuffle.num_users = 500  # teacher forcing: cheap
+  config.ilm.evals.naming.num_users = 500  # short greedy answers
 
 
 def _gpu(config: ml_collections.ConfigDict) -> None:
@@ -329,6 +340,7 @@ def _gpu(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.rank_masked.update(num_users=0, batch_size=64)
   config.ilm.evals.describe.update(num_items=200, batch_size=64)
   config.ilm.evals.shuffle.update(num_users=0, batch_size=64)
+  config.ilm.evals.naming.update(num_users=0, batch_size=64)
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
@@ -369,6 +381,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.rank_masked.update(num_users=4, num_beams=4, batch_size=4)
   config.ilm.evals.describe.update(num_items=2, max_new_tokens=8, batch_size=2)
   config.ilm.evals.shuffle.update(num_users=4, batch_size=4)
+  config.ilm.evals.naming.update(num_users=4, batch_size=4)
 
 
 # The base is the full size; the others override it.

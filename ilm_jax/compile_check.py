@@ -207,8 +207,12 @@ def llm_step_flops(config: ml_collections.ConfigDict) -> float:
   return 2.0 * (projections + attention + head)
 
 
-def compile_step(init, loss_fn, batch, phase_config, mesh, mesh_config):
+def compile_step(
+  init, loss_fn, batch, phase_config, mesh, mesh_config, optional_groups=()
+):
   """Lowers and compiles the train step as `train.train` jits it.
+
+  `optional_groups`: as `train.Task.optional_param_groups`.
 
   Returns:
     The compiled executable.
@@ -218,7 +222,7 @@ def compile_step(init, loss_fn, batch, phase_config, mesh, mesh_config):
   param_shardings = sharding.param_shardings(boxed, mesh, mesh_config)
   params = tree_utils.unbox(boxed)
   tx, frozen_mask, schedule = optim.make(
-    phase_config.optim, params, int(phase_config.train.steps)
+    phase_config.optim, params, int(phase_config.train.steps), optional_groups
   )
   partition = optim.Partition.from_mask(frozen_mask)
   trainable_shardings, frozen_shardings = partition.split(param_shardings)
@@ -326,7 +330,10 @@ def run(config, topology: str, phases=("qformer", "ilm")) -> dict:
     else:
       raise ValueError(f"--phases: {phase!r}; expected qformer or ilm.")
     try:
-      compiled = compile_step(*inputs, config[phase], mesh, config.mesh)
+      optional = ilm.ADAPTER_PARTS if phase == "ilm" else ()
+      compiled = compile_step(
+        *inputs, config[phase], mesh, config.mesh, optional
+      )
     except jax.errors.JaxRuntimeError as e:
       # The TPU compiler refuses programs that exceed HBM: that is a result.
       if "RESOURCE_EXHAUSTED" not in str(e):

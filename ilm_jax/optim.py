@@ -12,7 +12,11 @@ as (regex, multiplier) pairs in the manner of big_vision's optax config: the
 first pattern that fully matches a leaf's path sets its multiplier, other
 leaves keep 1. The multiplier scales AdamW's whole update, so a group's
 decoupled weight decay scales with its learning rate, as with a PyTorch
-parameter group's `lr`.
+parameter group's `lr`. A pattern that matches no trainable leaf is an error
+(a typo would otherwise train at the full rate unnoticed), except a pattern
+written for an optional group (`<group>/...`) that this model does not have:
+phase 2 declares its adapter parts optional, so `(('qformer/.*', 0.1),)` in
+the config leaves the MLP and text-only baselines at the base rate.
 """
 
 import dataclasses
@@ -22,6 +26,7 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+from absl import logging
 
 from ilm_jax import tree_utils
 
@@ -90,13 +95,18 @@ def parse_lr_mults(
 
 
 def lr_multipliers(
-  paths: list[str], lr_mults: tuple[tuple[str, float], ...]
+  paths: list[str],
+  lr_mults: tuple[tuple[str, float], ...],
+  optional_groups: tuple[str, ...] = (),
 ) -> dict[str, float]:
   """The learning-rate multiplier of each trainable path.
 
   Args:
     paths: '/'-joined parameter paths of the trainable leaves.
     lr_mults: (regex, multiplier) pairs; the first fully matching regex wins.
+    optional_groups: top-level parameter groups that some models of the
+      phase lack; a regex written as '<group>/...' for one of them that no
+      trainable path has is skipped (logged) instead of raising.
 
   Returns:
     {path: multiplier}, 1.0 where no regex matches.
@@ -115,12 +125,22 @@ def lr_multipliers(
         multipliers[path] = multiplier
         used.add(index)
         break
+  present = {path.split("/")[0] for path in paths}
   for index, (pattern, _) in enumerate(compiled):
-    if index not in used:
+    if index in used:
+      continue
+    group = pattern.pattern.split("/")[0]
+    if group in optional_groups and group not in present:
+      logging.info(
+        "optim.lr_mults regex %r skipped: this model has no %r parameters.",
+        pattern.pattern,
+        group,
+      )
+    else:
       raise ValueError(
         f"optim.lr_mults regex {pattern.pattern!r} matches no trainable "
         "parameter (trainable paths start with: "
-        f"{', '.join(sorted({p.split('/')[0] for p in paths}))})."
+        f"{', '.join(sorted(present))})."
       )
   return multipliers
 
@@ -191,7 +211,10 @@ class Partition:
 
 
 def make(
-  optim_config: ml_collections.ConfigDict, params: Any, total_steps: int
+  optim_config: ml_collections.ConfigDict,
+  params: Any,
+  total_steps: int,
+  optional_groups: tuple[str, ...] = (),
 ) -> tuple[optax.GradientTransformation, Any, optax.Schedule]:
   """Builds the optimizer for the trainable half of `params`.
 
@@ -199,6 +222,7 @@ def make(
     optim_config: a phase's `optim` section.
     params: the (unboxed) parameter tree or its abstract shapes.
     total_steps: schedule length.
+    optional_groups: see `lr_multipliers`.
 
   Returns:
     (optimizer, frozen mask tree, learning-rate schedule). The optimizer
@@ -228,5 +252,7 @@ def make(
       for path, is_frozen in zip(partition.paths, partition.frozen, strict=True)
       if not is_frozen
     ]
-    chain.append(_scale_by_path(lr_multipliers(paths, lr_mults)))
+    chain.append(
+      _scale_by_path(lr_multipliers(paths, lr_mults, optional_groups))
+    )
   return optax.chain(*chain), mask, schedule

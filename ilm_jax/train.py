@@ -77,6 +77,9 @@ class Task:
     train_iterator: a grain DatasetIterator (next/get_state/set_state) that
       yields this process's slice of each global batch as numpy arrays.
     evaluators: plugins from `ilm_jax.evaluators.registry`.
+    optional_param_groups: top-level parameter groups that only some
+      models of the phase have (phase 2's adapter parts); `optim.lr_mults`
+      entries for an absent one are skipped (`optim.lr_multipliers`).
   """
 
   name: str
@@ -85,6 +88,7 @@ class Task:
   train_iterator: Any
   evaluators: Sequence[Any] = ()
   load_params: Callable[[Mesh, ml_collections.ConfigDict], Params] | None = None
+  optional_param_groups: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -508,7 +512,7 @@ def train(
   # --- Model and optimizer.
   params = init_on_mesh(task, init_rng, mesh, mesh_config)
   tx, frozen_mask, schedule = optim.make(
-    phase_config.optim, params, total_steps
+    phase_config.optim, params, total_steps, task.optional_param_groups
   )
   _log_parameter_overview(params, frozen_mask)
   partition = optim.Partition.from_mask(frozen_mask)

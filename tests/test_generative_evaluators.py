@@ -233,3 +233,67 @@ def test_masked_ranking_is_the_exact_ranking_without_the_history(context):
   np.testing.assert_array_equal(
     per_user["sequential/seen/masked_share_top1_in_history"], 0.0
   )
+
+
+def test_item_naming_counts_generations_that_start_with_the_target_title(
+  context, monkeypatch
+):
+  model, params = _model_and_params(context, "mlp")
+  dataset, tokenizer = context["dataset"], context["tokenizer"]
+  (evaluator,) = registry.from_config(
+    {
+      "naming": dict(
+        type="item_naming", split="test", num_users=USERS, batch_size=4
+      )
+    },
+    model=model,
+    seed=0,
+    **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+  )
+  # The items to name are the users' test targets.
+  split = dataset.leave_one_out("test")
+  target_of = dict(
+    zip(split.users.tolist(), split.targets.tolist(), strict=True)
+  )
+  targets = [target_of[int(u)] for u in evaluator.users]
+  np.testing.assert_array_equal(evaluator.items, targets)
+  titles = [dataset.item_titles[i] for i in targets]
+  other = [dataset.item_titles[(i + 1) % dataset.num_items] for i in targets]
+  # Per user, in order: title then more text (named), a leading space
+  # (named), the title cut short, another item's title, the whole
+  # description, an empty answer.
+  answers = [
+    titles[0] + ". Genres: Drama.",
+    " " + titles[1],
+    titles[2][:-1],
+    other[3],
+    dataset.item_texts[targets[4]],
+    "",
+  ]
+  expected = [1.0, 1.0, 0.0, float(other[3].startswith(titles[3])), 1.0, 0.0]
+  calls = []
+
+  def fake_greedy(llm, llm_params, *, prompt_embeds, max_new_tokens, **kw):
+    rows = len(prompt_embeds)
+    start = sum(len(c) for c in calls)
+    chunk = answers[start : start + rows]
+    calls.append(chunk)
+    chunk += [""] * (rows - len(chunk))  # the padded rows of the last batch
+    ids = [tokenizer.encode(a, add_special_tokens=False) for a in chunk]
+    out = np.full((rows, max_new_tokens), kw["eos_id"], np.int32)
+    for row, tokens in enumerate(ids):
+      out[row, : len(tokens)] = tokens[:max_new_tokens]
+    return jnp.asarray(out)
+
+  monkeypatch.setattr(generative.decoding, "greedy", fake_greedy)
+  results = dict(evaluator.run(params))
+  per_user = results.pop(metric_writer.PER_USER)
+  name = "naming/seen/share_title_exact"
+  np.testing.assert_array_equal(per_user[name], expected)
+  assert results[name] == pytest.approx(np.mean(expected))
+  assert results["naming/users"] == USERS
+  # Room for the longest target title plus one token.
+  longest = max(
+    len(tokenizer.encode(t, add_special_tokens=False)) for t in titles
+  )
+  assert evaluator.max_new_tokens == longest + 1

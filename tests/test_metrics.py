@@ -379,6 +379,7 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
     sequential__target_nll_gain=users * 0.01,  # mean 0.145
     sequential__seen__share_top1_in_history=users < 3,  # 0.1
     sequential__seen__share_top1_popular=users < 15,  # 0.5
+    naming__seen__share_title_exact=users < 6,  # 0.2
   )
   mlp_users = np.arange(20)
   mlp_hits = ((mlp_users == 0) | (mlp_users >= 2)).astype(float)
@@ -401,8 +402,13 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   assert ilm_line.split(" | ")[-2] == "yes"  # per-user results
   gain_low, gain_high = ilm["sequential/target_nll_gain_ci95"]
   assert gain_low < 0.145 < gain_high
-  assert ilm_line.split(" | ")[-4] == (
+  assert ilm_line.split(" | ")[-5] == (
     f"0.1450 [{gain_low:.4f}, {gain_high:.4f}]"
+  )
+  # Named targets: a proportion, so a Wilson interval.
+  wilson = scipy.stats.binomtest(6, 30).proportion_ci(method="wilson")
+  assert ilm_line.split(" | ")[-4] == (
+    f"0.2000 [{wilson.low:.4f}, {wilson.high:.4f}]"
   )
   assert ilm_line.split(" | ")[-3] == "0.100 / 0.500"
   # Shares are proportions: Wilson intervals, like HR.

@@ -225,6 +225,25 @@ def test_bad_lr_mults_are_named(lr_mults, message):
     optim.make(cfg, toy_task.init_params(jax.random.key(0)), 10)
 
 
+def test_lr_mults_for_an_absent_optional_group_are_skipped():
+  paths = ["proj/w", "proj/b"]
+  mults = (("qformer/.*", 0.1), ("proj/b", 0.0))
+  # Phase 2's MLP baseline has no Q-Former: its entry is skipped, the
+  # others still apply.
+  assert optim.lr_multipliers(paths, mults, ("qformer", "proj")) == {
+    "proj/w": 1.0,
+    "proj/b": 0.0,
+  }
+  # Not declared optional, or a typo of the group name: still an error.
+  with pytest.raises(ValueError, match="'qformer/.*' matches no trainable"):
+    optim.lr_multipliers(paths, mults)
+  with pytest.raises(ValueError, match="'qfromer/.*' matches no trainable"):
+    optim.lr_multipliers(paths, (("qfromer/.*", 0.1),), ("qformer",))
+  # Present but unmatched (all of its leaves frozen, say): an error too.
+  with pytest.raises(ValueError, match="'proj/x' matches no trainable"):
+    optim.lr_multipliers(paths, (("proj/x", 0.1),), ("proj",))
+
+
 def test_group_norms_split_the_global_norm_by_top_level_group(tmp_path):
   grads = {
     "a/x": jnp.array([3.0, 4.0]),

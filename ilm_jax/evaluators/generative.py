@@ -179,6 +179,23 @@ class _PromptEvaluator:
       bar.update(real)
     bar.done()
 
+  def _generate(self, params, requests, what, max_new_tokens):
+    """Greedy continuations of `requests`, decoded: list[str]."""
+    texts = []
+    for real, batch in self._batches(requests, what=what):
+      embeds = self._embed(params, batch)
+      tokens = decoding.greedy(
+        self.model.llm,
+        params["llm"],
+        prompt_embeds=embeds,
+        prompt_mask=batch["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        eos_id=self.tokenizer.eos_id,
+        pad_id=self.tokenizer.pad_id,
+      )
+      texts += [self.tokenizer.decode(row) for row in np.asarray(tokens)[:real]]
+    return texts
+
 
 class _UserPromptEvaluator(_PromptEvaluator):
   """One prompt per user of a fixed, seeded subset (`num_users`; 0 = all)."""
@@ -370,22 +387,6 @@ class DescriptionEvaluator(_PromptEvaluator):
     self._log_likelihood = jax.jit(self.model.answer_log_likelihood)
     self._item_text_embeddings = None
 
-  def _generate(self, params, requests, what):
-    texts = []
-    for real, batch in self._batches(requests, what=what):
-      embeds = self._embed(params, batch)
-      tokens = decoding.greedy(
-        self.model.llm,
-        params["llm"],
-        prompt_embeds=embeds,
-        prompt_mask=batch["attention_mask"],
-        max_new_tokens=self.max_new_tokens,
-        eos_id=self.tokenizer.eos_id,
-        pad_id=self.tokenizer.pad_id,
-      )
-      texts += [self.tokenizer.decode(row) for row in np.asarray(tokens)[:real]]
-    return texts
-
   def run(self, params):
     if self._item_text_embeddings is None:
       self._item_text_embeddings = cached_sentence_embeddings(
@@ -400,7 +401,10 @@ class DescriptionEvaluator(_PromptEvaluator):
       ]
       which = "unseen" if unseen else "seen"
       generated = self._generate(
-        params, requests, f"{self.name} {which} descriptions"
+        params,
+        requests,
+        f"{self.name} {which} descriptions",
+        self.max_new_tokens,
       )
       similarity = sentence_embeddings(generated) @ self._item_text_embeddings.T
       consistent = similarity.argmax(axis=1) == self.items
@@ -470,4 +474,70 @@ class ShuffledEntitiesEvaluator(_UserPromptEvaluator):
         per_user[metric] = column
         yield metric, float(np.mean(column))
     yield "shuffled_entities/users", len(self.users)
+    yield metric_writer.PER_USER, per_user
+
+
+@registry.register("item_naming")
+class ItemNamingEvaluator(_UserPromptEvaluator):
+  """Share of target items the LLM names exactly from their soft tokens."""
+
+  def __init__(self, name, config, **context):
+    super().__init__(name, config, **context)
+    self.templates = tuple(config.get("templates", ("seen",)))
+    if not self.templates or set(self.templates) - {"seen", "unseen"}:
+      raise ValueError(
+        f"evals.{name}.templates={self.templates!r}: expected a non-empty "
+        "tuple of 'seen' and/or 'unseen'."
+      )
+    split = self.dataset.leave_one_out(self.split)
+    target_of = dict(
+      zip(split.users.tolist(), split.targets.tolist(), strict=True)
+    )
+    self.items = np.array([target_of[int(u)] for u in self.users], np.int64)
+    # Room for the longest of these titles (and a token to spare), so a
+    # title is never cut short of matching.
+    self.max_new_tokens = 1 + max(
+      len(
+        self.tokenizer.encode(
+          self.dataset.item_titles[i], add_special_tokens=False
+        )
+      )
+      for i in set(self.items.tolist())
+    )
+
+  def run(self, params):
+    per_user = {"user_ids": np.asarray(self.users)}
+    titles = self.dataset.item_titles
+    for which in self.templates:
+      requests = [
+        self.sampler.evaluation_request(
+          "description",
+          int(item),
+          self.split,
+          which == "unseen",
+          template_index=n,
+        )
+        for n, item in enumerate(self.items)
+      ]
+      generated = self._generate(
+        params, requests, f"{self.name} {which} items", self.max_new_tokens
+      )
+      named = np.array(
+        [
+          text.strip().startswith(titles[item])
+          for text, item in zip(generated, self.items, strict=True)
+        ],
+        np.float64,
+      )
+      name = f"naming/{which}/share_title_exact"
+      per_user[name] = named
+      yield name, float(named.mean())
+      logging.info(
+        "[%s] %s: %r named as %r",
+        self.name,
+        which,
+        titles[self.items[0]],
+        generated[0],
+      )
+    yield "naming/users", len(self.users)
     yield metric_writer.PER_USER, per_user

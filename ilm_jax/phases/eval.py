@@ -6,7 +6,9 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
   - one row per metrics file: users, HR@10 / NDCG@10 with their 95%
     intervals (from the file: Wilson for HR, bootstrap for NDCG), HR@5 /
     NDCG@5, semantic consistency, the target-title NLL gain of true over
-    shuffled entities (`shuffled_entities`, nats per token), the shares of
+    shuffled entities (`shuffled_entities`, nats per token), the share of
+    target items named exactly from their soft tokens (`item_naming`), the
+    shares of
     first titles the user watched before and among the 100 most popular
     items, wall time; rows whose file has no per-user results (older
     runs) print with "no" in the per-user column and no intervals;
@@ -142,6 +144,7 @@ def results_table(workdir: pathlib.Path) -> str:
       "seen ndcg@5",
       "semantic consistency (seen)",
       "target NLL gain, shuffled entities [95% CI]",
+      "target named from its soft tokens (seen) [95% CI]",
       "first title watched / popular (seen)",
       "per-user",
       "phase wall time (s)",
@@ -178,6 +181,7 @@ def results_table(workdir: pathlib.Path) -> str:
       + [
         _cell(consistency),
         _interval_cell(values, "sequential/target_nll_gain"),
+        _interval_cell(values, "naming/seen/share_title_exact"),
         _shares_cell(values),
         "yes" if metric_writer.PER_USER in values else "no",
         "–" if wall is None else f"{wall:.0f}",

@@ -148,6 +148,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     loss_fn=model.loss,
     train_iterator=iterator,
     evaluators=evaluators,
+    optional_param_groups=ilm.ADAPTER_PARTS,
   )
   return Phase2(
     task=task, model=model, sampler=sampler, encoder=encoder, examples=examples
