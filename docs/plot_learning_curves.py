@@ -60,22 +60,31 @@ SERIES = (
   ("MLP projector (CoLLM-style)", "curve_mlp"),
   ("Text-only", "curve_textonly"),
   ("ILM-rand (no phase 1)", "curve_rand"),
+  ("ILM-rand, projector lr 1e-3, Q-Former lr 1e-4", "curve_randlr"),
+  ("MLP projector, lr 1e-3", "curve_mlplr"),
 )
+# (label, metrics-file prefixes): the first file found is drawn.
 REFERENCES = (
-  ("SASRec", "sasrec"),
-  ("Zero-shot LLM", "ilm_zeroshot"),
+  ("SASRec", ("sasrec",)),
+  # The 500-user row (variant curve_zeroshot), else the main command's.
+  ("Zero-shot LLM", ("ilm_curve_zeroshot", "ilm_zeroshot")),
 )
 # (metric, templates) per panel, row by row. GAIN is the shuffled-entities
 # probe (evaluators/generative.py): target-title NLL with swapped soft-token
 # entities minus with the true ones, nats per token; its "templates" are
 # the seen ones.
+# NAMED is the item-naming probe: the share of target items named exactly
+# from their soft tokens.
 GAIN = "target_nll_gain"
+NAMED = "share_title_exact"
 PANELS = (
   ("hr@10", "seen"),
   ("hr@10", "unseen"),
+  ("masked_hr@10", "seen"),
   ("ndcg@10", "seen"),
   ("ndcg@10", "unseen"),
   (GAIN, "seen"),
+  (NAMED, "seen"),
 )
 
 
@@ -106,6 +115,8 @@ class Run:
 def _key(metric: str, templates: str) -> str:
   if metric == GAIN:
     return f"sequential/{GAIN}"
+  if metric == NAMED:
+    return f"naming/{templates}/{NAMED}"
   return f"sequential/{templates}/{metric}"
 
 
@@ -155,7 +166,7 @@ def read_run(workdir: pathlib.Path, name: str, loss_key: str = "loss") -> Run:
     key = _key(metric, templates)
     interval = payload.get(key + metric_writer.INTERVAL_SUFFIX) or [None] * 2
     low, high = (np.nan if v is None else v for v in interval)
-    # Runs evaluated before the probe existed have no GAIN.
+    # Runs evaluated before a probe existed lack its value.
     values[(metric, templates)] = (payload.get(key, np.nan), low, high)
   per_user = metric_writer.read_per_user(payload)
   batch_size = int(payload["train"]["batch_size"])
@@ -197,9 +208,13 @@ def reference_values(
   Phase-0 rows have no templates: their one value serves both columns.
   """
   found = {}
-  for label, prefix in refs:
-    for workdir in workdirs:
-      path = workdir / "metrics" / f"{prefix}_test.json"
+  for label, prefixes in refs:
+    candidates = [
+      (prefix, workdir / "metrics" / f"{prefix}_test.json")
+      for prefix in prefixes
+      for workdir in workdirs
+    ]
+    for prefix, path in candidates:
       if not path.exists():
         continue
       payload = json.loads(path.read_text())
@@ -224,17 +239,17 @@ def plot(
   references: dict[str, dict[tuple[str, str], float]],
   out: pathlib.Path,
 ) -> matplotlib.figure.Figure:
-  """Draws the curves (2 x 3 panels) into the PNG `out`; returns the figure.
+  """Draws the curves (2 x 4 panels) into the PNG `out`; returns the figure.
 
   Metric panels: one line per series through its runs' means, a band
   between their 95% interval ends, x = training prompts (log scale). Loss
   panel: each run's logged loss against prompts seen.
   """
-  figure, axes = plt.subplots(2, 3, figsize=(15, 9), squeeze=False)
+  figure, axes = plt.subplots(2, 4, figsize=(20, 9), squeeze=False)
   colors = dict(
     zip(curves, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False)
   )
-  panel_axes = [axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1], axes[1, 2]]
+  panel_axes = [axes[0, 0], axes[0, 1], axes[0, 2]] + list(axes[1])
   for ax, panel in zip(panel_axes, PANELS, strict=True):
     for label, runs in curves.items():
       x = np.array([run.prompts for run in runs], np.float64)
@@ -254,10 +269,16 @@ def plot(
     if panel[0] == GAIN:
       ax.axhline(0.0, color="black", lw=0.8)
       ax.set_title("target-title NLL, shuffled - true entities (nats/token)")
+    elif panel[0] == NAMED:
+      ax.set_title("target item named from its soft tokens (share)")
+      ax.set_ylim(bottom=0)
+    elif panel[0].startswith("masked_"):
+      ax.set_title(f"test HR@10, history masked ({panel[1]} templates)")
+      ax.set_ylim(bottom=0)
     else:
       ax.set_title(f"test {panel[0].upper()} ({panel[1]} templates)")
       ax.set_ylim(bottom=0)
-  loss_ax = axes[0, 2]
+  loss_ax = axes[0, 3]
   for label, runs in curves.items():
     for run in runs:
       if len(run.loss):

@@ -145,15 +145,21 @@ def test_plot_draws_the_collected_values_into_a_png(workdirs, tmp_path):
     at_x = band[np.isclose(band[:, 0], run.prompts), 1]
     assert np.isclose(at_x, low).any() and np.isclose(at_x, high).any()
   # The shuffled-entities panel plots each run's mean gain.
-  gain_lines = {ln.get_label(): ln for ln in figure.axes[5].get_lines()}
+  gain_lines = {ln.get_label(): ln for ln in figure.axes[6].get_lines()}
   np.testing.assert_array_equal(
     gain_lines["ILM (Q-Former)"].get_ydata(),
     [r.values[(plot_learning_curves.GAIN, "seen")][0] for r in ilm],
   )
   # The loss panel holds every run's logged losses.
-  loss_lines = figure.axes[2].get_lines()
+  loss_lines = figure.axes[3].get_lines()
   assert len(loss_lines) == 5
   np.testing.assert_allclose(loss_lines[0].get_ydata(), [0.3, 0.125])
+  # The naming panel, last, plots each run's share of named targets.
+  named = {ln.get_label(): ln for ln in figure.axes[7].get_lines()}
+  np.testing.assert_array_equal(
+    named["ILM (Q-Former)"].get_ydata(),
+    [r.values[(plot_learning_curves.NAMED, "seen")][0] for r in ilm],
+  )
 
 
 def test_main_writes_the_png(workdirs, tmp_path, capsys):
@@ -207,3 +213,22 @@ def test_task_loss_divides_the_interval_sums_and_skips_intervals_without_it(
   )
   np.testing.assert_array_equal(prompts, [16, 48])
   np.testing.assert_allclose(loss, [2.0, 0.75])
+
+
+def test_the_zero_shot_reference_prefers_the_500_user_row(workdirs):
+  dirs, _ = workdirs
+  key = plot_learning_curves._key("hr@10", "seen")
+
+  def write(workdir, name, hits):
+    metric_writer.write_metrics(
+      workdir / "metrics" / f"{name}_test.json",
+      {key: float(np.mean(hits))},
+      {"user_ids": USERS, key: hits},
+    )
+
+  write(dirs[1], "ilm_zeroshot", (USERS < 4).astype(float))  # 0.1
+  found = plot_learning_curves.reference_values(dirs, USERS)
+  assert found["Zero-shot LLM"][("hr@10", "seen")] == 0.1
+  write(dirs[1], "ilm_curve_zeroshot", (USERS < 8).astype(float))  # 0.2
+  found = plot_learning_curves.reference_values(dirs, USERS)
+  assert found["Zero-shot LLM"][("hr@10", "seen")] == 0.2
