@@ -1,6 +1,7 @@
 """Phase-2 evaluators: the shuffled-entities probe, what ranked lists hold."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -292,8 +293,50 @@ def test_item_naming_counts_generations_that_start_with_the_target_title(
   np.testing.assert_array_equal(per_user[name], expected)
   assert results[name] == pytest.approx(np.mean(expected))
   assert results["naming/users"] == USERS
-  # Room for the longest target title plus one token.
+  # Genres, against the target and against the shuffled control (a
+  # permutation of the same targets); the synthetic titles have no year.
+  assert sorted(evaluator.shuffled) == sorted(targets)
+
+  def shares_genre(answer, item):
+    # Synthetic items have one genre each.
+    listed = dataset.item_texts[item].split("Genres: ")[1].split(".")[0]
+    said = (
+      answer.split("Genres: ")[1].split(".")[0] if "Genres: " in answer else ""
+    )
+    return float(listed in said.split(", "))
+
+  for column, items in (("", targets), ("_shuffled", evaluator.shuffled)):
+    np.testing.assert_array_equal(
+      per_user[f"naming/seen/share_genre_overlap{column}"],
+      [shares_genre(a, i) for a, i in zip(answers, items, strict=True)],
+    )
+    assert not per_user[f"naming/seen/share_year_exact{column}"].any()
+  # Room for the longest target title and the genres after it.
   longest = max(
     len(tokenizer.encode(t, add_special_tokens=False)) for t in titles
   )
-  assert evaluator.max_new_tokens == longest + 1
+  assert evaluator.max_new_tokens == longest + generative._GENRE_TOKENS
+
+
+def test_item_naming_scores_title_year_and_genres_by_hand(context):
+  evaluator = generative.ItemNamingEvaluator.__new__(
+    generative.ItemNamingEvaluator
+  )
+  evaluator.dataset = types.SimpleNamespace(
+    item_titles=["Heat (1995)", "Up (2009)", "Untitled"],
+    item_texts=[
+      "Heat (1995). Genres: Action, Crime, Thriller. Director: M. Mann.",
+      "Up (2009). Genres: Animation, Children's.",
+      "Untitled. Director: Nobody.",
+    ],
+  )
+  answers = [
+    "Heat (1995). Genres: Crime.",  # all three
+    " Heat 2 (1995). Genres: Drama. Cast: Crime",  # year; genres not listed
+    "Up (2010). Genres: Children's, Comedy.",  # title stops at "Up (20"
+    "Untitled (2001). Genres: Drama.",  # the item has no year nor genres
+  ]
+  scores = evaluator._scores(answers, [0, 0, 1, 2])
+  np.testing.assert_array_equal(scores["share_title_exact"], [1, 0, 0, 1])
+  np.testing.assert_array_equal(scores["share_year_exact"], [1, 1, 0, 0])
+  np.testing.assert_array_equal(scores["share_genre_overlap"], [1, 0, 1, 0])

@@ -31,11 +31,24 @@ with every soft-token entity swapped for a random one of the same kind
 near 0 says the adapter passes no usable identity (it may still teach the
 LLM what a title looks like); a counterfactual probe of our own, not one of
 the paper's metrics.
+
+`item_naming`: can the LLM name an item from its soft tokens alone? For each
+user of the subset, the description prompt of the split's target item
+(the item the sequential task must name), decoded greedily;
+`naming/<which>/share_title_exact` is 1 when the answer starts with that
+item's exact title (the description answer begins with it), and
+`share_year_exact` / `share_genre_overlap` score coarser attributes, each
+beside its `_shuffled` chance level (the same answers scored against
+another user's target). A recommender that writes titles needs this
+grounding first; prompts that write the title as text (text-only,
+zero-shot) pass by copying it, an upper reference. Our probe, not one of
+the paper's metrics.
 """
 
 import functools
 import hashlib
 import pathlib
+import re
 import time
 
 import jax
@@ -479,7 +492,16 @@ class ShuffledEntitiesEvaluator(_UserPromptEvaluator):
 
 @registry.register("item_naming")
 class ItemNamingEvaluator(_UserPromptEvaluator):
-  """Share of target items the LLM names exactly from their soft tokens."""
+  """What of its target item the LLM names from the item's soft tokens.
+
+  Per user (0/1): `share_title_exact` (the answer starts with the exact
+  title), `share_year_exact` (the first "(YYYY)" of the answer is the
+  title's year), `share_genre_overlap` (the answer's "Genres: ..." list
+  shares a genre with the item's). The `_shuffled` variants score the same
+  answers against another user's target (a seeded permutation): the chance
+  level of a model that writes plausible years and genres without reading
+  the soft tokens, to pair with the real score.
+  """
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
@@ -494,9 +516,9 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
       zip(split.users.tolist(), split.targets.tolist(), strict=True)
     )
     self.items = np.array([target_of[int(u)] for u in self.users], np.int64)
-    # Room for the longest of these titles (and a token to spare), so a
-    # title is never cut short of matching.
-    self.max_new_tokens = 1 + max(
+    self.shuffled = np.random.default_rng(self.seed).permutation(self.items)
+    # Room for the longest of these titles and the genres after it.
+    self.max_new_tokens = _GENRE_TOKENS + max(
       len(
         self.tokenizer.encode(
           self.dataset.item_titles[i], add_special_tokens=False
@@ -504,6 +526,24 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
       )
       for i in set(self.items.tolist())
     )
+
+  def _scores(self, texts, items) -> dict[str, np.ndarray]:
+    """0/1 per answer: exact title, year and a shared genre with `items`."""
+    titles, item_texts = self.dataset.item_titles, self.dataset.item_texts
+    columns = {"share_title_exact": [], "share_year_exact": []}
+    columns["share_genre_overlap"] = []
+    for text, item in zip(texts, items, strict=True):
+      text = text.strip()
+      columns["share_title_exact"].append(text.startswith(titles[item]))
+      year = _YEAR.search(titles[item])
+      said = _YEAR.search(text)
+      columns["share_year_exact"].append(
+        bool(year and said and year.group(1) == said.group(1))
+      )
+      columns["share_genre_overlap"].append(
+        bool(_genres(text) & _genres(item_texts[item]))
+      )
+    return {k: np.asarray(v, np.float64) for k, v in columns.items()}
 
   def run(self, params):
     per_user = {"user_ids": np.asarray(self.users)}
@@ -522,16 +562,19 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
       generated = self._generate(
         params, requests, f"{self.name} {which} items", self.max_new_tokens
       )
-      named = np.array(
-        [
-          text.strip().startswith(titles[item])
-          for text, item in zip(generated, self.items, strict=True)
-        ],
-        np.float64,
+      columns = self._scores(generated, self.items)
+      shuffled = self._scores(generated, self.shuffled)
+      columns.update(
+        {
+          f"{k}_shuffled": v
+          for k, v in shuffled.items()
+          if k != "share_title_exact"
+        }
       )
-      name = f"naming/{which}/share_title_exact"
-      per_user[name] = named
-      yield name, float(named.mean())
+      for metric, column in columns.items():
+        name = f"naming/{which}/{metric}"
+        per_user[name] = column
+        yield name, float(column.mean())
       logging.info(
         "[%s] %s: %r named as %r",
         self.name,
@@ -541,3 +584,17 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
       )
     yield "naming/users", len(self.users)
     yield metric_writer.PER_USER, per_user
+
+
+# Answer tokens past the title: ". Genres: Action, Adventure, Sci-Fi."
+_GENRE_TOKENS = 16
+_YEAR = re.compile(r"\((\d{4})\)")
+_GENRE_LIST = re.compile(r"Genres: ([^.]*)")
+
+
+def _genres(text: str) -> set[str]:
+  """The genres of the first "Genres: a, b." in `text` (empty if none)."""
+  found = _GENRE_LIST.search(text)
+  if not found:
+    return set()
+  return {g.strip() for g in found.group(1).split(",") if g.strip()}
