@@ -270,7 +270,7 @@ def plot(
       ax.axhline(0.0, color="black", lw=0.8)
       ax.set_title("target-title NLL, shuffled - true entities (nats/token)")
     elif panel[0] == NAMED:
-      ax.set_title("target item named from its soft tokens (share)")
+      ax.set_title("target item named, exact title (share; text rows copy it)")
       ax.set_ylim(bottom=0)
     elif panel[0].startswith("masked_"):
       ax.set_title(f"test HR@10, history masked ({panel[1]} templates)")
