@@ -340,3 +340,17 @@ def test_item_naming_scores_title_year_and_genres_by_hand(context):
   np.testing.assert_array_equal(scores["share_title_exact"], [1, 0, 0, 1])
   np.testing.assert_array_equal(scores["share_year_exact"], [1, 1, 0, 0])
   np.testing.assert_array_equal(scores["share_genre_overlap"], [1, 0, 1, 0])
+
+
+@pytest.mark.parametrize("kind", ["item_naming", "generative_ranking"])
+def test_unknown_template_kinds_are_named(context, kind):
+  model, _ = _model_and_params(context, "mlp")
+  with pytest.raises(
+    ValueError, match=r"evals.bad.templates=\('seen', 'sen'\)"
+  ):
+    registry.from_config(
+      {"bad": dict(type=kind, split="test", templates=("seen", "sen"))},
+      model=model,
+      seed=0,
+      **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+    )

@@ -62,6 +62,21 @@ from ilm_jax.evaluators import registry
 from ilm_jax.models import bert
 
 
+def _templates(name, config, default) -> tuple[str, ...]:
+  """`evals.<name>.templates`: which template kinds to evaluate.
+
+  Raises:
+    ValueError: empty, or a kind other than 'seen' / 'unseen'.
+  """
+  templates = tuple(config.get("templates", default))
+  if not templates or set(templates) - {"seen", "unseen"}:
+    raise ValueError(
+      f"evals.{name}.templates={templates!r}: expected a non-empty "
+      "tuple of 'seen' and/or 'unseen'."
+    )
+  return templates
+
+
 def _subset(total: int, count: int, seed: int) -> np.ndarray:
   """The first `count` (0: all) of a seeded permutation of range(total)."""
   order = np.random.default_rng(seed).permutation(total)
@@ -248,12 +263,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     self.num_beams = config.get("num_beams", 10)
     self.mask_history = bool(config.get("mask_history", False))
     self.prefix = "masked_" if self.mask_history else ""
-    self.templates = tuple(config.get("templates", ("seen", "unseen")))
-    if not self.templates or set(self.templates) - {"seen", "unseen"}:
-      raise ValueError(
-        f"evals.{name}.templates={self.templates!r}: expected a non-empty "
-        "tuple of 'seen' and/or 'unseen'."
-      )
+    self.templates = _templates(name, config, ("seen", "unseen"))
     split = self.dataset.leave_one_out(self.split)
     self._history_of = dict(
       zip(split.users.tolist(), split.histories(), strict=True)
@@ -505,12 +515,7 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
-    self.templates = tuple(config.get("templates", ("seen",)))
-    if not self.templates or set(self.templates) - {"seen", "unseen"}:
-      raise ValueError(
-        f"evals.{name}.templates={self.templates!r}: expected a non-empty "
-        "tuple of 'seen' and/or 'unseen'."
-      )
+    self.templates = _templates(name, config, ("seen",))
     split = self.dataset.leave_one_out(self.split)
     target_of = dict(
       zip(split.users.tolist(), split.targets.tolist(), strict=True)
