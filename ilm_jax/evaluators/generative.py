@@ -535,8 +535,11 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
   def _scores(self, texts, items) -> dict[str, np.ndarray]:
     """0/1 per answer: exact title, year and a shared genre with `items`."""
     titles, item_texts = self.dataset.item_titles, self.dataset.item_texts
-    columns = {"share_title_exact": [], "share_year_exact": []}
-    columns["share_genre_overlap"] = []
+    columns = {
+      "share_title_exact": [],
+      "share_year_exact": [],
+      "share_genre_overlap": [],
+    }
     for text, item in zip(texts, items, strict=True):
       text = text.strip()
       columns["share_title_exact"].append(text.startswith(titles[item]))
