@@ -9,6 +9,9 @@ over a fixed set of users, so the unit of resampling is the user:
                       interval and a two-sided p-value for "no difference";
   mcnemar             two rows' binary hits on the same users: exact
                       McNemar test on the discordant pairs;
+  above_chance        one row's hits against a uniformly random top-k
+                      list (HR@k of chance = k / catalogue items): exact
+                      one-sided binomial test;
   align               two rows' per-user arrays restricted to the users
                       both evaluated, in one order.
 Resampling uses `scipy.stats.bootstrap` with a fixed seed, so a metrics
@@ -234,6 +237,58 @@ def mcnemar(a_hits, b_hits) -> McNemar:
     else float(scipy.stats.binomtest(only_a, discordant, 0.5).pvalue)
   )
   return McNemar(len(a), only_a, only_b, p_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChanceTest:
+  """Exact one-sided binomial test of a row's hits against chance.
+
+  Attributes:
+    users: number of users evaluated.
+    hits: users whose target is in their list.
+    chance: a user's hit probability under chance (e.g. 10 / items).
+    p_value: P(X >= hits), X ~ Binomial(users, chance).
+  """
+
+  users: int
+  hits: int
+  chance: float
+  p_value: float
+
+  @property
+  def ratio(self) -> float:
+    """The hit rate over the chance rate (1: no better than chance)."""
+    return self.hits / self.users / self.chance
+
+
+def above_chance(hits: int, users: int, chance: float) -> ChanceTest:
+  """Is a hit count above what a uniformly random list gets?
+
+  A list of k distinct items drawn uniformly from N catalogue items holds
+  a user's one held-out target with probability k / N, independently per
+  user, so under chance the hits of `users` users are Binomial(users,
+  k / N). E.g. 6 hits of 500 users at 10 / 3416 (1.46 expected) give
+  p = 0.0039.
+
+  Args:
+    hits: users hit (HR@k x users, an integer count).
+    users: users evaluated (> 0).
+    chance: the per-user hit probability under chance, in (0, 1).
+
+  Returns:
+    A ChanceTest with the one-sided p-value ("more hits than chance").
+
+  Raises:
+    ValueError: users < 1, hits outside [0, users], or chance not in (0, 1).
+  """
+  if users < 1 or not 0 <= hits <= users:
+    raise ValueError(
+      f"Need 0 <= hits <= users and users >= 1: {hits}, {users}."
+    )
+  if not 0 < chance < 1:
+    raise ValueError(f"chance must be in (0, 1), got {chance}.")
+  test = scipy.stats.binomtest(int(hits), int(users), chance, "greater")
+  return ChanceTest(int(users), int(hits), float(chance), float(test.pvalue))
 
 
 def align(

@@ -391,7 +391,7 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
     tmp_path / "metrics" / "popularity_test.json",
     {"hr@10": 0.1, "ndcg@10": 0.05, "users": 60.0},
   )
-  table = eval_phase.results_table(tmp_path)
+  table = eval_phase.results_table(tmp_path, num_items=100)
   ilm = json.loads((tmp_path / "metrics" / "ilm_test.json").read_text())
   low, high = ilm["sequential/seen/hr@10_ci95"]
   assert low < 1 / 3 < high
@@ -411,6 +411,10 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
     f"0.2000 [{wilson.low:.4f}, {wilson.high:.4f}]"
   )
   assert ilm_line.split(" | ")[-3] == "0.100 / 0.500"
+  # Chance: a random top-10 of 100 items hits with 0.1; 10 of 30 users hit.
+  # P(X >= 10), X ~ Binomial(30, 0.1), by hand.
+  tail = sum(math.comb(30, i) * 0.1**i * 0.9 ** (30 - i) for i in range(10, 31))
+  assert f"| 3.3x, p = {tail:.3g} |" in ilm_line
   # Shares are proportions: Wilson intervals, like HR.
   low, high = ilm["sequential/seen/share_top1_popular_ci95"]
   wilson = scipy.stats.binomtest(15, 30).proportion_ci(method="wilson")
@@ -420,6 +424,13 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   )
   assert "| 60 | 0.1000 | 0.0500 | – | – |" in popularity
   assert popularity.split(" | ")[-2] == "no"  # marked, still printed
+  assert "| 1.0x, p = " in popularity  # 6 of 60 hit: chance's own rate
+  # SASRec hits all 60 users: p = 0.1**60 = 1e-60; the tail is printed,
+  # never a bare 0 (below float64's range: "< 1e-300").
+  sasrec = next(line for line in table.splitlines() if "SASRec" in line)
+  assert "| 10.0x, p = 1e-60 |" in sasrec
+  assert eval_phase._p_cell(0.0) == "< 1e-300"
+  assert "| 3.3x" not in eval_phase.results_table(tmp_path)  # no catalogue
   assert "| ilm_curve_s80 | 30 |" in table  # extra variants follow
 
   paired = eval_phase.paired_table(tmp_path, "seen")

@@ -188,3 +188,27 @@ def test_mean_interval_is_wilson_for_hits_and_bootstrap_otherwise():
   assert stats.mean_interval(np.zeros(9), False) == (0.0, 0.0)
   with pytest.raises(ValueError, match="must be 0 or 1"):
     stats.mean_interval(gains, proportion=True)
+
+
+def test_above_chance_is_the_binomial_tail_by_hand():
+  # 6 hits of 500 users at 10 / 3416: P(X >= 6) = 1 - sum_{i<6} pmf(i).
+  n, p = 500, 10 / 3416
+  by_hand = 1 - sum(
+    math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(6)
+  )
+  result = stats.above_chance(6, 500, p)
+  assert result.p_value == pytest.approx(by_hand, rel=1e-9)
+  assert result.p_value == pytest.approx(0.0039, abs=1e-4)
+  assert result.ratio == pytest.approx(6 / 500 / p)
+  # No hits: P(X >= 0) = 1; every user hit at p = 1/2: 2**-users.
+  assert stats.above_chance(0, 50, 0.01).p_value == 1.0
+  assert stats.above_chance(4, 4, 0.5).p_value == pytest.approx(1 / 16)
+
+
+def test_above_chance_rejects_impossible_counts():
+  with pytest.raises(ValueError, match="hits"):
+    stats.above_chance(5, 4, 0.1)
+  with pytest.raises(ValueError, match="users"):
+    stats.above_chance(0, 0, 0.1)
+  with pytest.raises(ValueError, match="chance"):
+    stats.above_chance(1, 10, 0.0)

@@ -5,7 +5,9 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
 `WORKDIR/results.md`:
   - one row per metrics file: users, HR@10 / NDCG@10 with their 95%
     intervals (from the file: Wilson for HR, bootstrap for NDCG), HR@5 /
-    NDCG@5, semantic consistency, the target-title NLL gain of true over
+    NDCG@5, seen HR@10 over chance (a uniformly random top-10 list of
+    the catalogue's items, 10 / items) with its exact one-sided binomial
+    p-value, semantic consistency, the target-title NLL gain of true over
     shuffled entities (`shuffled_entities`, nats per token), the share of
     target items named exactly from their soft tokens (`item_naming`), the
     shares of
@@ -28,7 +30,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ilm_jax import layout, metric_writer, stats
+from ilm_jax import data, layout, metric_writer, stats
 
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # Row label for each metrics-file prefix, in table order. Other
@@ -73,6 +75,8 @@ def _cell(value) -> str:
 
 
 def _p_cell(value) -> str:
+  if value == 0:  # below float64's range (e.g. SASRec's binomial tail)
+    return "< 1e-300"
   return "–" if value is None else f"{value:.3g}"
 
 
@@ -128,8 +132,26 @@ def _metric_name(prefix: str, which: str, metric: str) -> str:
   return metric  # phase 0: no templates
 
 
-def results_table(workdir: pathlib.Path) -> str:
-  """The markdown table of every test-metrics file present in `workdir`."""
+def _chance_cell(values: dict, prefix: str, num_items: int | None) -> str:
+  """ "ratio x, p = ..." of seen HR@10 against 10 / num_items."""
+  hit_rate, users = (
+    values.get(_metric_name(prefix, "seen", "hr@10")),
+    values.get("users"),
+  )
+  if hit_rate is None or not users or not num_items or num_items <= 10:
+    return "–"
+  test = stats.above_chance(round(hit_rate * users), int(users), 10 / num_items)
+  return f"{test.ratio:.1f}x, p = {_p_cell(test.p_value)}"
+
+
+def results_table(workdir: pathlib.Path, num_items: int | None = None) -> str:
+  """The markdown table of every test-metrics file present in `workdir`.
+
+  Args:
+    workdir: the experiment's workdir.
+    num_items: the catalogue's size, for the chance column (HR@10 of a
+      uniformly random top-10 list is 10 / num_items); None: "–".
+  """
   phases = layout.read_phases(workdir)
   header = (
     ["model", "users"]
@@ -140,6 +162,7 @@ def results_table(workdir: pathlib.Path) -> str:
     ]
     + [
       "seen hr@10, history masked [95% CI]",
+      "seen hr@10 / chance (10 / items), binomial p",
       "seen hr@5",
       "seen ndcg@5",
       "semantic consistency (seen)",
@@ -161,7 +184,8 @@ def results_table(workdir: pathlib.Path) -> str:
       for m in ("hr@10", "ndcg@10")
     ]
     more = [
-      _interval_cell(values, _metric_name(prefix, "seen", "masked_hr@10"))
+      _interval_cell(values, _metric_name(prefix, "seen", "masked_hr@10")),
+      _chance_cell(values, prefix, num_items),
     ]
     more += [
       _cell(values.get(_metric_name(prefix, "seen", m)))
@@ -291,9 +315,11 @@ def qformer_table(workdir: pathlib.Path) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
-  del config, mesh
+  del mesh
   workdir = pathlib.Path(workdir).absolute()
-  table = results_table(workdir)
+  # The chance column's catalogue size (the processed cache: seconds).
+  num_items = data.load_dataset(config.data).num_items
+  table = results_table(workdir, num_items)
   phase1 = qformer_table(workdir)
   phases = layout.read_phases(workdir)
   timings = "\n".join(
