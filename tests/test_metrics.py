@@ -380,11 +380,19 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
     sequential__seen__share_top1_in_history=users < 3,  # 0.1
     sequential__seen__share_top1_popular=users < 15,  # 0.5
     naming__seen__share_title_exact=users < 6,  # 0.2
+    **{"sequential__unseen__hr@10": ilm_hits},
   )
   mlp_users = np.arange(20)
   mlp_hits = ((mlp_users == 0) | (mlp_users >= 2)).astype(float)
   mlp_hits[19] = 0.0
-  _write_row(tmp_path, "ilm_mlp", mlp_users, mlp_hits, mlp_hits * 0.25)
+  _write_row(
+    tmp_path,
+    "ilm_mlp",
+    mlp_users,
+    mlp_hits,
+    mlp_hits * 0.25,
+    **{"sequential__unseen__hr@10": mlp_hits},
+  )
   _write_row(tmp_path, "ilm_curve_s80", users, ilm_hits, ilm_hits * 0.5)
   _write_row(tmp_path, "sasrec", np.arange(60), np.ones(60), np.ones(60), False)
   metric_writer.write_json(
@@ -462,6 +470,8 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   # Phase-0 rows have no unseen templates: only phase-2 rows there.
   unseen = eval_phase.paired_table(tmp_path, "unseen")
   assert "SASRec" not in unseen and "CoLLM" in unseen
+  # A seen-only run (the curve row) is left out of the unseen table.
+  assert "curve" in paired and "curve" not in unseen
 
 
 def test_masked_lists_get_their_column_and_paired_table(tmp_path):

@@ -283,7 +283,8 @@ def paired_table(
     for prefix, label, values in rows
     if prefix != REFERENCE
     and (which == "seen" or prefix.startswith("ilm"))
-    and (not masked or _metric_name(prefix, which, masked + "hr@10") in values)
+    # Rows without these lists (e.g. a seen-only run in the unseen table).
+    and _metric_name(prefix, which, masked + "hr@10") in values
   ]
   return _table(header, body) if body else ""
 
