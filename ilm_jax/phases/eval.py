@@ -75,9 +75,11 @@ def _cell(value) -> str:
 
 
 def _p_cell(value) -> str:
+  if value is None:
+    return "–"
   if value == 0:  # below float64's range (e.g. SASRec's binomial tail)
     return "< 1e-300"
-  return "–" if value is None else f"{value:.3g}"
+  return f"{value:.3g}"
 
 
 def _interval_cell(values: dict, name: str) -> str:
