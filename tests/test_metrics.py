@@ -285,6 +285,21 @@ def test_user_subsets_are_nested_prefixes_of_one_permutation():
   assert not np.array_equal(generative._subset(6040, 100, seed=1), small)
 
 
+def test_catalog_coverage_counts_distinct_listed_items():
+  ranked = np.array([[4, 1, -1], [4, 2, 3], [4, 1, 0]])
+  # Top-1: only item 4 -> 1 of 10 items; top-2: {4, 1, 2}; top-3 adds 3, 0
+  # (the empty slot -1 is not an item).
+  assert generative.catalog_coverage(ranked, 10, 1) == pytest.approx(0.1)
+  assert generative.catalog_coverage(ranked, 10, 2) == pytest.approx(0.3)
+  assert generative.catalog_coverage(ranked, 10, 3) == pytest.approx(0.5)
+  # One identical list for everyone: k / items, however many users.
+  same = np.tile(np.arange(3), (50, 1))
+  assert generative.catalog_coverage(same, 6, 3) == pytest.approx(0.5)
+  for k, items in ((0, 10), (4, 10), (1, 0)):
+    with pytest.raises(ValueError, match="catalog_coverage needs"):
+      generative.catalog_coverage(ranked, items, k)
+
+
 def test_generative_ranking_per_user_block_adds_up_to_the_means():
   evaluator = object.__new__(generative.GenerativeRankingEvaluator)
   evaluator.name, evaluator.split = "rank", "test"
@@ -342,6 +357,14 @@ def test_generative_ranking_per_user_block_adds_up_to_the_means():
       name = f"sequential/{which}/{metric}"
       np.testing.assert_array_equal(block[name], expected)
       assert scalars[name] == pytest.approx(np.mean(expected))
+    # The first titles' ids per user, never averaged; coverage@1 is the 3
+    # distinct first titles of 20 items; lists of 3 have no coverage@10.
+    np.testing.assert_array_equal(
+      block[f"sequential/{which}/top1_item"], lists[which == "unseen"][:, 0]
+    )
+    assert f"sequential/{which}/top1_item" not in scalars
+    assert scalars[f"sequential/{which}/coverage@1"] == pytest.approx(3 / 20)
+    assert f"sequential/{which}/coverage@10" not in scalars
 
 
 # --- The results tables of the eval phase.
@@ -399,8 +422,15 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
     tmp_path / "metrics" / "popularity_test.json",
     {"hr@10": 0.1, "ndcg@10": 0.05, "users": 60.0},
   )
+  # Coverage is a scalar over all users (no per-user column).
+  ilm_file = tmp_path / "metrics" / "ilm_test.json"
+  ilm = json.loads(ilm_file.read_text())
+  ilm.update(
+    {"sequential/seen/coverage@1": 0.05, "sequential/seen/coverage@10": 0.3}
+  )
+  metric_writer.write_json(ilm_file, ilm)
   table = eval_phase.results_table(tmp_path, num_items=100)
-  ilm = json.loads((tmp_path / "metrics" / "ilm_test.json").read_text())
+  ilm = json.loads(ilm_file.read_text())
   low, high = ilm["sequential/seen/hr@10_ci95"]
   assert low < 1 / 3 < high
   ilm_line = next(
@@ -410,15 +440,16 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   assert ilm_line.split(" | ")[-2] == "yes"  # per-user results
   gain_low, gain_high = ilm["sequential/target_nll_gain_ci95"]
   assert gain_low < 0.145 < gain_high
-  assert ilm_line.split(" | ")[-5] == (
+  assert ilm_line.split(" | ")[-6] == (
     f"0.1450 [{gain_low:.4f}, {gain_high:.4f}]"
   )
   # Named targets: a proportion, so a Wilson interval.
   wilson = scipy.stats.binomtest(6, 30).proportion_ci(method="wilson")
-  assert ilm_line.split(" | ")[-4] == (
+  assert ilm_line.split(" | ")[-5] == (
     f"0.2000 [{wilson.low:.4f}, {wilson.high:.4f}]"
   )
-  assert ilm_line.split(" | ")[-3] == "0.100 / 0.500"
+  assert ilm_line.split(" | ")[-4] == "0.100 / 0.500"
+  assert ilm_line.split(" | ")[-3] == "0.050 / 0.300"
   # Chance: a random top-10 of 100 items hits with 0.1; 10 of 30 users hit.
   # P(X >= 10), X ~ Binomial(30, 0.1), by hand.
   tail = sum(math.comb(30, i) * 0.1**i * 0.9 ** (30 - i) for i in range(10, 31))
@@ -432,6 +463,7 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   )
   assert "| 60 | 0.1000 | 0.0500 | – | – |" in popularity
   assert popularity.split(" | ")[-2] == "no"  # marked, still printed
+  assert popularity.split(" | ")[-3] == "– / –"  # no lists stored
   assert "| 1.0x, p = " in popularity  # 6 of 60 hit: chance's own rate
   # SASRec hits all 60 users: p = 0.1**60 = 1e-60; the tail is printed,
   # never a bare 0 (below float64's range: "< 1e-300").

@@ -21,7 +21,10 @@ position in the beam list (the list's length when it is absent). What the
 lists hold, per user and as means: `share_top1_in_history` (the first
 title is one the user already watched before the target: in ML-1M, never
 the answer) and `share_top1_popular` (it is one of the `POPULAR` items
-with the most training interactions: a popularity-like recommender).
+with the most training interactions: a popularity-like recommender); per
+user only, `top1_item` (the first title's item id); over all users,
+`coverage@1` / `coverage@10` (the share of the catalogue named in any
+user's top-1 / top-10 list: do the lists collapse onto a few titles?).
 
 `shuffled_entities`: does the model use *which* items and user its prompt
 holds? The target title's negative log-likelihood (nats per answer token,
@@ -121,6 +124,37 @@ def build_title_trie(tokenizer, titles) -> tuple[decoding.TokenTrie, dict]:
   return trie, report
 
 
+def catalog_coverage(ranked: np.ndarray, num_items: int, k: int) -> float:
+  """Catalogue coverage@k: the share of all items in any user's top-k list.
+
+  Aggregate diversity (Adomavicius & Kwon, 2012; "catalog coverage" in Ge
+  et al., 2010): 1.0 when the lists together name every item, k / items
+  when every user gets the same list. Low coverage with a high HR@k is a
+  popularity-like recommender.
+
+  Args:
+    ranked: int [users, >= k] ranked item ids, best first (-1: empty slot).
+    num_items: catalogue size (> 0).
+    k: list length counted (1 <= k <= ranked.shape[1]).
+
+  Returns:
+    |union of the users' top-k items| / num_items, in [0, 1].
+
+  Raises:
+    ValueError: k outside [1, ranked.shape[1]] or num_items < 1.
+  """
+  if num_items < 1 or not 1 <= k <= ranked.shape[1]:
+    raise ValueError(
+      f"catalog_coverage needs num_items >= 1 and 1 <= k <= {ranked.shape[1]}"
+      f" (the list length); got num_items={num_items}, k={k}."
+    )
+  top = ranked[:, :k]
+  return len(np.unique(top[top >= 0])) / num_items
+
+
+COVERAGE_AT = (1, 10)  # list lengths of the coverage@k metrics
+
+
 def ranked_list_metrics(
   ranked: np.ndarray, targets: np.ndarray, num_items: int
 ) -> dict[str, np.ndarray]:
@@ -138,6 +172,8 @@ def ranked_list_metrics(
 
 
 _PROMPT_LENGTH_STEP = 16
+# Per-user columns that are positions or ids, not values to average.
+_PER_USER_ONLY = ("rank", "top1_item")
 TOKEN_AXIS_KEYS = ("input_ids", "soft_entity", "soft_slot", "attention_mask")
 
 
@@ -279,6 +315,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     return dict(
       share_top1_in_history=np.asarray(watched, np.float64),
       share_top1_popular=np.isin(top1, self._popular).astype(np.float64),
+      top1_item=top1.astype(np.float64),  # an id, -1 if empty: no mean
     )
 
   def _banned(self, users: np.ndarray, rows: int) -> np.ndarray:
@@ -330,8 +367,13 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
         for metric, column in values.items():
           name = f"{task}/{which}/{self.prefix}{metric}"
           per_user[name] = column
-          if metric != "rank":
+          if metric not in _PER_USER_ONLY:
             yield name, float(np.mean(column, dtype=np.float64))
+        for k in (k for k in COVERAGE_AT if k <= ranked.shape[1]):
+          yield (
+            f"{task}/{which}/{self.prefix}coverage@{k}",
+            catalog_coverage(ranked, self.dataset.num_items, k),
+          )
     yield "users", len(self.users)
     yield metric_writer.PER_USER, per_user
     # One prompt per user, task and template kind.

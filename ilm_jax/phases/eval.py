@@ -12,7 +12,8 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
     target items named exactly from their soft tokens (`item_naming`), the
     shares of
     first titles the user watched before and among the 100 most popular
-    items, wall time; rows whose file has no per-user results (older
+    items, catalogue coverage@1 / @10 (the share of all items in any
+    user's top-1 / top-10 list), wall time; rows whose file has no per-user results (older
     runs) print with "no" in the per-user column and no intervals;
   - ILM against every other row, on the users both evaluated: exact
     McNemar test on the HR@10 hits and a paired bootstrap test of NDCG@10;
@@ -101,6 +102,12 @@ def _shares_cell(values: dict) -> str:
   return f"{watched:.3f} / {popular:.3f}"
 
 
+def _coverage_cell(values: dict) -> str:
+  """ "@1 / @10" catalogue coverage of the seen-template lists."""
+  cells = [values.get(f"sequential/seen/coverage@{k}") for k in (1, 10)]
+  return " / ".join("–" if c is None else f"{c:.3f}" for c in cells)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -171,6 +178,7 @@ def results_table(workdir: pathlib.Path, num_items: int | None = None) -> str:
       "target NLL gain, shuffled entities [95% CI]",
       "target named from its soft tokens (seen) [95% CI]",
       "first title watched / popular (seen)",
+      "catalogue coverage@1 / @10 (seen)",
       "per-user",
       "phase wall time (s)",
     ]
@@ -209,6 +217,7 @@ def results_table(workdir: pathlib.Path, num_items: int | None = None) -> str:
         _interval_cell(values, "sequential/target_nll_gain"),
         _interval_cell(values, "naming/seen/share_title_exact"),
         _shares_cell(values),
+        _coverage_cell(values),
         "yes" if metric_writer.PER_USER in values else "no",
         "–" if wall is None else f"{wall:.0f}",
       ]
