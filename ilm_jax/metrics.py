@@ -1,6 +1,8 @@
 """Full-ranking metrics with one held-out item per user: HR@k and NDCG@k.
 
-Every function is pure jnp, works on a batch of users and jits. The rank of
+Every per-user function is pure jnp, works on a batch of users and jits;
+`catalog_coverage`, a property of all users' lists together, is numpy on
+the host. The rank of
 the target is 0-based: rank 0 means it scored highest.
 
 Ties. Let g be the number of candidates scored strictly above the target and
@@ -21,6 +23,7 @@ history); the target is always a candidate, even if `exclude` marks it.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TIE_POLICIES = ("pessimistic", "optimistic", "expected")
 
@@ -135,3 +138,31 @@ def ranking_metrics(
     results[f"hr@{k}"] = hit_rate(num_greater, num_tied, k, ties)
     results[f"ndcg@{k}"] = ndcg(num_greater, num_tied, k, ties)
   return results
+
+
+def catalog_coverage(ranked: np.ndarray, num_items: int, k: int) -> float:
+  """Catalogue coverage@k: the share of all items in any user's top-k list.
+
+  Aggregate diversity (Adomavicius & Kwon, 2012; "catalog coverage" in Ge
+  et al., 2010): 1.0 when the lists together name every item, k / items
+  when every user gets the same list. Low coverage with a high HR@k is a
+  popularity-like recommender.
+
+  Args:
+    ranked: int [users, >= k] ranked item ids, best first (-1: empty slot).
+    num_items: catalogue size (> 0).
+    k: list length counted (1 <= k <= ranked.shape[1]).
+
+  Returns:
+    |union of the users' top-k items| / num_items, in [0, 1].
+
+  Raises:
+    ValueError: k outside [1, ranked.shape[1]] or num_items < 1.
+  """
+  if num_items < 1 or not 1 <= k <= ranked.shape[1]:
+    raise ValueError(
+      f"catalog_coverage needs num_items >= 1 and 1 <= k <= {ranked.shape[1]}"
+      f" (the list length); got num_items={num_items}, k={k}."
+    )
+  top = ranked[:, :k]
+  return len(np.unique(top[top >= 0])) / num_items

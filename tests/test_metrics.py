@@ -289,15 +289,15 @@ def test_catalog_coverage_counts_distinct_listed_items():
   ranked = np.array([[4, 1, -1], [4, 2, 3], [4, 1, 0]])
   # Top-1: only item 4 -> 1 of 10 items; top-2: {4, 1, 2}; top-3 adds 3, 0
   # (the empty slot -1 is not an item).
-  assert generative.catalog_coverage(ranked, 10, 1) == pytest.approx(0.1)
-  assert generative.catalog_coverage(ranked, 10, 2) == pytest.approx(0.3)
-  assert generative.catalog_coverage(ranked, 10, 3) == pytest.approx(0.5)
+  assert metrics.catalog_coverage(ranked, 10, 1) == pytest.approx(0.1)
+  assert metrics.catalog_coverage(ranked, 10, 2) == pytest.approx(0.3)
+  assert metrics.catalog_coverage(ranked, 10, 3) == pytest.approx(0.5)
   # One identical list for everyone: k / items, however many users.
   same = np.tile(np.arange(3), (50, 1))
-  assert generative.catalog_coverage(same, 6, 3) == pytest.approx(0.5)
+  assert metrics.catalog_coverage(same, 6, 3) == pytest.approx(0.5)
   for k, items in ((0, 10), (4, 10), (1, 0)):
     with pytest.raises(ValueError, match="catalog_coverage needs"):
-      generative.catalog_coverage(ranked, items, k)
+      metrics.catalog_coverage(ranked, items, k)
 
 
 def test_generative_ranking_per_user_block_adds_up_to_the_means():
@@ -420,7 +420,7 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   _write_row(tmp_path, "sasrec", np.arange(60), np.ones(60), np.ones(60), False)
   metric_writer.write_json(
     tmp_path / "metrics" / "popularity_test.json",
-    {"hr@10": 0.1, "ndcg@10": 0.05, "users": 60.0},
+    {"hr@10": 0.1, "ndcg@10": 0.05, "users": 60.0, "coverage@10": 0.1},
   )
   # Coverage is a scalar over all users (no per-user column).
   ilm_file = tmp_path / "metrics" / "ilm_test.json"
@@ -463,7 +463,7 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   )
   assert "| 60 | 0.1000 | 0.0500 | – | – |" in popularity
   assert popularity.split(" | ")[-2] == "no"  # marked, still printed
-  assert popularity.split(" | ")[-3] == "– / –"  # no lists stored
+  assert popularity.split(" | ")[-3] == "– / 0.100"  # phase 0: no @1
   assert "| 1.0x, p = " in popularity  # 6 of 60 hit: chance's own rate
   # SASRec hits all 60 users: p = 0.1**60 = 1e-60; the tail is printed,
   # never a bare 0 (below float64's range: "< 1e-300").

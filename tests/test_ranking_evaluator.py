@@ -54,19 +54,27 @@ def _index_order_scores(params, batch):
 
 def _expected_index_order_metrics(dataset, split, masked):
   drop = 1 if split == "test" else 2
-  ranks = []
+  ranks, lists = [], []
   for user in range(dataset.num_users):
     sequence = dataset.sequence(user)
     target = sequence[-drop]
     history = set(sequence[:-drop].tolist()) if masked else set()
     ranks.append(sum(1 for i in range(target) if i not in history))
+    # The user's list: candidates by index, the history left out.
+    lists.append([i for i in range(40) if i not in history][:10])
   ranks = np.array(ranks)
   expected = {}
-  for k in (5, 10):
-    expected[f"hr@{k}"] = np.mean(ranks < k)
-    expected[f"ndcg@{k}"] = np.mean(
-      np.where(ranks < k, 1 / np.log2(ranks + 2.0), 0.0)
-    )
+  for k in (1, 5, 10):
+    if k > 1:
+      expected[f"hr@{k}"] = np.mean(ranks < k)
+      expected[f"ndcg@{k}"] = np.mean(
+        np.where(ranks < k, 1 / np.log2(ranks + 2.0), 0.0)
+      )
+    # Unmasked, everyone gets items 0..k-1: coverage k / 40.
+    listed = {i for items in lists for i in items[:k]}
+    expected[f"coverage@{k}"] = len(listed) / 40
+    if not masked:
+      assert expected[f"coverage@{k}"] == k / 40
   return expected
 
 
@@ -95,11 +103,23 @@ def test_an_oracle_scores_one_everywhere(dataset):
     return jax.nn.one_hot(batch["target"], 40)
 
   got = _evaluate(dataset, oracle, {}, _mesh(1), split="valid")
+  # Each list: the target, then the other items (all scored 0) lowest id
+  # first.
+  coverage = {}
+  for k in (1, 5, 10):
+    listed = set()
+    for user in range(dataset.num_users):
+      target = int(dataset.sequence(user)[-2])
+      listed |= {target, *[i for i in range(40) if i != target][: k - 1]}
+    coverage[k] = len(listed) / 40
   assert got == {
     "hr@5": 1.0,
     "hr@10": 1.0,
     "ndcg@5": 1.0,
     "ndcg@10": 1.0,
+    "coverage@1": pytest.approx(coverage[1]),
+    "coverage@5": pytest.approx(coverage[5]),
+    "coverage@10": pytest.approx(coverage[10]),
     "users": 60.0,
   }
 
@@ -119,6 +139,8 @@ def test_prefix_and_ks_name_the_metrics(dataset):
     "masked_hr@20",
     "masked_ndcg@1",
     "masked_ndcg@20",
+    "masked_coverage@1",
+    "masked_coverage@20",
     "masked_users",
   ]
 

@@ -124,34 +124,6 @@ def build_title_trie(tokenizer, titles) -> tuple[decoding.TokenTrie, dict]:
   return trie, report
 
 
-def catalog_coverage(ranked: np.ndarray, num_items: int, k: int) -> float:
-  """Catalogue coverage@k: the share of all items in any user's top-k list.
-
-  Aggregate diversity (Adomavicius & Kwon, 2012; "catalog coverage" in Ge
-  et al., 2010): 1.0 when the lists together name every item, k / items
-  when every user gets the same list. Low coverage with a high HR@k is a
-  popularity-like recommender.
-
-  Args:
-    ranked: int [users, >= k] ranked item ids, best first (-1: empty slot).
-    num_items: catalogue size (> 0).
-    k: list length counted (1 <= k <= ranked.shape[1]).
-
-  Returns:
-    |union of the users' top-k items| / num_items, in [0, 1].
-
-  Raises:
-    ValueError: k outside [1, ranked.shape[1]] or num_items < 1.
-  """
-  if num_items < 1 or not 1 <= k <= ranked.shape[1]:
-    raise ValueError(
-      f"catalog_coverage needs num_items >= 1 and 1 <= k <= {ranked.shape[1]}"
-      f" (the list length); got num_items={num_items}, k={k}."
-    )
-  top = ranked[:, :k]
-  return len(np.unique(top[top >= 0])) / num_items
-
-
 COVERAGE_AT = (1, 10)  # list lengths of the coverage@k metrics
 
 
@@ -372,7 +344,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
         for k in (k for k in COVERAGE_AT if k <= ranked.shape[1]):
           yield (
             f"{task}/{which}/{self.prefix}coverage@{k}",
-            catalog_coverage(ranked, self.dataset.num_items, k),
+            metrics.catalog_coverage(ranked, self.dataset.num_items, k),
           )
     yield "users", len(self.users)
     yield metric_writer.PER_USER, per_user

@@ -19,8 +19,12 @@ Context from the phase: `dataset` (ProcessedDataset), `score_fn(params,
 batch) -> float [batch, num_items]` (batch has "user", "history",
 "history_mask"), `mesh`, `history_length` (the model's window).
 
-Yields <prefix>hr@k and <prefix>ndcg@k averaged over users, and
-<prefix>users, the number of users evaluated (all users of the dataset: each has a validation and test item).
+Yields <prefix>hr@k and <prefix>ndcg@k averaged over users,
+<prefix>coverage@k for k = 1 and each of ks (the share of all items in
+any user's top-k list,
+`metrics.catalog_coverage`; equal scores are listed lowest item id first),
+and <prefix>users, the number of users evaluated (all users of the
+dataset: each has a validation and test item).
 Per-user metrics come back to the host and are summed in float64 there, so
 the result does not depend on how the batch is split over devices. Then
 (metric_writer.PER_USER, block): per user (block["user_ids"]), the values
@@ -34,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -128,7 +133,7 @@ class RankingEvaluator:
     )
     for local_batch in self._batches():
       batch = sharding.put_global_batch(local_batch, self._mesh)
-      per_user, greater, tied = _gather_to_host(
+      per_user, greater, tied, top = _gather_to_host(
         _per_user_metrics(
           params, batch, score_fn=self._score_fn, ks=self.ks, ties=self.ties
         )
@@ -136,6 +141,7 @@ class RankingEvaluator:
       per_user["rank"] = _target_rank(greater, tied, self.ties)
       per_user["user_ids"] = _gather_to_host(batch["user"])
       real = _gather_to_host(batch["mask"])
+      per_user[_TOP_ITEMS] = top
       for key, values in per_user.items():
         columns.setdefault(key, []).append(np.asarray(values)[real])
       bar.update(int(local_batch["mask"].sum()))
@@ -153,14 +159,23 @@ class RankingEvaluator:
       self.ties,
     )
     user_ids = per_user.pop("user_ids")
+    top = per_user.pop(_TOP_ITEMS)
     for key in sorted(per_user.keys() - {"rank"}, key=_metric_order):
       yield (
         self.prefix + key,
         float(np.sum(per_user[key], dtype=np.float64)) / num_users,
       )
+    for k in sorted({1, *self.ks}):  # @1: how many distinct first items
+      yield (
+        f"{self.prefix}coverage@{k}",
+        metrics.catalog_coverage(top, self._num_items, k),
+      )
     yield self.prefix + "users", float(num_users)
     block = {self.prefix + key: values for key, values in per_user.items()}
     yield metric_writer.PER_USER, {"user_ids": user_ids, **block}
+
+
+_TOP_ITEMS = "top_items"  # int [users, max(ks)]: not a per-user metric
 
 
 def _target_rank(greater: np.ndarray, tied: np.ndarray, ties: str):
@@ -182,7 +197,13 @@ def _per_user_metrics(params, batch, *, score_fn, ks, ties):
   exclude = batch.get("exclude")
   greater, tied = metrics.rank_counts(scores, batch["target"], exclude)
   values = metrics.ranking_metrics(scores, batch["target"], ks, exclude, ties)
-  return values, greater, tied
+  candidates = scores
+  if exclude is not None:  # the target stays a candidate, as in the metrics
+    is_target = jnp.arange(scores.shape[1]) == batch["target"][:, None]
+    candidates = jnp.where(exclude & ~is_target, -jnp.inf, scores)
+  # top_k lists equal scores lowest index first.
+  _, top = jax.lax.top_k(candidates, max(ks))
+  return values, greater, tied, top
 
 
 def _gather_to_host(tree: Any) -> Any:

@@ -102,9 +102,11 @@ def _shares_cell(values: dict) -> str:
   return f"{watched:.3f} / {popular:.3f}"
 
 
-def _coverage_cell(values: dict) -> str:
-  """ "@1 / @10" catalogue coverage of the seen-template lists."""
-  cells = [values.get(f"sequential/seen/coverage@{k}") for k in (1, 10)]
+def _coverage_cell(values: dict, prefix: str) -> str:
+  """ "@1 / @10" catalogue coverage of the (seen-template) lists."""
+  cells = [
+    values.get(_metric_name(prefix, "seen", f"coverage@{k}")) for k in (1, 10)
+  ]
   return " / ".join("–" if c is None else f"{c:.3f}" for c in cells)
 
 
@@ -217,7 +219,7 @@ def results_table(workdir: pathlib.Path, num_items: int | None = None) -> str:
         _interval_cell(values, "sequential/target_nll_gain"),
         _interval_cell(values, "naming/seen/share_title_exact"),
         _shares_cell(values),
-        _coverage_cell(values),
+        _coverage_cell(values, prefix),
         "yes" if metric_writer.PER_USER in values else "no",
         "–" if wall is None else f"{wall:.0f}",
       ]
