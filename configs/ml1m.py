@@ -283,6 +283,14 @@ def base_config() -> ml_collections.ConfigDict:
       ),
     ),
   )
+
+  # The `eval` phase (results tables, ilm_jax/phases/eval.py).
+  config.eval = dict(
+    # The metrics-file prefix of the row compared with every other row on
+    # common users ("ilm": the main ILM, into results.md). Another row
+    # (e.g. ilm_curve_ilm_s640) writes results_<reference>.md beside it.
+    reference="ilm",
+  )
   return config
 
 

@@ -67,6 +67,7 @@ _RULES = [
   (r"data\.max_history", *_int_at_least(1)),
   (r"seed", *_int_at_least(0)),
   (r"(qformer|ilm)\.variant", *_name()),
+  (r"eval\.reference", *_name()),
   (r"ilm\.model\.tokens_per_entity", *_int_at_least(1)),
   (r"cf\.tables", *_one_of("mf", "sasrec")),
   (r"ilm\.model\.soft_token_norm", *_one_of("", "llm")),

@@ -177,9 +177,11 @@ def read_phases(workdir) -> dict:
   return json.loads(path.read_text()) if path.exists() else {}
 
 
-def results_file(workdir) -> pathlib.Path:
-  """`WORKDIR/results.md`: the eval phase's tables."""
-  return pathlib.Path(workdir).absolute() / "results.md"
+def results_file(workdir, reference: str | None = None) -> pathlib.Path:
+  """`WORKDIR/results.md`: the eval phase's tables; with another paired
+  reference row than the main ILM, `WORKDIR/results_<reference>.md`."""
+  name = "results.md" if reference is None else f"results_{reference}.md"
+  return pathlib.Path(workdir).absolute() / name
 
 
 def config_file(workdir) -> pathlib.Path:

@@ -174,6 +174,7 @@ def test_out_of_range_values_name_field_and_range():
   config.cf.train.batch_size = -4
   config.data.max_history = 0
   config.ilm.variant = "../mlp"
+  config.eval.reference = "ilm/../x"  # becomes a file name
   # What the command line makes of --config.ilm.optim.lr_mults=qformer/.*=0.1
   config.ilm.optim.lr_mults = ("qformer/.*=0.1",)
   config.ilm.evals.rank_masked.templates = ("seen", "unseen_")
@@ -186,6 +187,7 @@ def test_out_of_range_values_name_field_and_range():
   assert "config.cf.train.batch_size=-4: must be an integer >= 1" in message
   assert "config.data.max_history=0: must be an integer >= 1" in message
   assert "config.ilm.variant='../mlp': must be lowercase letters" in message
+  assert "config.eval.reference='ilm/../x': must be lowercase" in message
   assert (
     "config.ilm.evals.rank_masked.templates=('seen', 'unseen_'): must be a "
     "non-empty tuple of 'seen' and/or 'unseen'." in message

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from configs import ml1m
 from ilm_jax import metric_writer, metrics, stats, train
 from ilm_jax.evaluators import generative
 from ilm_jax.phases import eval as eval_phase
@@ -504,6 +505,36 @@ def test_results_tables_report_intervals_and_paired_tests(tmp_path):
   assert "SASRec" not in unseen and "CoLLM" in unseen
   # A seen-only run (the curve row) is left out of the unseen table.
   assert "curve" in paired and "curve" not in unseen
+
+
+def test_another_reference_row_gets_its_own_paired_tables(tmp_path):
+  users = np.arange(20)
+  ilm_hits = (users < 10).astype(float)  # users 0-9
+  mlp_hits = (users >= 1).astype(float)  # users 1-19
+  _write_row(tmp_path, "ilm", users, ilm_hits, ilm_hits * 0.5)
+  _write_row(tmp_path, "ilm_mlp", users, mlp_hits, mlp_hits * 0.25)
+  paired = eval_phase.paired_table(tmp_path, "seen", reference="ilm_mlp")
+  assert paired.startswith("| ilm_mlp vs | common users | HR@10 ilm_mlp / row")
+  ilm_line = next(line for line in paired.splitlines() if "ILM (Q" in line)
+  # Only the MLP row hits users 10-19 (10), only the ILM user 0 (1):
+  # McNemar 2 * (C(11,0) + C(11,1)) / 2**11 = 0.01171875.
+  assert "| 20 | 0.9500 / 0.5000 | 10 / 1 | 0.0117 |" in ilm_line
+  assert "CoLLM" not in paired  # the reference is not compared with itself
+  assert eval_phase.paired_table(tmp_path, reference="ilm_rand") == ""
+
+  # The eval phase writes it beside results.md, which keeps the main ILM.
+  config = ml1m.get_config("tiny")
+  eval_phase.run(config, tmp_path, mesh=None)
+  main = (tmp_path / "results.md").read_text()
+  config.eval.reference = "ilm_mlp"
+  eval_phase.run(config, tmp_path, mesh=None)
+  assert (tmp_path / "results.md").read_text() == main
+  other = (tmp_path / "results_ilm_mlp.md").read_text()
+  assert "## ilm_mlp against each row (seen templates" in other
+  assert "## ILM against each row (seen templates" in main
+  config.eval.reference = "ilm_rand"  # no such metrics file
+  with pytest.raises(ValueError, match="config.eval.reference='ilm_rand'"):
+    eval_phase.run(config, tmp_path, mesh=None)
 
 
 def test_masked_lists_get_their_column_and_paired_table(tmp_path):

@@ -50,7 +50,9 @@ ROWS = (
   ("mf", "MF (phase 0, full ranking)"),
   ("popularity", "Popularity (phase 0, full ranking)"),
 )
-REFERENCE = "ilm"  # the row every other row is compared with
+# The row every other row is compared with, by default (config.eval.reference
+# picks another, e.g. a longer run's ILM against baselines at its budget).
+REFERENCE = "ilm"
 
 
 # Phase-1 rows (metrics/<prefix>_test.json and _valid.json) and columns.
@@ -228,7 +230,12 @@ def results_table(workdir: pathlib.Path, num_items: int | None = None) -> str:
 
 
 def _paired_row(
-  reference: dict, other_prefix: str, other: dict, which: str, masked: str = ""
+  reference_prefix: str,
+  reference: dict,
+  other_prefix: str,
+  other: dict,
+  which: str,
+  masked: str = "",
 ) -> list[str]:
   """Users, HR@10 of both, McNemar p, NDCG@10 difference and its p.
 
@@ -242,7 +249,7 @@ def _paired_row(
     return ["no per-user data"] + ["–"] * 5
   cells = []
   for metric in ("hr@10", "ndcg@10"):
-    a_name = _metric_name(REFERENCE, which, masked + metric)
+    a_name = _metric_name(reference_prefix, which, masked + metric)
     b_name = _metric_name(other_prefix, which, masked + metric)
     if a_name not in mine or b_name not in theirs:
       return ["no per-user data"] + ["–"] * 5
@@ -268,38 +275,54 @@ def _paired_row(
 
 
 def paired_table(
-  workdir: pathlib.Path, which: str = "seen", masked: str = ""
+  workdir: pathlib.Path,
+  which: str = "seen",
+  masked: str = "",
+  reference: str = REFERENCE,
 ) -> str:
-  """ILM against every other row on the users both evaluated ("" if no ILM).
+  """`reference` against every other row on the users both evaluated.
 
-  `masked="masked_"`: on the history-masked lists, only rows that have them.
+  Args:
+    workdir: the experiment's workdir.
+    which: "seen" or "unseen" templates (phase-0 rows only in "seen").
+    masked: "masked_" compares the history-masked lists, only of rows that
+      have them.
+    reference: the metrics-file prefix of the row compared with the others
+      ("ilm": the main command's ILM).
+
+  Returns:
+    A markdown table, or "" when the reference row (or its lists) is absent.
   """
   rows = present_rows(workdir)
-  reference = next((v for p, _, v in rows if p == REFERENCE), None)
-  if reference is None:
+  found = [v for p, _, v in rows if p == reference]
+  if not found:
     return ""
+  values, short = found[0], _short_label(reference)
   header = [
-    "ILM vs",
+    f"{short} vs",
     "common users",
-    "HR@10 ILM / row",
-    "hits only ILM / only row",
+    f"HR@10 {short} / row",
+    f"hits only {short} / only row",
     "McNemar p (HR@10)",
-    "NDCG@10 ILM - row [95% CI]",
+    f"NDCG@10 {short} - row [95% CI]",
     "paired bootstrap p (NDCG@10)",
   ]
-  if masked and _metric_name(REFERENCE, which, masked + "hr@10") not in (
-    reference
-  ):
+  if masked and _metric_name(reference, which, masked + "hr@10") not in values:
     return ""
   body = [
-    [label] + _paired_row(reference, prefix, values, which, masked)
-    for prefix, label, values in rows
-    if prefix != REFERENCE
+    [label] + _paired_row(reference, values, prefix, other, which, masked)
+    for prefix, label, other in rows
+    if prefix != reference
     and (which == "seen" or prefix.startswith("ilm"))
     # Rows without these lists (e.g. a seen-only run in the unseen table).
-    and _metric_name(prefix, which, masked + "hr@10") in values
+    and _metric_name(prefix, which, masked + "hr@10") in other
   ]
   return _table(header, body) if body else ""
+
+
+def _short_label(prefix: str) -> str:
+  """ "ILM" for the main row, else the metrics-file prefix."""
+  return "ILM" if prefix == REFERENCE else prefix
 
 
 def qformer_table(workdir: pathlib.Path) -> str:
@@ -340,12 +363,20 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
     for name, summary in phases.items()
   )
+  reference = config.eval.reference
+  present = [prefix for prefix, _, _ in present_rows(workdir)]
+  if reference != REFERENCE and reference not in present:
+    raise ValueError(
+      f"config.eval.reference={reference!r}: no test metrics file "
+      f"{layout.metrics_file(workdir, reference, 'test')}; rows present: "
+      f"{', '.join(present) or 'none'}."
+    )
   paired = {
-    f"{which} templates": paired_table(workdir, which)
+    f"{which} templates": paired_table(workdir, which, reference=reference)
     for which in ("seen", "unseen")
   }
   paired["seen templates, history masked"] = paired_table(
-    workdir, "seen", masked="masked_"
+    workdir, "seen", masked="masked_", reference=reference
   )
   text = (
     "# Results\n\nTest split. ILM rows: sequential recommendation by "
@@ -354,7 +385,8 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     "rates, BCa bootstrap over users for NDCG.\n\n"
     + table
     + "".join(
-      f"\n## ILM against each row ({which}, common users)\n\n"
+      f"\n## {_short_label(reference)} against each row ({which}, common "
+      "users)\n\n"
       "Exact McNemar test on the HR@10 hits (users hit by only one of the "
       "two rows); paired bootstrap test of the mean NDCG@10 difference.\n\n"
       + paired[which]
@@ -370,7 +402,10 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     + timings
     + "\n"
   )
-  results = layout.results_file(workdir)
+  # Another reference writes its own file beside the main results.md.
+  results = layout.results_file(
+    workdir, None if reference == REFERENCE else reference
+  )
   results.write_text(text)
   logging.info("Results table:\n%s", table)
   return dict(results=str(results))
