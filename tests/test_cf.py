@@ -106,6 +106,7 @@ def phase_run(tmp_path_factory, tiny_config):
 def test_phase_writes_metrics_of_every_model(phase_run):
   workdir, summary = phase_run
   names = {"hr@5", "hr@10", "ndcg@5", "ndcg@10", "users"}
+  names |= {"coverage@1", "coverage@5", "coverage@10"}
   for model in ("mf", "popularity", "sasrec"):
     for split in ("valid", "test"):
       values = json.loads(
@@ -192,6 +193,9 @@ def test_popularity_metrics_match_numpy(phase_run, dataset):
   np.testing.assert_array_equal(per_user["hr@10"], ranks < 10)
   low, high = values["hr@10_ci95"]
   assert low < values["hr@10"] < high
+  # Unmasked, every user gets the same list: coverage@k = k / items.
+  for k in (1, 5, 10):
+    assert values[f"coverage@{k}"] == k / dataset.num_items
 
 
 def test_unknown_baseline_is_rejected():
