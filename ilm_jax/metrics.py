@@ -2,8 +2,8 @@
 
 Every per-user function is pure jnp, works on a batch of users and jits;
 `catalog_coverage`, a property of all users' lists together, is numpy on
-the host. The rank of
-the target is 0-based: rank 0 means it scored highest.
+the host. The rank of the target is 0-based: rank 0 means it scored
+highest.
 
 Ties. Let g be the number of candidates scored strictly above the target and
 e the number of other candidates scored exactly equal to it. The target's

@@ -21,8 +21,8 @@ batch) -> float [batch, num_items]` (batch has "user", "history",
 
 Yields <prefix>hr@k and <prefix>ndcg@k averaged over users,
 <prefix>coverage@k for k = 1 and each of ks (the share of all items in
-any user's top-k list,
-`metrics.catalog_coverage`; equal scores are listed lowest item id first),
+any user's top-k list, `metrics.catalog_coverage`; equal scores are listed
+lowest item id first),
 and <prefix>users, the number of users evaluated (all users of the
 dataset: each has a validation and test item).
 Per-user metrics come back to the host and are summed in float64 there, so

@@ -13,10 +13,13 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
     shares of
     first titles the user watched before and among the 100 most popular
     items, catalogue coverage@1 / @10 (the share of all items in any
-    user's top-1 / top-10 list), wall time; rows whose file has no per-user results (older
-    runs) print with "no" in the per-user column and no intervals;
-  - ILM against every other row, on the users both evaluated: exact
-    McNemar test on the HR@10 hits and a paired bootstrap test of NDCG@10;
+    user's top-1 / top-10 list), wall time; rows whose file has no
+    per-user results (older runs) print with "no" in the per-user column
+    and no intervals;
+  - ILM (or the row `config.eval.reference` names, into
+    `results_<row>.md`) against every other row, on the users both
+    evaluated: exact McNemar test on the HR@10 hits and a paired bootstrap
+    test of NDCG@10;
   - a phase-1 table of the Q-Former runs present.
 ILM rows are sequential recommendation on seen and unseen templates
 (trie-constrained beam search over all titles, on the evaluated user
@@ -354,6 +357,19 @@ def qformer_table(workdir: pathlib.Path) -> str:
 def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   del mesh
   workdir = pathlib.Path(workdir).absolute()
+  reference = config.eval.reference
+  wanted = layout.metrics_file(workdir, reference, "test")
+  # Checked before any table is built; the default may be absent (e.g. a
+  # phase-0-only run), which leaves the paired tables out.
+  if reference != REFERENCE and not wanted.exists():
+    present = sorted(
+      path.name.removesuffix("_test.json")
+      for path in layout.metrics_dir(workdir).glob("*_test.json")
+    )
+    raise ValueError(
+      f"config.eval.reference={reference!r}: no test metrics file {wanted};"
+      f" rows present: {', '.join(present) or 'none'}."
+    )
   # The chance column's catalogue size (the processed cache: seconds).
   num_items = data.load_dataset(config.data).num_items
   table = results_table(workdir, num_items)
@@ -363,14 +379,6 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
     for name, summary in phases.items()
   )
-  reference = config.eval.reference
-  present = [prefix for prefix, _, _ in present_rows(workdir)]
-  if reference != REFERENCE and reference not in present:
-    raise ValueError(
-      f"config.eval.reference={reference!r}: no test metrics file "
-      f"{layout.metrics_file(workdir, reference, 'test')}; rows present: "
-      f"{', '.join(present) or 'none'}."
-    )
   paired = {
     f"{which} templates": paired_table(workdir, which, reference=reference)
     for which in ("seen", "unseen")
