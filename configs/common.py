@@ -43,7 +43,9 @@ def mesh_config(data: int = -1, fsdp: int = 1, model: int = 1):
       shape=dict(data=data, fsdp=fsdp, model=model),
       # Logical axis name -> mesh axis (or None), for modules that annotate
       # their params with flax logical partitioning (the LLM).
-      logical_axis_rules=[
+      # Tuples, like every sequence in these configs, so that the
+      # command line can override them.
+      logical_axis_rules=(
         ("batch", ("data", "fsdp")),
         ("vocab", "model"),
         ("embed", "fsdp"),
@@ -51,7 +53,7 @@ def mesh_config(data: int = -1, fsdp: int = 1, model: int = 1):
         ("kv_heads", None),
         ("mlp", "model"),
         ("head_dim", None),
-      ],
+      ),
     )
   )
 
@@ -78,7 +80,7 @@ def optim_config(
       grad_clip_norm=1.0,  # 0 disables clipping
       # Regexes over '/'-joined param paths: matching leaves are frozen
       # (no optimizer state, never updated; gradients still flow through).
-      frozen=list(frozen),
+      frozen=tuple(frozen),
       # (regex, multiplier) pairs over the same paths: the first match
       # scales that leaf's learning rate (and its decoupled weight decay).
       # A tuple, so the command line can set it:

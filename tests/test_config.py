@@ -252,6 +252,41 @@ def _main(*args):
   )
 
 
+def _leaves(config, prefix=""):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def test_every_field_has_a_type_the_command_line_can_set():
+  # config_flags cannot override list or dict fields ("Type <class
+  # 'list'> ... is not supported for overriding"): sequences are tuples.
+  unsettable = [
+    f"{label} {key}"
+    for label, config in _all_configs()
+    for key, value in _leaves(config)
+    if isinstance(value, list | dict | set)
+  ]
+  assert not unsettable
+
+
+def test_command_line_overrides_the_freezing_and_the_mesh_rules(tmp_path):
+  # The overrides parse (a list field fails here, naming its type), then
+  # a bad value stops the run before any work.
+  proc = _main(
+    "--config=configs/ml1m.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.ilm.optim.frozen=('llm/.*', 'cf/.*', 'qformer/.*')",
+    "--config.mesh.logical_axis_rules=(('batch', 'data'),)",
+    "--config.cf.train.steps=-1",
+  )
+  assert proc.returncode != 0
+  assert "not supported for overriding" not in proc.stderr
+  assert "config.cf.train.steps=-1: must be an integer >= 0" in proc.stderr
+
+
 def test_cli_rejects_unknown_config_field(tmp_path):
   proc = _main(
     "--config=configs/ml1m.py:tiny",
