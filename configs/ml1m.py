@@ -271,6 +271,15 @@ def base_config() -> ml_collections.ConfigDict:
         num_users=0,  # 0: all users (the first of the rank subset's order)
         batch_size=8,
       ),
+      # Entity share, cosines and norms of the soft tokens of sampled
+      # items and users (evaluators/soft_tokens.py): has the adapter's
+      # output collapsed onto one vector? Seconds.
+      soft_tokens=dict(
+        type="soft_token_stats",
+        enabled=True,
+        split="test",
+        num_entities=256,  # per kind; 0: every item and every user
+      ),
       # Can the LLM name each user's target item from its soft tokens alone
       # (greedy description, exact title at its start)?
       naming=dict(

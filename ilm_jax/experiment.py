@@ -75,7 +75,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["wall_time_s"] = time.perf_counter() - start
     # Variants (baselines, ablations) keep their own entry.
     name = layout.phase_name(config, phase)
-    summaries[name] = summary
+    summaries[name] = _keep_training_time(summaries.get(name), summary)
     logging.info("Phase %s done in %.1f s.", phase, summary["wall_time_s"])
     metric_writer.write_json(layout.phases_file(workdir), summaries)
   return summaries
+
+
+def _keep_training_time(previous: dict | None, summary: dict) -> dict:
+  """`summary`, keeping the earlier wall time when this call only evaluated.
+
+  A finished run evaluated again (e.g. with one more evaluator) trains no
+  step; its `wall_time_s` stays the training run's and this call's time
+  goes to `reevaluation_wall_time_s`.
+  """
+  if (
+    previous
+    and summary.get("steps_this_run") == 0
+    and previous.get("steps") == summary.get("steps")
+    and "wall_time_s" in previous
+  ):
+    return dict(
+      summary,
+      wall_time_s=previous["wall_time_s"],
+      reevaluation_wall_time_s=summary["wall_time_s"],
+    )
+  return summary

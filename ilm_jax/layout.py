@@ -6,7 +6,9 @@ files, so that a phase finds another's outputs without importing it.
 ```
 WORKDIR/
   config.json                     the experiment config (experiment.run)
-  phases.json                     {phase name: summary, wall_time_s}
+  phases.json                     {phase name: summary, wall_time_s} (an
+                                  evaluation-only rerun keeps the training
+                                  run's and adds reevaluation_wall_time_s)
   results.md                      the eval phase's tables
   metrics/<name>_<split>.json     final metrics of a phase (or variant)
   cf/export/                      the CF tables (phase cf)

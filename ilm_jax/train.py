@@ -97,6 +97,7 @@ class TrainResult:
   step: int
   metrics: dict[str, float]  # final evaluation, "<split>/<name>" keys
   wall_time_s: float
+  steps_this_run: int = 0  # steps trained by this call (0: evaluation only)
 
 
 def init_on_mesh(
@@ -579,6 +580,7 @@ def train(
       metric_writer.write_json(best_record, best)
 
   # --- Loop.
+  first_step = step
   if step < total_steps:
     logging.info(
       "Training %s from step %d to %d.", task.name, step, total_steps
@@ -655,4 +657,5 @@ def train(
     step=step,
     metrics=results,
     wall_time_s=time.perf_counter() - start_time,
+    steps_this_run=step - first_step,
   )

@@ -12,7 +12,7 @@ import pytest
 from configs import ml1m
 from ilm_jax import metric_writer, tree_utils
 from ilm_jax.data import ilm_tasks, prompts, sources
-from ilm_jax.evaluators import generative, registry
+from ilm_jax.evaluators import generative, registry, soft_tokens
 from ilm_jax.models import ilm, llm_loading
 from tests import test_ilm_model
 
@@ -354,3 +354,93 @@ def test_unknown_template_kinds_are_named(context, kind):
       seed=0,
       **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
     )
+
+
+# --- soft_token_stats ------------------------------------------------------
+
+
+def test_soft_token_statistics_by_hand():
+  # Two entities, two slots: slot 0 identical (share 0), slot 1 along one
+  # axis with norms 1 and 2 around the mean 1.5 (shares 0.5 and 0.25).
+  tokens = np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 2.0]]])
+  stats = soft_tokens.token_statistics(tokens)
+  assert stats["entity_share"] == pytest.approx((0.0 + 0.375) / 2)
+  assert stats["entity_cosine"] == pytest.approx(1.0)
+  assert stats["slot_cosine"] == pytest.approx(0.0)  # [1,0] vs [0,1]
+  assert stats["norm"] == pytest.approx(1.0)  # median of 1, 1, 1, 2
+  # Opposite single tokens: each is all content, cosine -1; no slot pairs.
+  stats = soft_tokens.token_statistics(np.array([[[3.0, 4.0]], [[-3.0, -4.0]]]))
+  assert stats == dict(entity_share=1.0, entity_cosine=-1.0, norm=5.0)
+
+
+def test_soft_token_statistics_match_a_loop_over_pairs():
+  tokens = np.random.default_rng(0).normal(size=(5, 3, 4)) + 2.0
+  unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+  pairs = [
+    unit[a, t] @ unit[b, t]
+    for t in range(3)
+    for a in range(5)
+    for b in range(5)
+    if a != b
+  ]
+  slots = [
+    unit[a, s] @ unit[a, t]
+    for a in range(5)
+    for s in range(3)
+    for t in range(3)
+    if s != t
+  ]
+  stats = soft_tokens.token_statistics(tokens)
+  assert stats["entity_cosine"] == pytest.approx(np.mean(pairs))
+  assert stats["slot_cosine"] == pytest.approx(np.mean(slots))
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (1, 2, 8)])
+def test_soft_token_statistics_reject_bad_shapes(shape):
+  with pytest.raises(ValueError, match=r"expected \[entities >= 2"):
+    soft_tokens.token_statistics(np.ones(shape))
+
+
+def _stats(context, model, params, num_entities=5):
+  (evaluator,) = registry.from_config(
+    {
+      "soft": dict(
+        type="soft_token_stats", split="test", num_entities=num_entities
+      )
+    },
+    model=model,
+    seed=0,
+    **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+  )
+  return dict(evaluator.run(params))
+
+
+def test_soft_token_stats_of_the_adapters(context):
+  # MLP: distinct CF rows give distinct tokens; one shared CF row gives
+  # every item the same tokens (share 0, cosine 1).
+  model, params = _model_and_params(context, "mlp")
+  stats = _stats(context, model, params)
+  embedding = np.asarray(params["llm"]["embedding"], np.float64)
+  llm_norm = np.linalg.norm(embedding, axis=-1).mean()
+  assert stats["soft_tokens/llm_token_norm"] == pytest.approx(llm_norm, 1e-5)
+  for kind in ("items", "users"):
+    assert stats[f"soft_tokens/{kind}/entity_share"] > 0.05
+    assert stats[f"soft_tokens/{kind}/norm_over_llm"] == pytest.approx(
+      stats[f"soft_tokens/{kind}/norm"] / llm_norm, 1e-5
+    )
+  same = dict(params, cf=dict(params["cf"]))
+  same["cf"]["items"] = jnp.broadcast_to(
+    params["cf"]["items"][:1], params["cf"]["items"].shape
+  )
+  stats = _stats(context, model, same)
+  assert stats["soft_tokens/items/entity_share"] == pytest.approx(0, abs=1e-5)
+  assert stats["soft_tokens/items/entity_cosine"] == pytest.approx(1, 1e-5)
+  assert stats["soft_tokens/users/entity_share"] > 0.05
+  # The text-only prompt is one set of tokens for every entity; the
+  # zero-shot LLM has no soft tokens.
+  model, params = _model_and_params(context, "prompt")
+  stats = _stats(context, model, params, num_entities=0)
+  assert stats["soft_tokens/users/entity_share"] == pytest.approx(0, abs=1e-6)
+  assert stats["soft_tokens/users/entity_cosine"] == pytest.approx(1, 1e-5)
+  model, params = _model_and_params(context, "none")
+  assert _stats(context, model, params) == {}

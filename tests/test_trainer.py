@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from configs import common
-from ilm_jax import checkpoint, optim, sharding, train, tree_utils
+from ilm_jax import checkpoint, experiment, optim, sharding, train, tree_utils
 from tests import toy_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -401,3 +401,22 @@ def test_init_on_mesh_runs_init_under_jit_into_shardings_and_adds_loaded_parts()
   )
   with pytest.raises(ValueError, match=r"both return \['head'\]"):
     train.init_on_mesh(clash, jax.random.key(3), mesh, mesh_config)
+
+
+def test_a_finished_run_evaluated_again_keeps_its_training_time(tmp_path):
+  cfg = toy_task.config(steps=6)
+  first = toy_task.run(cfg, tmp_path, jax.devices()[:1])
+  again = toy_task.run(cfg, tmp_path, jax.devices()[:1])
+  assert (first.step, first.steps_this_run) == (6, 6)
+  assert (again.step, again.steps_this_run) == (6, 0)
+  trained = dict(steps=6, steps_this_run=6, wall_time_s=120.0)
+  evaluated = dict(steps=6, steps_this_run=0, wall_time_s=9.0)
+  assert experiment._keep_training_time(trained, evaluated) == dict(
+    steps=6, steps_this_run=0, wall_time_s=120.0, reevaluation_wall_time_s=9.0
+  )
+  # Training further, or a first run, records this call's time.
+  longer = dict(steps=8, steps_this_run=2, wall_time_s=30.0)
+  assert experiment._keep_training_time(trained, longer) == longer
+  assert experiment._keep_training_time(None, evaluated) == evaluated
+  other = dict(steps=4, steps_this_run=0, wall_time_s=9.0)
+  assert experiment._keep_training_time(trained, other) == other

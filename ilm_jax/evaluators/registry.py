@@ -30,7 +30,7 @@ class Evaluator(Protocol):
 _REGISTRY: dict[str, Callable[..., Evaluator]] = {}
 # Modules under ilm_jax/evaluators/ that register plugins; imported on first
 # use so that phases need not import them for their side effect.
-PLUGIN_MODULES = ("ranking", "generative", "retrieval")
+PLUGIN_MODULES = ("ranking", "generative", "retrieval", "soft_tokens")
 
 
 def _import_plugins() -> None:

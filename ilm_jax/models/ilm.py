@@ -70,7 +70,7 @@ class IlmModel:
     if self.soft_token_norm == "llm":
       squared = jnp.sum(jnp.square(soft), axis=-1, keepdims=True)
       soft = soft * (
-        _mean_token_norm(params["llm"]["embedding"])
+        mean_token_norm(params["llm"]["embedding"])
         * jax.lax.rsqrt(squared + 1e-12)
       )
     return soft.reshape(entity_index.shape + soft.shape[-2:])
@@ -153,7 +153,7 @@ class IlmModel:
     return loss, metrics
 
 
-def _mean_token_norm(embedding: jax.Array) -> jax.Array:
+def mean_token_norm(embedding: jax.Array) -> jax.Array:
   """Mean L2 norm of the rows of a [V, D] token-embedding table (f32)."""
   rows = embedding.astype(jnp.float32)
   return jax.lax.stop_gradient(jnp.mean(jnp.linalg.norm(rows, axis=-1)))

@@ -173,6 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   summary = dict(result.metrics)
   summary.update(
     steps=result.step,
+    steps_this_run=result.steps_this_run,
     history_items_truncated=phase2.encoder.stats.history_items_truncated,
     target_tokens_truncated=phase2.encoder.stats.target_tokens_truncated,
     empty_histories=phase2.encoder.stats.empty_histories,
