@@ -616,3 +616,29 @@ def test_only_hit_rates_are_proportions():
   )
   assert payload["ndcg@10_ci95"] == [0.0, 0.0]
   assert payload["hr@10_ci95"][1] > 0.1  # Wilson at 0 of 20
+
+
+def test_soft_token_table_lists_the_rows_that_measured_them(tmp_path):
+  users = np.arange(4)
+  _write_row(tmp_path, "ilm", users, np.ones(4), np.ones(4))
+  _write_row(tmp_path, "ilm_mlp", users, np.ones(4), np.ones(4))
+  assert eval_phase.soft_token_table(tmp_path) == ""  # none measured yet
+  path = tmp_path / "metrics" / "ilm_test.json"
+  values = json.loads(path.read_text())
+  values.update(
+    {
+      "soft_tokens/items/entity_share": 0.09,
+      "soft_tokens/items/entity_cosine": 0.99,
+      "soft_tokens/items/norm_over_llm": 8.0,
+      "soft_tokens/users/entity_share": 0.5,
+      "soft_tokens/users/entity_cosine": 0.25,
+    }
+  )
+  metric_writer.write_json(path, values)
+  table = eval_phase.soft_token_table(tmp_path).splitlines()
+  assert len(table) == 3  # header, rule, the ILM row only
+  # One slot per entity: no slot cosine.
+  assert table[2] == (
+    "| ILM (Q-Former + linear projector) | 0.0900 | 0.9900 | – | 8.0000 "
+    "| 0.5000 | 0.2500 |"
+  )

@@ -20,6 +20,8 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
     `results_<row>.md`) against every other row, on the users both
     evaluated: exact McNemar test on the HR@10 hits and a paired bootstrap
     test of NDCG@10;
+  - the soft-token statistics of the rows that measured them
+    (`soft_token_stats`: has an adapter's output collapsed?);
   - a phase-1 table of the Q-Former runs present.
 ILM rows are sequential recommendation on seen and unseen templates
 (trie-constrained beam search over all titles, on the evaluated user
@@ -328,6 +330,31 @@ def _short_label(prefix: str) -> str:
   return "ILM" if prefix == REFERENCE else prefix
 
 
+# Soft-token statistics (evaluators/soft_tokens.py), per entity kind.
+SOFT_TOKEN_METRICS = (
+  ("items", "entity_share"),
+  ("items", "entity_cosine"),
+  ("items", "slot_cosine"),
+  ("items", "norm_over_llm"),
+  ("users", "entity_share"),
+  ("users", "entity_cosine"),
+)
+
+
+def soft_token_table(workdir: pathlib.Path) -> str:
+  """The soft-token statistics of every row that measured them, or ""."""
+  rows = [
+    [label]
+    + [_cell(values.get(f"soft_tokens/{k}/{m}")) for k, m in SOFT_TOKEN_METRICS]
+    for _, label, values in present_rows(workdir)
+    if "soft_tokens/items/entity_share" in values
+  ]
+  if not rows:
+    return ""
+  header = ["row"] + [f"{kind} {metric}" for kind, metric in SOFT_TOKEN_METRICS]
+  return _table(header, rows)
+
+
 def qformer_table(workdir: pathlib.Path) -> str:
   """Phase-1 evaluators of the main run and each ablation present."""
   phases = layout.read_phases(workdir)
@@ -374,6 +401,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   num_items = data.load_dataset(config.data).num_items
   table = results_table(workdir, num_items)
   phase1 = qformer_table(workdir)
+  soft = soft_token_table(workdir)
   phases = layout.read_phases(workdir)
   timings = "\n".join(
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
@@ -400,6 +428,14 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       + paired[which]
       for which in paired
       if paired[which]
+    )
+    + (
+      "\n## Soft tokens\n\nWhat each adapter hands the LLM, over sampled "
+      "items and users: entity share (|x - mean| / |x|; 0 = the same token "
+      "for every entity), mean cosine between entities and between one "
+      "entity's slots, norm over the LLM's mean token norm.\n\n" + soft
+      if soft
+      else ""
     )
     + (
       "\n## Phase 1: Q-Former retrieval over all items\n\n" + phase1
