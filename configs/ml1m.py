@@ -192,6 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
       # "" soft tokens as projected (the paper); "llm": each rescaled to
       # the mean norm of the LLM's token embeddings (docs/results/ilm.md).
       soft_token_norm="",
+      # Q-Former adapter: subtract the mean query output of this many fixed
+      # reference entities per kind before the projector (0: off, the
+      # paper; models/ilm.py, docs/results/ilm.md). Others ignore it.
+      query_centering=0,
     ),
     data=dict(
       templates="",  # "" = ilm_jax/data/templates/prompts.json

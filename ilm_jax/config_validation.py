@@ -69,6 +69,7 @@ _RULES = [
   (r"(qformer|ilm)\.variant", *_name()),
   (r"eval\.reference", *_name()),
   (r"ilm\.model\.tokens_per_entity", *_int_at_least(1)),
+  (r"ilm\.model\.query_centering", *_int_at_least(0)),
   (r"cf\.tables", *_one_of("mf", "sasrec")),
   (r"ilm\.model\.soft_token_norm", *_one_of("", "llm")),
   (

@@ -300,3 +300,50 @@ def test_soft_token_norm_llm_rescales_to_the_mean_token_norm_and_trains():
   assert np.abs(np.asarray(grads["proj"]["out"]["kernel"])).sum() > 0
   with pytest.raises(ValueError, match="soft_token_norm='unit'"):
     _model("mlp", soft_token_norm="unit")
+
+
+def test_reference_ids_are_evenly_spaced_and_capped_at_the_table():
+  np.testing.assert_array_equal(ilm.reference_ids(10, 4), [0, 3, 6, 9])
+  np.testing.assert_array_equal(ilm.reference_ids(3, 5), [0, 1, 2])
+
+
+def test_query_centering_subtracts_the_reference_mean_per_kind():
+  plain = _model("qformer")
+  centered = _model("qformer", query_centering=NUM_ITEMS + NUM_USERS)
+  params = _params(plain)
+  encode = lambda cf: plain.qformer.apply(  # noqa: E731
+    {"params": params["qformer"]}, cf, method=qformer.QFormer.encode_queries
+  )
+  items, users = params["cf"]["items"], params["cf"]["users"]
+  # By hand: every item's query outputs minus their mean over all items
+  # (the reference set, capped at the table), and likewise for users.
+  expected = {}
+  for kind, table in ((prompts.ITEM, items), (prompts.USER, users)):
+    queries = encode(table)
+    proj = plain.projector.apply(
+      {"params": params["proj"]}, queries - queries.mean(axis=0)
+    )
+    expected[kind] = np.asarray(proj)
+    index = jnp.arange(len(table))[None]
+    got = centered.soft_tokens(params, jnp.full_like(index, kind), index)[0]
+    np.testing.assert_allclose(np.asarray(got), expected[kind], atol=1e-5)
+    # Linear projector: the centred tokens average to its bias.
+    np.testing.assert_allclose(
+      np.asarray(got).mean(axis=0)[0],
+      np.asarray(params["proj"]["dense"]["bias"]),
+      atol=1e-5,
+    )
+  # Mixed kinds in one batch: each entity is centred by its own kind.
+  batch = _batch()
+  got = np.asarray(
+    centered.soft_tokens(params, batch["entity_kind"], batch["entity_index"])
+  )[0]
+  for slot, (kind, index) in enumerate(
+    zip(batch["entity_kind"][0], batch["entity_index"][0], strict=True)
+  ):
+    np.testing.assert_allclose(got[slot], expected[int(kind)][index], atol=1e-5)
+  # The Q-Former still gets a gradient, through the mean as well.
+  grads = jax.grad(lambda p: centered.loss(p, batch, None)[0])(params)
+  assert np.abs(np.asarray(grads["qformer"]["query_tokens"])).sum() > 0
+  with pytest.raises(ValueError, match="query_centering=-1"):
+    _model("qformer", query_centering=-1)
