@@ -7,7 +7,9 @@ all), the soft tokens `[N, T, D]` of each entity and, per kind
   entity_share     median over entities of |x - mean| / |x|, where the mean
                    is over the sampled entities at the same slot; averaged
                    over slots. 0: every entity gets the same token (no
-                   identity can pass); near 1: the tokens are all content.
+                   identity can pass); near 1 (a little above, for
+                   tokens shorter than their offset from the mean):
+                   the tokens are all content.
   entity_cosine    mean cosine between different entities' tokens at the
                    same slot (1: the tokens have collapsed onto one vector).
   slot_cosine      mean cosine between one entity's different slots (1: the
@@ -18,7 +20,7 @@ all), the soft tokens `[N, T, D]` of each entity and, per kind
 
 The Q-Former adapter's tokens collapsed in phase 2 (entity share 0.09, cosine
 0.99, norm 8x the LLM's; docs/results/ilm.md) while the MLP projector's did
-not (0.80, 0.11, 1.4x); this evaluator writes those figures for every run.
+not (0.81, 0.08, 1.3x); this evaluator writes those figures for every run.
 A diagnostic of our own, not one of the paper's metrics. The zero-shot
 adapter ("none") has no soft tokens and yields nothing.
 """
@@ -73,7 +75,7 @@ def token_statistics(tokens: np.ndarray) -> dict[str, float]:
 
 @registry.register("soft_token_stats")
 class SoftTokenStatsEvaluator:
-  """Item share, cosines and norms of the soft tokens of sampled entities."""
+  """Entity share, cosines and norms of the soft tokens of sampled entities."""
 
   def __init__(self, name, config, *, model, dataset, seed=0, **unused):
     del unused
