@@ -69,7 +69,6 @@ class IlmModel:
     cf = jnp.where((entity_kind == prompts.USER)[..., None], users, items)
     flat = cf.reshape(-1, cf.shape[-1]).astype(jnp.float32)
     if self.adapter == "qformer":
-      is_user = (entity_kind == prompts.USER).reshape(-1)
       references = []
       if self.query_centering:
         references = [
@@ -84,6 +83,7 @@ class IlmModel:
         method=qformer.QFormer.encode_queries,
       )
       if self.query_centering:
+        is_user = (entity_kind == prompts.USER).reshape(-1)
         item_end = len(flat) + len(references[0])
         mean = jnp.where(
           is_user[:, None, None],
