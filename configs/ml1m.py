@@ -196,6 +196,10 @@ def base_config() -> ml_collections.ConfigDict:
       # reference entities per kind before the projector (0: off, the
       # paper; models/ilm.py, docs/results/ilm.md). Others ignore it.
       query_centering=0,
+      # Q-Former adapter: "linear", one linear layer shared by every query
+      # (the paper, BLIP-2), or "per_query", one per query (ours;
+      # models/projector.py). Others ignore it.
+      qformer_projector="linear",
     ),
     data=dict(
       templates="",  # "" = ilm_jax/data/templates/prompts.json

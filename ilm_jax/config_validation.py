@@ -72,6 +72,7 @@ _RULES = [
   (r"ilm\.model\.query_centering", *_int_at_least(0)),
   (r"cf\.tables", *_one_of("mf", "sasrec")),
   (r"ilm\.model\.soft_token_norm", *_one_of("", "llm")),
+  (r"ilm\.model\.qformer_projector", *_one_of("linear", "per_query")),
   (
     r"ilm\.evals\.\w+\.templates",
     lambda v: (

@@ -178,6 +178,7 @@ def test_out_of_range_values_name_field_and_range():
   # What the command line makes of --config.ilm.optim.lr_mults=qformer/.*=0.1
   config.ilm.optim.lr_mults = ("qformer/.*=0.1",)
   config.ilm.evals.rank_masked.templates = ("seen", "unseen_")
+  config.ilm.model.qformer_projector = "dense"
   with pytest.raises(config_validation.ConfigError) as error:
     config_validation.validate(config)
   message = str(error.value)
@@ -188,6 +189,9 @@ def test_out_of_range_values_name_field_and_range():
   assert "config.data.max_history=0: must be an integer >= 1" in message
   assert "config.ilm.variant='../mlp': must be lowercase letters" in message
   assert "config.eval.reference='ilm/../x': must be lowercase" in message
+  assert "config.ilm.model.qformer_projector='dense': must be one of" in (
+    message
+  )
   assert (
     "config.ilm.evals.rank_masked.templates=('seen', 'unseen_'): must be a "
     "non-empty tuple of 'seen' and/or 'unseen'." in message

@@ -347,3 +347,45 @@ def test_query_centering_subtracts_the_reference_mean_per_kind():
   assert np.abs(np.asarray(grads["qformer"]["query_tokens"])).sum() > 0
   with pytest.raises(ValueError, match="query_centering=-1"):
     _model("qformer", query_centering=-1)
+
+
+def test_per_query_projector_maps_each_query_with_its_own_layer():
+  shared = _model("qformer")
+  per_query = _model("qformer", qformer_projector="per_query")
+  params = _params(shared)
+  params["proj"] = ilm.init_adapter(per_query, jax.random.key(7), CF_DIM, 8)
+  kernel = np.asarray(params["proj"]["kernel"])
+  assert kernel.shape == (2, 8, LLM.hidden_size)  # [queries, in, llm]
+  assert params["proj"]["bias"].shape == (2, LLM.hidden_size)
+  params["proj"]["bias"] = jnp.arange(2 * LLM.hidden_size, dtype=jnp.float32)
+  params["proj"]["bias"] = params["proj"]["bias"].reshape(2, -1)
+  queries = np.asarray(
+    shared.qformer.apply(
+      {"params": params["qformer"]},
+      params["cf"]["items"],
+      method=qformer.QFormer.encode_queries,
+    )
+  )
+  index = jnp.arange(NUM_ITEMS)[None]
+  got = np.asarray(
+    per_query.soft_tokens(params, jnp.full_like(index, prompts.ITEM), index)
+  )[0]
+  # By hand: query t of item i through kernel t and bias t.
+  bias = np.asarray(params["proj"]["bias"])
+  for i in range(NUM_ITEMS):
+    for t in range(2):
+      np.testing.assert_allclose(
+        got[i, t], queries[i, t] @ kernel[t] + bias[t], rtol=1e-5, atol=1e-5
+      )
+  # Equal query outputs give different tokens per slot: the layers differ.
+  same = np.broadcast_to(queries[:1, :1], queries[:1].shape)
+  tokens = np.asarray(
+    per_query.projector.apply({"params": params["proj"]}, same)
+  )
+  assert not np.allclose(tokens[0, 0], tokens[0, 1])
+  grads = jax.grad(lambda p: per_query.loss(p, _batch(), None)[0])(params)
+  assert np.abs(np.asarray(grads["proj"]["kernel"][1])).sum() > 0
+  with pytest.raises(ValueError, match="expects 2 query outputs"):
+    per_query.projector.apply({"params": params["proj"]}, queries[:, :1])
+  with pytest.raises(ValueError, match="qformer_projector='dense'"):
+    _model("qformer", qformer_projector="dense")

@@ -27,6 +27,10 @@ component across all items (9/10 of their norm after phase 1 here), so
 each gradient step on the linear projector moves mostly that component and
 phase 2 learned one soft token for every item (docs/results/ilm.md). A
 departure from the paper, ours.
+
+`qformer_projector="per_query"` (adapter "qformer") gives each query its own
+linear map into the LLM's space where the paper shares one; see
+models/projector.py. A departure from the paper, ours.
 """
 
 import dataclasses
@@ -41,6 +45,9 @@ from ilm_jax.data import ilm_tasks, prompts
 from ilm_jax.models import llm, projector, qformer
 
 ADAPTERS = ("qformer", "mlp", "prompt", "none")
+# adapter "qformer": one linear layer for every query (the paper) or one per
+# query (ours; models/projector.py).
+QFORMER_PROJECTORS = ("linear", "per_query")
 ADAPTER_PARTS = ("qformer", "proj", "prompt")  # what training changes
 SOFT_TOKEN_NORMS = ("", "llm")
 
@@ -200,7 +207,7 @@ def build(
 
   Args:
     model_config: adapter, tokens_per_entity, max_target_tokens,
-      mlp_hidden_dim, soft_token_norm, query_centering.
+      mlp_hidden_dim, soft_token_norm, query_centering, qformer_projector.
     llm_config: the frozen LLM's architecture (from its checkpoint).
     qformer_config: the Q-Former config (adapter "qformer" only).
   """
@@ -212,6 +219,12 @@ def build(
   # Exports written before the field existed read as "" (as projected).
   soft_token_norm = model_config.get("soft_token_norm", "")
   query_centering = model_config.get("query_centering", 0)
+  qformer_projector = model_config.get("qformer_projector", "linear")
+  if qformer_projector not in QFORMER_PROJECTORS:
+    raise ValueError(
+      f"ilm.model.qformer_projector={qformer_projector!r}; expected one of "
+      f"{QFORMER_PROJECTORS}."
+    )
   if query_centering < 0:
     raise ValueError(
       f"ilm.model.query_centering={query_centering}; expected 0 (off) or a "
@@ -231,7 +244,12 @@ def build(
         "every query output becomes one soft token."
       )
     qformer_module = qformer.make_model(qformer_config)
-    proj = projector.LinearProjector(llm_config.hidden_size)
+    if qformer_projector == "per_query":
+      proj = projector.PerQueryProjector(
+        llm_config.hidden_size, qformer_config.num_queries
+      )
+    else:
+      proj = projector.LinearProjector(llm_config.hidden_size)
   elif adapter == "mlp":
     proj = projector.MlpProjector(
       llm_config.hidden_size,
@@ -260,7 +278,8 @@ def init_adapter(model: IlmModel, rng, cf_dim: int, qformer_hidden: int):
     shape = (model.tokens_per_entity, model.llm.config.hidden_size)
     return dict(embedding=0.02 * jax.random.normal(rng, shape, jnp.float32))
   if model.adapter == "qformer":
-    x = jnp.zeros((1, 1, qformer_hidden), jnp.float32)
+    num_queries = model.tokens_per_entity  # tied to the Q-Former's queries
+    x = jnp.zeros((1, num_queries, qformer_hidden), jnp.float32)
   elif model.adapter == "mlp":
     x = jnp.zeros((1, cf_dim), jnp.float32)
   else:
