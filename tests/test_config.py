@@ -54,7 +54,7 @@ def test_sizes_differ_where_the_docstrings_say():
   )
   assert (full.ilm.train.steps, cpu.ilm.train.steps, tiny.ilm.train.steps) == (
     20000,
-    160,
+    640,
     2,
   )
   for config in (full, cpu, tiny):  # the two must agree (models/ilm.py)

@@ -73,7 +73,7 @@ def test_every_phase_runs_and_writes_its_outputs(finished_run):
   for name in ("mf", "sasrec", "popularity", "qformer"):
     assert (workdir / "metrics" / f"{name}_test.json").exists(), name
   table = (workdir / "results.md").read_text()
-  assert "| ILM (Q-Former + linear projector) |" in table
+  assert "| ILM (Q-Former + projector) |" in table
   assert "| SASRec (phase 0, full ranking) |" in table
   assert "| all five (ITC+ITM+ITG+II+UI) |" in table  # the phase-1 table
   assert summaries["ilm"]["trie/titles"] == 40
@@ -139,7 +139,7 @@ def test_text_only_baseline_trains_only_its_prompt_beside_the_main_run(
   assert list(adapter) == ["prompt"]
   assert adapter["prompt"]["embedding"].shape == (3, 576)  # SmolLM2's width
   table = (workdir / "results.md").read_text()
-  assert "| ILM (Q-Former + linear projector) |" in table
+  assert "| ILM (Q-Former + projector) |" in table
   assert "| Text-only (titles, learned prompt) |" in table
 
 

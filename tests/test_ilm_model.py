@@ -389,3 +389,15 @@ def test_per_query_projector_maps_each_query_with_its_own_layer():
     per_query.projector.apply({"params": params["proj"]}, queries[:, :1])
   with pytest.raises(ValueError, match="qformer_projector='dense'"):
     _model("qformer", qformer_projector="dense")
+
+
+def test_projector_default_is_per_query_but_old_exports_stay_linear():
+  """The configs choose one map per query (ours); a model config written
+  before the field existed (an older adapter export; `_model` builds one
+  without it) must rebuild the paper's shared layer, whose kernel is
+  [in, llm], or its saved params would not load."""
+  assert ml1m.get_config("cpu").ilm.model.qformer_projector == "per_query"
+  assert ml1m.get_config().ilm.model.qformer_projector == "per_query"
+  old_export = _model("qformer")
+  params = ilm.init_adapter(old_export, jax.random.key(0), CF_DIM, 8)
+  assert params["dense"]["kernel"].shape == (8, LLM.hidden_size)

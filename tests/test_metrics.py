@@ -639,6 +639,6 @@ def test_soft_token_table_lists_the_rows_that_measured_them(tmp_path):
   assert len(table) == 3  # header, rule, the ILM row only
   # One slot per entity: no slot cosine.
   assert table[2] == (
-    "| ILM (Q-Former + linear projector) | 0.0900 | 0.9900 | – | 8.0000 "
+    "| ILM (Q-Former + projector) | 0.0900 | 0.9900 | – | 8.0000 "
     "| 0.5000 | 0.2500 |"
   )

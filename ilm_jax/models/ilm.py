@@ -28,9 +28,11 @@ each gradient step on the linear projector moves mostly that component and
 phase 2 learned one soft token for every item (docs/results/ilm.md). A
 departure from the paper, ours.
 
-`qformer_projector="per_query"` (adapter "qformer") gives each query its own
-linear map into the LLM's space where the paper shares one; see
-models/projector.py. A departure from the paper, ours.
+`qformer_projector="per_query"` (adapter "qformer"; the configs' default)
+gives each query its own linear map into the LLM's space where the paper
+shares one ("linear"); see models/projector.py. A departure from the paper,
+ours. A model config without the field (adapters exported before it
+existed) is the paper's "linear".
 """
 
 import dataclasses

@@ -43,7 +43,7 @@ METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # `ilm_<variant>_test.json` files (e.g. learning-curve runs) follow, labelled
 # by their prefix.
 ROWS = (
-  ("ilm", "ILM (Q-Former + linear projector)"),
+  ("ilm", "ILM (Q-Former + projector)"),
   ("ilm_mlp", "MLP projector (CoLLM-style)"),
   ("ilm_rand", "ILM-rand (no phase 1)"),
   ("ilm_it", "ILM, phase 1 = IT (ITC+ITM+ITG)"),
