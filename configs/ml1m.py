@@ -338,8 +338,8 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   # 640 steps of 8 prompts (5,120 prompts) and 500 ranked users: the
   # whole main command took 23 minutes alone on a 2-core machine (phase 2
   # 19 minutes: about 1.1 steps/s, then the evaluators; docs/results/
-  # ilm.md, session 13). Fewer prompts left every adapter level with the
-  # others on ML-100K; fewer users cannot separate rows.
+  # ilm.md, session 13). At 1,280 prompts and 100 users the ILM hit 3
+  # users, too few for any paired test to separate rows.
   config.ilm.optim.update(learning_rate=3e-4, warmup_steps=16)
   config.ilm.train.update(steps=640, batch_size=8, checkpoint_every=160)
   # Sequential only (the results table's task): about 3 users/s per

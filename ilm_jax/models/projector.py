@@ -4,9 +4,9 @@
 output (BLIP-2's fully connected layer). `per_query` (the configs' default)
 gives each query its own Dense layer (ours, not the paper's): with one shared
 layer, an item's query outputs, nearly equal already after phase 1, become
-one soft token repeated (docs/results/ilm.md). `mlp` is the CoLLM-style baseline: a two-layer MLP
-that maps one raw CF vector to `num_tokens` soft tokens, one output block per
-token. All start with small random weights: all-zero soft tokens gave NaN
+one soft token repeated (docs/results/ilm.md). `mlp` is the CoLLM-style
+baseline: a two-layer MLP that maps one raw CF vector to `num_tokens` soft
+tokens, one output block per token. All start with small random weights: all-zero soft tokens gave NaN
 gradients through the frozen LLM.
 """
 
