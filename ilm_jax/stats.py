@@ -14,6 +14,15 @@ over a fixed set of users, so the unit of resampling is the user:
                       one-sided binomial test;
   align               two rows' per-user arrays restricted to the users
                       both evaluated, in one order.
+Training runs are a second source of variance that resampling users does
+not see (a test over users holds each trained model fixed): the same
+config hit 27 and 19 of 943 users with two seeds. Across runs, the unit is
+the run:
+  mean_over_runs      one config's mean over runs (seeds) and its
+                      Student-t interval;
+  paired_over_runs    two configs run with the same seeds: the mean of the
+                      per-seed differences, its t interval and the paired
+                      t-test's p-value.
 Resampling uses `scipy.stats.bootstrap` with a fixed seed, so a metrics
 file's intervals do not change between reads of the same results.
 """
@@ -289,6 +298,87 @@ def above_chance(hits: int, users: int, chance: float) -> ChanceTest:
     raise ValueError(f"chance must be in (0, 1), got {chance}.")
   test = scipy.stats.binomtest(int(hits), int(users), chance, "greater")
   return ChanceTest(int(users), int(hits), float(chance), float(test.pvalue))
+
+
+@dataclasses.dataclass(frozen=True)
+class OverRuns:
+  """A mean over training runs (one value per run) with a t interval.
+
+  Attributes:
+    runs: number of runs (for a paired comparison: of seed pairs).
+    mean: mean over runs (paired: of the per-run differences a - b).
+    interval: Student-t confidence interval of that mean; (nan, nan) for a
+      single run, (mean, mean) when every value is equal.
+    p_value: two-sided t-test p-value of "mean = 0" (paired: "no
+      difference"); nan for one run or when every value is equal and
+      nonzero (no variance to test against), 1 when every value is 0.
+  """
+
+  runs: int
+  mean: float
+  interval: tuple[float, float]
+  p_value: float
+
+
+def mean_over_runs(values, confidence: float = 0.95) -> OverRuns:
+  """One config's metric over runs (e.g. HR@10 of each seed).
+
+  The interval is mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n)
+  (`scipy.stats.ttest_1samp`), which assumes the runs' values are
+  independent draws from a roughly normal distribution; with 3-5 seeds it
+  is wide, as it should be.
+
+  Args:
+    values: float [runs], finite.
+    confidence: the interval's level.
+
+  Returns:
+    An OverRuns (its p_value tests "mean = 0").
+
+  Raises:
+    ValueError: empty, not 1-D, or non-finite values.
+  """
+  values = _as_vector(values)
+  mean = float(values.mean())
+  if len(values) == 1:
+    return OverRuns(1, mean, (np.nan, np.nan), np.nan)
+  if np.all(values == values[0]):
+    return OverRuns(
+      len(values), mean, (mean, mean), 1.0 if mean == 0 else np.nan
+    )
+  result = scipy.stats.ttest_1samp(values, 0.0)
+  interval = result.confidence_interval(confidence)
+  return OverRuns(
+    len(values),
+    mean,
+    (float(interval.low), float(interval.high)),
+    float(result.pvalue),
+  )
+
+
+def paired_over_runs(a, b, confidence: float = 0.95) -> OverRuns:
+  """Two configs over the same seeds: paired t-test of the differences.
+
+  Run i of `a` and run i of `b` share the seed (the same data order,
+  initialisation draw and evaluated users), so the test is on the per-seed
+  differences a_i - b_i (`scipy.stats.ttest_rel`), with n - 1 degrees of
+  freedom. A test over runs, not users: each run's value is already a mean
+  over users.
+
+  Args:
+    a, b: float [runs], paired by position.
+    confidence: level of the difference's interval.
+
+  Returns:
+    An OverRuns of the differences a - b.
+
+  Raises:
+    ValueError: shapes differ, or either is empty or non-finite.
+  """
+  a, b = _as_vector(a, "a"), _as_vector(b, "b")
+  if a.shape != b.shape:
+    raise ValueError(f"a and b differ in shape: {a.shape} vs {b.shape}.")
+  return mean_over_runs(a - b, confidence)
 
 
 def align(

@@ -426,7 +426,11 @@ def _keep_unmeasured(path, trained, values, block):
   """(scalars, per-user block) with the file's other metrics added, if the
   file is from the same trained model (`trained` equals its record)."""
   old = json.loads(path.read_text())
-  if old.get("train") != trained:
+  recorded = old.get("train")
+  if isinstance(recorded, dict) and "seed" not in recorded:
+    # Files written before the seed was recorded (1 December 2026).
+    trained = {k: v for k, v in trained.items() if k != "seed"}
+  if recorded != trained:
     return values, block
   kept = {
     name: value
@@ -647,6 +651,8 @@ def train(
       batch_size=int(train_cfg.batch_size),
       prompts=step * int(train_cfg.batch_size),
       evaluated_step=best["step"] if train_cfg.best_metric and best else step,
+      # Which training run: rows over several seeds are compared per seed.
+      seed=int(seed),
     )
     write_split_metrics(
       workdir, task.name, results, per_user, {"train": trained}

@@ -642,3 +642,86 @@ def test_soft_token_table_lists_the_rows_that_measured_them(tmp_path):
     "| ILM (Q-Former + projector) | 0.0900 | 0.9900 | – | 8.0000 "
     "| 0.5000 | 0.2500 |"
   )
+
+
+def test_a_file_from_before_the_seed_was_recorded_is_the_same_run(tmp_path):
+  path = tmp_path / "metrics" / "toy_test.json"
+  rank = _FakeEvaluator("rank", "test", [7, 2], [1.0, 0.0])
+  masked = _FakeEvaluator(
+    "masked", "test", [7, 2], [0.0, 0.0], prefix="masked_"
+  )
+  for evaluators, trained in (
+    ([rank], {"steps": 3}),  # written before `seed` was recorded
+    ([masked], {"steps": 3, "seed": 0}),  # the same run evaluated again
+  ):
+    per_user = {}
+    results = train.evaluate(evaluators, params=None, per_user=per_user)
+    train.write_split_metrics(
+      tmp_path, "toy", results, per_user, {"train": trained}
+    )
+  saved = json.loads(path.read_text())
+  assert saved["hr@10"] == 0.5 and saved["masked_hr@10"] == 0.0
+  assert saved["train"] == {"steps": 3, "seed": 0}
+  # Another seed is another trained model: a fresh file.
+  per_user = {}
+  results = train.evaluate([masked], params=None, per_user=per_user)
+  train.write_split_metrics(
+    tmp_path, "toy", results, per_user, {"train": {"steps": 3, "seed": 1}}
+  )
+  assert "hr@10" not in json.loads(path.read_text())
+
+
+def test_seeds_tables_pair_each_seed_on_common_users(tmp_path):
+  users = np.arange(10)
+
+  def row(prefix, hits, nll, seed=None, evaluated=users):
+    _write_row(tmp_path, prefix, evaluated, hits, hits * 0.5)
+    path = tmp_path / "metrics" / f"{prefix}_test.json"
+    values = json.loads(path.read_text())
+    values["sequential/target_nll"] = nll
+    if seed is not None:
+      values["train"] = {"steps": 8, "seed": seed}
+    metric_writer.write_json(path, values)
+
+  # Group ilm_a: seed 0 (no suffix, no record), 1 (suffix), 2 (the file's
+  # record wins over the suffix). HR@10 0.3, 0.6 (0.5 on users 0-7), 0.4.
+  row("ilm_a", users < 3, 1.0)
+  row("ilm_a_seed1", (users < 4) | (users >= 8), 1.1)
+  row("ilm_a_seed7", users < 4, 1.2, seed=2)
+  # Group ilm_b: 0.1, 0.25 (users 0-7 only), 0.1.
+  row("ilm_b", users < 1, 1.5)
+  row("ilm_b_seed1", users[:8] < 2, 1.5, evaluated=users[:8])
+  row("ilm_b_seed2", users < 1, 1.5)
+  row("ilm_c", users < 5, 1.5)  # one seed: in no seeds table
+  # Two rows of one group with one seed: that group is left out.
+  row("ilm_d", users < 1, 1.0)
+  row("ilm_d_seed3", users < 1, 1.0, seed=0)
+  assert list(eval_phase.seed_groups(tmp_path)) == ["ilm_a", "ilm_b"]
+
+  def t_quantile_2df(q):  # Student's t, 2 degrees of freedom, closed form
+    return (2 * q - 1) / math.sqrt(2 * q * (1 - q))
+
+  def p_2df(t):  # two-sided p-value, 2 degrees of freedom, closed form
+    return 1 - abs(t) / math.sqrt(2 + t * t)
+
+  table = eval_phase.seeds_table(tmp_path).splitlines()
+  assert len(table) == 4
+  cells = [c.strip() for c in table[2].strip("|").split("|")]
+  assert cells[:3] == ["ilm_a", "0, 1, 2", "3 / 6 / 4"]
+  runs = np.array([0.3, 0.6, 0.4])
+  half = t_quantile_2df(0.975) * runs.std(ddof=1) / math.sqrt(3)
+  assert cells[3] == (
+    f"{runs.mean():.4f} [{runs.mean() - half:.4f}, {runs.mean() + half:.4f}]"
+  )
+  # HR@10 differences per seed on common users: 0.2, 0.25, 0.3 -> mean
+  # 0.25, sd 0.05, t = 5 sqrt(3); target NLL: -0.5, -0.4, -0.3 -> t =
+  # -4 sqrt(3).
+  pairs = eval_phase.seed_pairs_table(tmp_path).splitlines()
+  assert len(pairs) == 3
+  cells = [c.strip() for c in pairs[2].strip("|").split("|")]
+  assert cells[:2] == ["ilm_a - ilm_b", "0, 1, 2"]
+  half = t_quantile_2df(0.975) * 0.05 / math.sqrt(3)
+  assert cells[2] == f"+0.2500 [{0.25 - half:+.4f}, {0.25 + half:+.4f}]"
+  assert cells[3] == f"{p_2df(5 * math.sqrt(3)):.3g}"
+  assert cells[7] == f"{p_2df(4 * math.sqrt(3)):.3g}"
+  assert cells[6].startswith("-0.4000 [")

@@ -212,3 +212,35 @@ def test_above_chance_rejects_impossible_counts():
     stats.above_chance(0, 0, 0.1)
   with pytest.raises(ValueError, match="chance"):
     stats.above_chance(1, 10, 0.0)
+
+
+def test_paired_over_runs_is_the_t_test_by_hand():
+  # Differences 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) on 2 degrees
+  # of freedom. Student's t with 2 df has the closed-form CDF
+  # 1/2 + t / (2 sqrt(2 + t^2)) and quantile (2q - 1) / sqrt(2 q (1 - q)).
+  a, b = [0.11, 0.22, 0.33], [0.10, 0.20, 0.30]
+  test = stats.paired_over_runs(np.array(a) * 100, np.array(b) * 100)
+  t = 2 * np.sqrt(3)
+  p_by_hand = 2 * (0.5 - t / (2 * np.sqrt(2 + t**2)))
+  half_width = 0.95 / np.sqrt(2 * 0.975 * 0.025) / np.sqrt(3)
+  assert test.runs == 3
+  np.testing.assert_allclose(test.mean, 2.0, rtol=1e-12)
+  np.testing.assert_allclose(test.p_value, p_by_hand, rtol=1e-9)
+  np.testing.assert_allclose(p_by_hand, 0.0742, atol=1e-4)
+  np.testing.assert_allclose(
+    test.interval, (2 - half_width, 2 + half_width), rtol=1e-9
+  )
+
+
+def test_over_runs_edge_cases():
+  one = stats.mean_over_runs([0.02])
+  assert one.runs == 1 and one.mean == 0.02
+  assert np.isnan(one.interval).all() and np.isnan(one.p_value)
+  same = stats.paired_over_runs([0.1, 0.2], [0.1, 0.2])
+  assert same.mean == 0 and same.interval == (0, 0) and same.p_value == 1
+  constant = stats.mean_over_runs([0.5, 0.5, 0.5])
+  assert constant.interval == (0.5, 0.5) and np.isnan(constant.p_value)
+  with pytest.raises(ValueError, match="differ in shape"):
+    stats.paired_over_runs([1.0, 2.0], [1.0])
+  with pytest.raises(ValueError, match="non-empty"):
+    stats.mean_over_runs([])

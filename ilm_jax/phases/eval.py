@@ -20,6 +20,9 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
     `results_<row>.md`) against every other row, on the users both
     evaluated: exact McNemar test on the HR@10 hits and a paired bootstrap
     test of NDCG@10;
+  - rows run with several seeds (`<variant>_seed<N>`, or the seed the
+    file records): per-seed hits, means over seeds with t intervals, and
+    paired t-tests over the seeds of every two such rows;
   - the soft-token statistics of the rows that measured them
     (`soft_token_stats`: has an adapter's output collapsed?);
   - a phase-1 table of the Q-Former runs present.
@@ -31,8 +34,10 @@ users (no prompts, so no seen/unseen split; compared on the seen column).
 
 import json
 import pathlib
+import re
 
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
@@ -325,6 +330,177 @@ def paired_table(
   return _table(header, body) if body else ""
 
 
+# A row trained with another seed: `--config.ilm.variant=<name>_seed<N>`.
+SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+# Per-seed metrics of the seeds tables: (key, label, from per-user data).
+SEED_METRICS = (
+  ("sequential/seen/hr@10", "seen HR@10", True),
+  ("sequential/seen/ndcg@10", "seen NDCG@10", True),
+  ("sequential/target_nll", "target NLL (nats/token)", False),
+)
+
+
+def run_seed(prefix: str, values: dict) -> int:
+  """The seed a row was trained with.
+
+  Its file's `train.seed`; files written before that was recorded (1
+  December 2026) say it by their name's `_seed<N>` suffix, else they ran
+  with `config.seed`'s default, 0.
+  """
+  recorded = values.get("train", {}).get("seed")
+  if recorded is not None:
+    return int(recorded)
+  match = SEED_SUFFIX.search(prefix)
+  return int(match.group(1)) if match else 0
+
+
+def seed_groups(workdir: pathlib.Path) -> dict[str, dict[int, tuple]]:
+  """ILM rows run with several seeds: {group: {seed: (prefix, values)}}.
+
+  A group is the rows whose prefixes are equal once a `_seed<N>` suffix is
+  removed (`ilm_mlp`, `ilm_mlp_seed1`, `ilm_mlp_seed2`); only groups with
+  two or more seeds are returned, in table order. A group naming one seed
+  twice is left out, with a warning.
+  """
+  groups: dict[str, dict[int, tuple]] = {}
+  clashes = set()
+  for prefix, _, values in present_rows(workdir):
+    if not prefix.startswith("ilm"):
+      continue
+    group, seed = SEED_SUFFIX.sub("", prefix), run_seed(prefix, values)
+    if seed in groups.setdefault(group, {}):
+      clashes.add(group)
+      logging.warning(
+        "Rows %s and %s both ran with seed %d; group %s left out of the "
+        "seeds tables.",
+        groups[group][seed][0],
+        prefix,
+        seed,
+        group,
+      )
+    groups[group][seed] = (prefix, values)
+  return {
+    group: dict(sorted(runs.items()))
+    for group, runs in groups.items()
+    if len(runs) >= 2 and group not in clashes
+  }
+
+
+def _seed_value(
+  pair: tuple, key: str, per_user: bool, users=None
+) -> float | None:
+  """A row's metric: the file's mean, or the mean over `users` only."""
+  prefix, values = pair
+  block = metric_writer.read_per_user(values) if per_user else None
+  if users is None or block is None or key not in block:
+    return values.get(key)
+  ids = np.asarray(block[metric_writer.USER_IDS])
+  kept = np.isin(ids, users)
+  return float(np.nanmean(np.asarray(block[key], np.float64)[kept]))
+
+
+def _over_runs_cell(test: stats.OverRuns, signed: bool = False) -> str:
+  sign = "+" if signed else ""
+  if np.isnan(test.interval[0]):
+    return f"{test.mean:{sign}.4f}"
+  low, high = test.interval
+  return f"{test.mean:{sign}.4f} [{low:{sign}.4f}, {high:{sign}.4f}]"
+
+
+def seeds_table(workdir: pathlib.Path) -> str:
+  """Each multi-seed group: per-seed HR@10 and the means over seeds.
+
+  Returns:
+    A markdown table, or "" when no group has two seeds.
+  """
+  rows = []
+  for group, runs in seed_groups(workdir).items():
+    hits = []
+    for _, values in runs.values():
+      users, rate = values.get("users"), values.get(SEED_METRICS[0][0])
+      hits.append(
+        "–" if users is None or rate is None else f"{round(rate * users)}"
+      )
+    cells = [group, ", ".join(map(str, runs)), " / ".join(hits)]
+    for key, _, _ in SEED_METRICS:
+      found = [v.get(key) for _, v in runs.values()]
+      known = [x for x in found if x is not None]
+      if len(known) < 2:
+        cells.append("–")
+      else:
+        cells.append(
+          _over_runs_cell(stats.mean_over_runs(known))
+          + ("" if len(known) == len(found) else f" ({len(known)} seeds)")
+        )
+    rows.append(cells)
+  if not rows:
+    return ""
+  header = ["row", "seeds", "seen HR@10 hits per seed"] + [
+    f"{label}, mean over seeds [95% t interval]" for _, label, _ in SEED_METRICS
+  ]
+  return _table(header, rows)
+
+
+def seed_pairs_table(workdir: pathlib.Path) -> str:
+  """Every two multi-seed groups on the seeds both ran: paired t-tests.
+
+  For each common seed, both rows' metric on the users both evaluated in
+  that seed (the file's mean where there is no per-user data); the test is
+  over the per-seed differences (`stats.paired_over_runs`).
+
+  Returns:
+    A markdown table, or "" when fewer than two groups share two seeds.
+  """
+  groups = seed_groups(workdir)
+  names = list(groups)
+  rows = []
+  for i, first in enumerate(names):
+    for second in names[i + 1 :]:
+      seeds = sorted(set(groups[first]) & set(groups[second]))
+      if len(seeds) < 2:
+        continue
+      cells = [f"{first} - {second}", ", ".join(map(str, seeds))]
+      for key, _, per_user in SEED_METRICS:
+        a, b = [], []
+        for seed in seeds:
+          runs = groups[first][seed], groups[second][seed]
+          users = _common_users(*runs) if per_user else None
+          value_a, value_b = (
+            _seed_value(r, key, per_user, users) for r in runs
+          )
+          if value_a is not None and value_b is not None:
+            a.append(value_a)
+            b.append(value_b)
+        if len(a) < 2:
+          cells += ["–", "–"]
+          continue
+        test = stats.paired_over_runs(a, b)
+        cells += [
+          _over_runs_cell(test, signed=True)
+          + ("" if len(a) == len(seeds) else f" ({len(a)} seeds)"),
+          "–" if np.isnan(test.p_value) else _p_cell(test.p_value),
+        ]
+      rows.append(cells)
+  if not rows:
+    return ""
+  header = ["rows (first - second)", "common seeds"]
+  for _, label, _ in SEED_METRICS:
+    header += [f"{label} difference [95% t interval]", "paired t-test p"]
+  return _table(header, rows)
+
+
+def _common_users(*runs: tuple) -> np.ndarray | None:
+  """User ids every run's per-user data evaluated, or None if one lacks it."""
+  common = None
+  for _, values in runs:
+    block = metric_writer.read_per_user(values)
+    if block is None:
+      return None
+    ids = np.asarray(block[metric_writer.USER_IDS])
+    common = ids if common is None else np.intersect1d(common, ids)
+  return common
+
+
 def _short_label(prefix: str) -> str:
   """ "ILM" for the main row, else the metrics-file prefix."""
   return "ILM" if prefix == REFERENCE else prefix
@@ -414,6 +590,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   paired["seen templates, history masked"] = paired_table(
     workdir, "seen", masked="masked_", reference=reference
   )
+  seeds, seed_pairs = seeds_table(workdir), seed_pairs_table(workdir)
   text = (
     "# Results\n\nTest split. ILM rows: sequential recommendation by "
     "trie-constrained beam search over all item titles. Phase-0 rows: "
@@ -428,6 +605,18 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       + paired[which]
       for which in paired
       if paired[which]
+    )
+    + (
+      "\n## Over training seeds\n\nRows run with several seeds (a "
+      "`_seed<N>` variant suffix, or the seed each file records). A test "
+      "over users holds each trained model fixed; these hold the config "
+      "fixed and treat each seed's run as one draw. Means over seeds with "
+      "Student-t intervals; paired t-tests over the seeds both rows ran, "
+      "each seed's pair on the users both evaluated.\n\n"
+      + seeds
+      + ("\n" + seed_pairs if seed_pairs else "")
+      if seeds
+      else ""
     )
     + (
       "\n## Soft tokens\n\nWhat each adapter hands the LLM, over sampled "
