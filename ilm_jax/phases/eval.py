@@ -332,11 +332,11 @@ def paired_table(
 
 # A row trained with another seed: `--config.ilm.variant=<name>_seed<N>`.
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
-# Per-seed metrics of the seeds tables: (key, label, from per-user data).
+# Per-seed metrics of the seeds tables: (key, label).
 SEED_METRICS = (
-  ("sequential/seen/hr@10", "seen HR@10", True),
-  ("sequential/seen/ndcg@10", "seen NDCG@10", True),
-  ("sequential/target_nll", "target NLL (nats/token)", False),
+  ("sequential/seen/hr@10", "seen HR@10"),
+  ("sequential/seen/ndcg@10", "seen NDCG@10"),
+  ("sequential/target_nll", "target NLL (nats/token)"),
 )
 
 
@@ -386,12 +386,11 @@ def seed_groups(workdir: pathlib.Path) -> dict[str, dict[int, tuple]]:
   }
 
 
-def _seed_value(
-  pair: tuple, key: str, per_user: bool, users=None
-) -> float | None:
-  """A row's metric: the file's mean, or the mean over `users` only."""
-  prefix, values = pair
-  block = metric_writer.read_per_user(values) if per_user else None
+def _seed_value(pair: tuple, key: str, users=None) -> float | None:
+  """A row's metric: the mean over `users`, or the file's mean where its
+  per-user data lack the metric (or `users` is None)."""
+  _, values = pair
+  block = metric_writer.read_per_user(values)
   if users is None or block is None or key not in block:
     return values.get(key)
   ids = np.asarray(block[metric_writer.USER_IDS])
@@ -422,7 +421,7 @@ def seeds_table(workdir: pathlib.Path) -> str:
         "–" if users is None or rate is None else f"{round(rate * users)}"
       )
     cells = [group, ", ".join(map(str, runs)), " / ".join(hits)]
-    for key, _, _ in SEED_METRICS:
+    for key, _ in SEED_METRICS:
       found = [v.get(key) for _, v in runs.values()]
       known = [x for x in found if x is not None]
       if len(known) < 2:
@@ -436,7 +435,7 @@ def seeds_table(workdir: pathlib.Path) -> str:
   if not rows:
     return ""
   header = ["row", "seeds", "seen HR@10 hits per seed"] + [
-    f"{label}, mean over seeds [95% t interval]" for _, label, _ in SEED_METRICS
+    f"{label}, mean over seeds [95% t interval]" for _, label in SEED_METRICS
   ]
   return _table(header, rows)
 
@@ -460,14 +459,12 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
       if len(seeds) < 2:
         continue
       cells = [f"{first} - {second}", ", ".join(map(str, seeds))]
-      for key, _, per_user in SEED_METRICS:
+      for key, _ in SEED_METRICS:
         a, b = [], []
         for seed in seeds:
           runs = groups[first][seed], groups[second][seed]
-          users = _common_users(*runs) if per_user else None
-          value_a, value_b = (
-            _seed_value(r, key, per_user, users) for r in runs
-          )
+          users = _common_users(*runs)
+          value_a, value_b = (_seed_value(r, key, users) for r in runs)
           if value_a is not None and value_b is not None:
             a.append(value_a)
             b.append(value_b)
@@ -484,7 +481,7 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
   if not rows:
     return ""
   header = ["rows (first - second)", "common seeds"]
-  for _, label, _ in SEED_METRICS:
+  for _, label in SEED_METRICS:
     header += [f"{label} difference [95% t interval]", "paired t-test p"]
   return _table(header, rows)
 
