@@ -361,8 +361,8 @@ def paired_over_runs(a, b, confidence: float = 0.95) -> OverRuns:
 
   Run i of `a` and run i of `b` share the seed (the same data order,
   initialisation draw and evaluated users), so the test is on the per-seed
-  differences a_i - b_i (`scipy.stats.ttest_rel`), with n - 1 degrees of
-  freedom. A test over runs, not users: each run's value is already a mean
+  differences a_i - b_i (a one-sample t-test of them, the same as
+  `scipy.stats.ttest_rel(a, b)`), with n - 1 degrees of freedom. A test over runs, not users: each run's value is already a mean
   over users.
 
   Args:
