@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from ilm_jax import stats
 
@@ -244,3 +245,15 @@ def test_over_runs_edge_cases():
     stats.paired_over_runs([1.0, 2.0], [1.0])
   with pytest.raises(ValueError, match="non-empty"):
     stats.mean_over_runs([])
+
+
+def test_paired_over_runs_matches_scipy_ttest_rel():
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(0.02, 0.004, 5), rng.normal(0.018, 0.004, 5)
+  test = stats.paired_over_runs(a, b, confidence=0.9)
+  reference = scipy.stats.ttest_rel(a, b)
+  interval = reference.confidence_interval(0.9)
+  np.testing.assert_allclose(test.p_value, reference.pvalue, rtol=1e-12)
+  np.testing.assert_allclose(
+    test.interval, (interval.low, interval.high), rtol=1e-12
+  )
