@@ -386,16 +386,25 @@ def seed_groups(workdir: pathlib.Path) -> dict[str, dict[int, tuple]]:
   }
 
 
-def _seed_value(pair: tuple, key: str, users=None) -> float | None:
-  """A row's metric: the mean over `users`, or the file's mean where its
-  per-user data lack the metric (or `users` is None)."""
-  _, values = pair
-  block = metric_writer.read_per_user(values)
-  if users is None or block is None or key not in block:
-    return values.get(key)
-  ids = np.asarray(block[metric_writer.USER_IDS])
-  kept = np.isin(ids, users)
-  return float(np.nanmean(np.asarray(block[key], np.float64)[kept]))
+def _seed_pair(first: tuple, second: tuple, key: str) -> tuple | None:
+  """Two rows' means of `key` in one seed, on the users both evaluated.
+
+  Per-user values where both files have them (`stats.align`), else both
+  files' means; None where either lacks the metric or no user is common.
+  """
+  blocks = [
+    metric_writer.read_per_user(values) for _, values in (first, second)
+  ]
+  if all(block is not None and key in block for block in blocks):
+    _, a, b = stats.align(
+      blocks[0][metric_writer.USER_IDS],
+      blocks[0][key],
+      blocks[1][metric_writer.USER_IDS],
+      blocks[1][key],
+    )
+    return (float(a.mean()), float(b.mean())) if len(a) else None
+  a, b = first[1].get(key), second[1].get(key)
+  return None if a is None or b is None else (a, b)
 
 
 def _over_runs_cell(test: stats.OverRuns, signed: bool = False) -> str:
@@ -444,7 +453,7 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
   """Every two multi-seed groups on the seeds both ran: paired t-tests.
 
   For each common seed, both rows' metric on the users both evaluated in
-  that seed (the file's mean where there is no per-user data); the test is
+  that seed (the files' means where either lacks per-user data); the test is
   over the per-seed differences (`stats.paired_over_runs`).
 
   Returns:
@@ -462,12 +471,10 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
       for key, _ in SEED_METRICS:
         a, b = [], []
         for seed in seeds:
-          runs = groups[first][seed], groups[second][seed]
-          users = _common_users(*runs)
-          value_a, value_b = (_seed_value(r, key, users) for r in runs)
-          if value_a is not None and value_b is not None:
-            a.append(value_a)
-            b.append(value_b)
+          pair = _seed_pair(groups[first][seed], groups[second][seed], key)
+          if pair is not None:
+            a.append(pair[0])
+            b.append(pair[1])
         if len(a) < 2:
           cells += ["–", "–"]
           continue
@@ -484,18 +491,6 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
   for _, label in SEED_METRICS:
     header += [f"{label} difference [95% t interval]", "paired t-test p"]
   return _table(header, rows)
-
-
-def _common_users(*runs: tuple) -> np.ndarray | None:
-  """User ids every run's per-user data evaluated, or None if one lacks it."""
-  common = None
-  for _, values in runs:
-    block = metric_writer.read_per_user(values)
-    if block is None:
-      return None
-    ids = np.asarray(block[metric_writer.USER_IDS])
-    common = ids if common is None else np.intersect1d(common, ids)
-  return common
 
 
 def _short_label(prefix: str) -> str:
