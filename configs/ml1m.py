@@ -219,7 +219,13 @@ def base_config() -> ml_collections.ConfigDict:
       titles_with_soft=False,
       system_prompt="You are a helpful movie recommender.",
       task_weights=dict(
-        sequential=0.4, straightforward=0.2, description=0.2, conversation=0.2
+        sequential=0.4,
+        straightforward=0.2,
+        description=0.2,
+        conversation=0.2,
+        # {item} -> its title alone (ours, not the paper's; off): a short
+        # grounding task, docs/results/ilm.md (session 15).
+        title=0.0,
       ),
       examples_per_epoch=200_000,  # virtual epoch of sampled prompts
     ),
@@ -300,6 +306,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_users=0,  # 0: all users (the first of the rank subset's order)
         batch_size=8,
         templates=("seen",),
+        task="description",  # or "title": the title-only prompt
       ),
     ),
   )

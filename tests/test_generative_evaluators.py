@@ -342,6 +342,43 @@ def test_item_naming_scores_title_year_and_genres_by_hand(context):
   np.testing.assert_array_equal(scores["share_genre_overlap"], [1, 0, 1, 0])
 
 
+def test_item_naming_asks_the_title_prompt_when_told(context, monkeypatch):
+  model, params = _model_and_params(context, "mlp")
+  shared = {
+    k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")
+  }
+  (evaluator,) = registry.from_config(
+    {
+      "naming": dict(
+        type="item_naming", split="test", num_users=3, task="title"
+      )
+    },
+    model=model,
+    seed=0,
+    **shared,
+  )
+  asked = []
+
+  def fake_generate(params, requests, what, max_new_tokens):
+    asked.extend(requests)
+    return [context["dataset"].item_titles[r.item] for r in requests]
+
+  monkeypatch.setattr(evaluator, "_generate", fake_generate)
+  results = dict(evaluator.run(params))
+  seen = context["sampler"].templates["title"].seen
+  assert [r.task for r in asked] == ["title"] * 3
+  assert [r.template for r in asked] == [seen[n % len(seen)] for n in range(3)]
+  assert [r.item for r in asked] == evaluator.items.tolist()
+  assert results["naming/seen/share_title_exact"] == 1.0
+  with pytest.raises(ValueError, match=r"evals.bad.task='sequential'"):
+    registry.from_config(
+      {"bad": dict(type="item_naming", split="test", task="sequential")},
+      model=model,
+      seed=0,
+      **shared,
+    )
+
+
 @pytest.mark.parametrize("kind", ["item_naming", "generative_ranking"])
 def test_unknown_template_kinds_are_named(context, kind):
   model, _ = _model_and_params(context, "mlp")

@@ -198,7 +198,7 @@ def test_training_requests_use_train_part_only_and_are_deterministic():
     max_history=5,
     seed=3,
     task_weights=dict(
-      sequential=1, straightforward=1, description=1, conversation=1
+      sequential=1, straightforward=1, description=1, conversation=1, title=1
     ),
   )
   seen_tasks = set()
@@ -206,7 +206,15 @@ def test_training_requests_use_train_part_only_and_are_deterministic():
     request = sampler.training_request(index)
     assert request == sampler.training_request(index)
     seen_tasks.add(request.task)
-    if request.task == "description":
+    if request.task in ilm_tasks.ITEM_TASKS:
+      item = request.item
+      assert request.target_item == item
+      expected = (
+        dataset.item_texts
+        if request.task == "description"
+        else dataset.item_titles
+      )[item]
+      assert request.target_text == expected
       continue
     user = request.user
     if request.task == "conversation":
@@ -220,6 +228,34 @@ def test_training_requests_use_train_part_only_and_are_deterministic():
     assert request.target_item in train_items
     assert set(request.history) <= train_items
   assert seen_tasks == set(ilm_tasks.TASKS)
+
+
+def test_a_weighted_task_without_templates_is_refused_by_name():
+  dataset = processing.process(synthetic.generate())
+  templates = prompts.load_templates()
+  del templates["title"]
+  with pytest.raises(ValueError, match=r"\['title'\] a positive weight"):
+    ilm_tasks.TaskSampler(
+      dataset,
+      templates,
+      max_history=3,
+      task_weights=dict(sequential=1, title=0.5),
+    )
+  # Weight 0 (the default config) needs no templates.
+  ilm_tasks.TaskSampler(
+    dataset, templates, max_history=3, task_weights=dict(sequential=1, title=0)
+  )
+
+
+def test_title_evaluation_request_asks_for_the_title_alone():
+  dataset = processing.process(synthetic.generate())
+  sampler = ilm_tasks.TaskSampler(
+    dataset, prompts.load_templates(), max_history=3, task_weights={"title": 1}
+  )
+  request = sampler.evaluation_request("title", 7, "test", unseen=True)
+  assert request.item == 7 and request.user == -1
+  assert request.target_text == dataset.item_titles[7]
+  assert request.template == prompts.load_templates()["title"].unseen[0]
 
 
 def test_evaluation_request_targets_follow_the_split():
@@ -292,7 +328,9 @@ def _sampler(**weights):
     max_history=3,
     seed=5,
     task_weights=weights
-    or dict(sequential=1, straightforward=1, description=1, conversation=1),
+    or dict(
+      sequential=1, straightforward=1, description=1, conversation=1, title=1
+    ),
   )
 
 

@@ -1,10 +1,12 @@
 """Phase-2 multi-task examples drawn from a processed dataset.
 
-Four tasks (templates in templates/prompts.json):
+Five tasks (templates in templates/prompts.json):
   sequential       {user} + {history} -> the next item's title
   straightforward  {user} -> an item the user liked
   description      {item} -> the item's text (title, year, genres, people)
   conversation     {liked} items -> a title + a reason from shared metadata
+  title            {item} -> the item's title alone (ours, off by default:
+                   the grounding part of description, a short answer)
 Training example k is a pure function of (seed, k), so the grain iterator
 over example numbers (`training_prompts`, data/pipeline.py) is
 deterministic, shardable and resumable. Training uses only the training part
@@ -20,7 +22,15 @@ from absl import logging
 
 from ilm_jax.data import pipeline, processing, prompts
 
-TASKS = ("sequential", "straightforward", "description", "conversation")
+TASKS = (
+  "sequential",
+  "straightforward",
+  "description",
+  "conversation",
+  "title",
+)
+# Tasks whose request holds one item (no user): {item} -> its text.
+ITEM_TASKS = ("description", "title")
 _GROUP_STREAM = 1  # keeps the per-batch task draws apart from the examples
 
 
@@ -72,6 +82,13 @@ class TaskSampler:
     self.dataset = dataset
     self.templates = templates
     self.tasks = [t for t in TASKS if task_weights.get(t, 0) > 0]
+    missing = [t for t in self.tasks if t not in templates]
+    if missing:
+      raise ValueError(
+        f"task_weights gives {missing} a positive weight but the templates "
+        f"have no such task (tasks with templates: {sorted(templates)}); "
+        "add its templates or set its weight to 0."
+      )
     weights = np.array([task_weights[t] for t in self.tasks], np.float64)
     self.task_probs = weights / weights.sum()
     self.max_history = max_history
@@ -92,6 +109,16 @@ class TaskSampler:
     return [
       items[bounds[u] : bounds[u + 1]] for u in range(self.dataset.num_users)
     ]
+
+  def _item_request(self, task: str, template: str, item: int):
+    """An item task's request: the item's full text, or its title alone."""
+    ds = self.dataset
+    text = (
+      ds.item_texts[item] if task == "description" else ds.item_titles[item]
+    )
+    return prompts.Request(
+      task, template, item=item, target_text=text, target_item=item
+    )
 
   def task_of_group(self, group: int) -> str:
     """The task of every example in batch `group` (one-task batches)."""
@@ -118,15 +145,8 @@ class TaskSampler:
       rng.integers(len(self.templates[task].seen))
     ]
     ds = self.dataset
-    if task == "description":
-      item = int(rng.integers(ds.num_items))
-      return prompts.Request(
-        task,
-        template,
-        item=item,
-        target_text=ds.item_texts[item],
-        target_item=item,
-      )
+    if task in ITEM_TASKS:
+      return self._item_request(task, template, int(rng.integers(ds.num_items)))
     user = int(rng.choice(self._sequential_users))
     sequence = self._splits["valid"].history(user)
     cut = int(rng.integers(1, len(sequence)))
@@ -173,7 +193,7 @@ class TaskSampler:
 
     Args:
       task: a task name.
-      user_or_item: the user (recommendation tasks) or item (description).
+      user_or_item: the user (recommendation tasks) or item (ITEM_TASKS).
       split: "valid" (target items[-2]) or "test" (target items[-1]).
       unseen: use the held-out template instead of a seen one.
       template_index: which seen template (ignored when unseen).
@@ -185,15 +205,8 @@ class TaskSampler:
       else choices.seen[template_index % len(choices.seen)]
     )
     ds = self.dataset
-    if task == "description":
-      item = user_or_item
-      return prompts.Request(
-        task,
-        template,
-        item=item,
-        target_text=ds.item_texts[item],
-        target_item=item,
-      )
+    if task in ITEM_TASKS:
+      return self._item_request(task, template, user_or_item)
     user = user_or_item
     examples = self._splits[split]  # one example per user
     full = examples.history(user)

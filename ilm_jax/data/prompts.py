@@ -45,6 +45,7 @@ TASK_PLACEHOLDERS = {
   "straightforward": ("user",),
   "description": ("item",),
   "conversation": ("liked",),
+  "title": ("item",),
 }
 TARGET_FIELDS = ("title", "text", "reason")
 DEFAULT_TEMPLATES = pathlib.Path(__file__).parent / "templates" / "prompts.json"

@@ -525,11 +525,26 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
   answers against another user's target (a seeded permutation): the chance
   level of a model that writes plausible years and genres without reading
   the soft tokens, to pair with the real score.
+
+  `evals.<name>.task`: the prompt, "description" (default; its answer
+  starts with the title) or "title" (the title alone; genres never
+  match there).
+
+  Raises:
+    ValueError: `task` is neither, or the templates have no such task.
   """
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
     self.templates = _templates(name, config, ("seen",))
+    self.task = config.get("task", "description")
+    if self.task not in ("description", "title") or (
+      self.task not in self.sampler.templates
+    ):
+      raise ValueError(
+        f"evals.{name}.task={self.task!r}: expected 'description' or "
+        "'title', a task of the prompt templates."
+      )
     split = self.dataset.leave_one_out(self.split)
     target_of = dict(
       zip(split.users.tolist(), split.targets.tolist(), strict=True)
@@ -573,7 +588,7 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
     for which in self.templates:
       requests = [
         self.sampler.evaluation_request(
-          "description",
+          self.task,
           int(item),
           self.split,
           which == "unseen",
