@@ -203,6 +203,11 @@ def base_config() -> ml_collections.ConfigDict:
       # shared by every query (the paper, BLIP-2; models/projector.py).
       # Others ignore it.
       qformer_projector="per_query",
+      # "": a fresh adapter (the paper). Else the WORKDIR directory of an
+      # earlier phase-2 run ("ilm" or "ilm_<variant>") whose exported
+      # adapter this run starts from, with a fresh optimizer and schedule
+      # (a curriculum; ours; docs/results/ilm.md, session 15).
+      adapter_init="",
     ),
     data=dict(
       templates="",  # "" = ilm_jax/data/templates/prompts.json

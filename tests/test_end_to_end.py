@@ -123,6 +123,27 @@ def test_rerunning_a_finished_run_resumes_instead_of_retraining(finished_run):
   )
 
 
+def test_a_run_warm_started_from_the_main_adapter_starts_from_it(
+  finished_run,
+):
+  workdir, _ = finished_run
+  _, log = _main(
+    workdir,
+    "--config.phases=ilm",
+    "--config.ilm.variant=warm",
+    "--config.ilm.model.adapter_init=ilm",
+    "--config.ilm.train.steps=0",  # the exported adapter is the start
+  )
+  assert "Adapter warm-started from" in log
+  started = checkpoint.load_params(workdir / "ilm_warm" / "adapter")
+  trained = checkpoint.load_params(workdir / "ilm" / "adapter")
+  assert set(started) == set(trained) == {"qformer", "proj"}
+  for got, want in zip(
+    jax.tree.leaves(started), jax.tree.leaves(trained), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_text_only_baseline_trains_only_its_prompt_beside_the_main_run(
   finished_run,
 ):

@@ -116,3 +116,27 @@ def test_config_validation_accepts_exactly_the_layouts_cf_tables():
   config.cf.tables = "lightgcn"
   with pytest.raises(config_validation.ConfigError, match="cf.tables"):
     config_validation.validate(config)
+
+
+def test_phase_2_warm_starts_from_another_runs_adapter_or_names_the_misfit(
+  tmp_path,
+):
+  import jax
+  import numpy as np
+
+  from ilm_jax import checkpoint
+  from ilm_jax.phases import ilm_training as ilm_phase
+
+  saved = {"proj": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  checkpoint.save_params(tmp_path / "ilm_grounding" / "adapter", saved)
+  expected = {"proj": {"kernel": jax.ShapeDtypeStruct((2, 3), np.float32)}}
+  got = ilm_phase.warm_start_adapter("ilm_grounding", tmp_path, expected)
+  np.testing.assert_array_equal(got["proj"]["kernel"], saved["proj"]["kernel"])
+  # Another projector size: refused, naming the config key and the path.
+  other = {"proj": {"kernel": jax.ShapeDtypeStruct((2, 4), np.float32)}}
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"adapter_init='ilm_grounding'.*proj"
+  ):
+    ilm_phase.warm_start_adapter("ilm_grounding", tmp_path, other)
+  with pytest.raises(checkpoint.CheckpointError, match=r"ilm_missing/adapter"):
+    ilm_phase.warm_start_adapter("ilm_missing", tmp_path, expected)

@@ -26,7 +26,7 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from ilm_jax import checkpoint, data, layout, train
+from ilm_jax import checkpoint, data, layout, train, tree_utils
 from ilm_jax.data import ilm_tasks, pipeline, prompts
 from ilm_jax.evaluators import registry
 from ilm_jax.models import ilm, llm_loading, qformer
@@ -55,6 +55,38 @@ def load_qformer(config, workdir: pathlib.Path, rng):
   raise ValueError(
     f"ilm.model.qformer_init={init!r}; expected 'phase1' or 'random'."
   )
+
+
+def warm_start_adapter(run_name: str, workdir, expected) -> dict:
+  """`ilm.model.adapter_init`: the adapter another phase-2 run exported.
+
+  A curriculum in two runs (ours, not the paper's): e.g. train the adapter
+  on one task, then start the multi-task run from it with a fresh
+  optimizer and schedule.
+
+  Args:
+    run_name: the earlier run's directory under WORKDIR, "ilm" or
+      "ilm_<variant>" (its `adapter/` export).
+    workdir: the experiment's WORKDIR.
+    expected: this run's adapter as it would start otherwise, as shapes
+      ({part: tree of jax.ShapeDtypeStruct}): what the export must match.
+
+  Returns:
+    {part: params} for every adapter part (`qformer`, `proj`, `prompt`).
+
+  Raises:
+    CheckpointError: no export there, or one whose parts or shapes differ
+      from this run's adapter (another adapter type, projector or size).
+  """
+  path = layout.phase_dir(workdir, run_name) / "adapter"
+  logging.info("Adapter warm-started from %s.", path)
+  try:
+    return checkpoint.load_params(path, expected)
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(
+      f"ilm.model.adapter_init={run_name!r}: {e} The export must come from "
+      "a run with this adapter, projector and sizes."
+    ) from e
 
 
 @dataclasses.dataclass
@@ -94,12 +126,16 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     config.cf.tables,
   )
   sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
+  phase1_qformer = (
+    model.adapter == "qformer" and ilm_config.model.qformer_init == "phase1"
+  )
+  warm_start = ilm_config.model.get("adapter_init", "")
 
-  def init_params(rng):
+  def fresh_params(rng):
     # Random parts only (traced under jit); files are read in load_params.
     qformer_rng, proj_rng = jax.random.split(rng)
     params = {}
-    if model.adapter == "qformer" and ilm_config.model.qformer_init != "phase1":
+    if model.adapter == "qformer" and not phase1_qformer:
       params["qformer"] = load_qformer(config, workdir, qformer_rng)
     adapter = ilm.init_adapter(
       model, proj_rng, item_table.shape[1], config.qformer.model.hidden_size
@@ -108,9 +144,21 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
       params["prompt" if model.adapter == "prompt" else "proj"] = adapter
     return params
 
+  def init_params(rng):
+    return {} if warm_start else fresh_params(rng)
+
   def load_params(mesh, mesh_config):
     params = dict(cf=dict(items=item_table, users=user_table))
-    if model.adapter == "qformer" and ilm_config.model.qformer_init == "phase1":
+    if warm_start:
+      expected = tree_utils.unbox(
+        jax.eval_shape(fresh_params, jax.random.key(0))
+      )
+      if phase1_qformer:
+        expected["qformer"] = checkpoint.abstract_like(
+          load_qformer(config, workdir, None)
+        )
+      params.update(warm_start_adapter(warm_start, workdir, expected))
+    elif phase1_qformer:
       params["qformer"] = load_qformer(config, workdir, None)
     _, params["llm"], _ = llm_loading.load_from_config(
       ilm_config.llm, mesh, mesh_config.logical_axis_rules
