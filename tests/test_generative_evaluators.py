@@ -236,6 +236,58 @@ def test_masked_ranking_is_the_exact_ranking_without_the_history(context):
   )
 
 
+def test_title_ranking_names_each_users_target_from_its_own_tokens(
+  context, monkeypatch
+):
+  model, params = _model_and_params(context, "mlp")
+  dataset = context["dataset"]
+  shared = {
+    k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")
+  }
+  config = dict(
+    type="generative_ranking",
+    split="test",
+    tasks=("title",),
+    num_users=4,
+    templates=("seen",),
+  )
+  (rank,) = registry.from_config(
+    {"rank": config}, model=model, seed=0, **shared
+  )
+  requests = rank._requests("title", False)
+  targets = [int(dataset.sequence(int(u))[-1]) for u in rank.users]
+  seen = context["sampler"].templates["title"].seen
+  assert [r.item for r in requests] == targets  # the item, not the user
+  assert [r.target_item for r in requests] == targets
+  assert [r.template for r in requests] == [seen[i] for i in range(4)]
+  # Target first, second, absent, first (the rest of each list empty).
+  other = [(t + 1) % dataset.num_items for t in targets]
+  lists = np.array(
+    [
+      [targets[0], other[0]],
+      [other[1], targets[1]],
+      [other[2], (targets[2] + 2) % dataset.num_items],
+      [targets[3], other[3]],
+    ]
+  )
+  lists = np.pad(lists, ((0, 0), (0, 8)), constant_values=-1)
+  monkeypatch.setattr(rank, "_rank", lambda params, requests, what: lists)
+  results = dict(rank.run(params))
+  per_user = results.pop(metric_writer.PER_USER)
+  np.testing.assert_array_equal(per_user["title/seen/rank"], [0, 1, 10, 0])
+  np.testing.assert_array_equal(per_user["title/seen/hr@5"], [1, 1, 0, 1])
+  ndcg = [1.0, 1 / np.log2(3), 0.0, 1.0]
+  np.testing.assert_allclose(per_user["title/seen/ndcg@10"], ndcg, rtol=1e-6)
+  assert results["title/seen/hr@10"] == 0.75
+  with pytest.raises(ValueError, match=r"evals.bad.tasks=\('description',\)"):
+    registry.from_config(
+      {"bad": config | {"tasks": ("description",)}},
+      model=model,
+      seed=0,
+      **shared,
+    )
+
+
 def test_item_naming_counts_generations_that_start_with_the_target_title(
   context, monkeypatch
 ):

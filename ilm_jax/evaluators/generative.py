@@ -261,10 +261,24 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
   masked protocol of phase 0's `masked_*` rows; its metrics are named
   `<task>/<seen|unseen>/masked_<metric>`, so it can run beside the
   unmasked evaluator and be paired with phase 0's `masked_hr@10`.
+
+  The `title` task (in `tasks`) ranks the catalogue for each user's split
+  target from that item's own soft tokens ("Which movie is {item}?"): can
+  the beam search pick the item out of every title when told which it is?
+  A grounding probe on the same users as the recommendation rows.
+
+  Raises:
+    ValueError: a task in `tasks` whose answer is not a title.
   """
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
+    self.tasks = tuple(config.get("tasks", ("sequential",)))
+    if not self.tasks or set(self.tasks) - set(_TITLE_TASKS):
+      raise ValueError(
+        f"evals.{name}.tasks={self.tasks!r}: expected a non-empty tuple of "
+        f"{', '.join(map(repr, _TITLE_TASKS))} (tasks answered by a title)."
+      )
     self.trie, self.trie_report = build_title_trie(
       self.tokenizer, self.dataset.item_titles
     )
@@ -276,9 +290,23 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     self._history_of = dict(
       zip(split.users.tolist(), split.histories(), strict=True)
     )
+    self._target_of = dict(
+      zip(split.users.tolist(), split.targets.tolist(), strict=True)
+    )
     training = self.dataset.leave_one_out("train")
     counts = np.bincount(training.targets, minlength=self.dataset.num_items)
     self._popular = np.argsort(-counts, kind="stable")[:POPULAR]
+
+  def _requests(self, task, unseen):
+    if task != "title":
+      return super()._requests(task, unseen)
+    # Each user's split target, named from its own soft tokens.
+    return [
+      self.sampler.evaluation_request(
+        task, self._target_of[int(u)], self.split, unseen, template_index=i
+      )
+      for i, u in enumerate(self.users)
+    ]
 
   def list_contents(self, ranked, users) -> dict[str, np.ndarray]:
     """Per user, whether the first title is watched before / popular."""
@@ -323,7 +351,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
   def run(self, params):
     start = time.perf_counter()
     per_user = {"user_ids": np.asarray(self.users)}
-    for task in self.config["tasks"]:
+    for task in self.tasks:
       for which in self.templates:
         requests = self._requests(task, which == "unseen")
         ranked = self._rank(
@@ -349,13 +377,15 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     yield "users", len(self.users)
     yield metric_writer.PER_USER, per_user
     # One prompt per user, task and template kind.
-    prompts = len(self.templates) * len(self.config["tasks"]) * len(self.users)
+    prompts = len(self.templates) * len(self.tasks) * len(self.users)
     yield (
       f"{self.prefix}ranking_prompts_per_s",
       prompts / (time.perf_counter() - start),
     )
 
 
+# Tasks whose answer is one title, so a beam over the title trie ranks it.
+_TITLE_TASKS = ("sequential", "straightforward", "conversation", "title")
 _MAX_TEXT_TOKENS = 128  # MiniLM input length for semantic consistency
 POPULAR = 100  # items counted as popular by share_top1_popular
 
