@@ -304,7 +304,7 @@ def test_catalog_coverage_counts_distinct_listed_items():
 def test_generative_ranking_per_user_block_adds_up_to_the_means():
   evaluator = object.__new__(generative.GenerativeRankingEvaluator)
   evaluator.name, evaluator.split = "rank", "test"
-  evaluator.config = {"tasks": ("sequential",)}
+  evaluator.tasks = ("sequential",)
   evaluator.prefix = ""  # unmasked lists
   evaluator.templates = ("seen", "unseen")
   evaluator.users = np.array([5, 2, 7])
