@@ -60,7 +60,7 @@ import numpy as np
 from absl import logging
 
 from ilm_jax import decoding, metric_writer, metrics, progress, resources
-from ilm_jax.data import pipeline, prompts
+from ilm_jax.data import ilm_tasks, pipeline, prompts
 from ilm_jax.evaluators import registry
 from ilm_jax.models import bert
 
@@ -242,13 +242,25 @@ class _UserPromptEvaluator(_PromptEvaluator):
       self.dataset.num_users, config.get("num_users", 0), self.seed
     )
 
+  def target_items(self) -> np.ndarray:
+    """[users] int64: each subset user's target item in the split."""
+    split = self.dataset.leave_one_out(self.split)
+    target_of = dict(
+      zip(split.users.tolist(), split.targets.tolist(), strict=True)
+    )
+    return np.array([target_of[int(u)] for u in self.users], np.int64)
+
   def _requests(self, task, unseen):
-    """Each user's evaluation request; user n keeps seen template n."""
+    """Each user's evaluation request; user n keeps seen template n.
+
+    An item task (`ilm_tasks.ITEM_TASKS`) asks about the user's target.
+    """
+    about = self.target_items() if task in ilm_tasks.ITEM_TASKS else self.users
     return [
       self.sampler.evaluation_request(
-        task, int(u), self.split, unseen, template_index=i
+        task, int(x), self.split, unseen, template_index=i
       )
-      for i, u in enumerate(self.users)
+      for i, x in enumerate(about)
     ]
 
 
@@ -290,23 +302,9 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     self._history_of = dict(
       zip(split.users.tolist(), split.histories(), strict=True)
     )
-    self._target_of = dict(
-      zip(split.users.tolist(), split.targets.tolist(), strict=True)
-    )
     training = self.dataset.leave_one_out("train")
     counts = np.bincount(training.targets, minlength=self.dataset.num_items)
     self._popular = np.argsort(-counts, kind="stable")[:POPULAR]
-
-  def _requests(self, task, unseen):
-    if task != "title":
-      return super()._requests(task, unseen)
-    # Each user's split target, named from its own soft tokens.
-    return [
-      self.sampler.evaluation_request(
-        task, self._target_of[int(u)], self.split, unseen, template_index=i
-      )
-      for i, u in enumerate(self.users)
-    ]
 
   def list_contents(self, ranked, users) -> dict[str, np.ndarray]:
     """Per user, whether the first title is watched before / popular."""
@@ -568,18 +566,14 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
     super().__init__(name, config, **context)
     self.templates = _templates(name, config, ("seen",))
     self.task = config.get("task", "description")
-    if self.task not in ("description", "title") or (
+    if self.task not in ilm_tasks.ITEM_TASKS or (
       self.task not in self.sampler.templates
     ):
       raise ValueError(
-        f"evals.{name}.task={self.task!r}: expected 'description' or "
-        "'title', a task of the prompt templates."
+        f"evals.{name}.task={self.task!r}: expected one of "
+        f"{ilm_tasks.ITEM_TASKS}, a task of the prompt templates."
       )
-    split = self.dataset.leave_one_out(self.split)
-    target_of = dict(
-      zip(split.users.tolist(), split.targets.tolist(), strict=True)
-    )
-    self.items = np.array([target_of[int(u)] for u in self.users], np.int64)
+    self.items = self.target_items()
     self.shuffled = np.random.default_rng(self.seed).permutation(self.items)
     # Room for the longest of these titles and the genres after it.
     self.max_new_tokens = _GENRE_TOKENS + max(
@@ -616,16 +610,7 @@ class ItemNamingEvaluator(_UserPromptEvaluator):
     per_user = {"user_ids": np.asarray(self.users)}
     titles = self.dataset.item_titles
     for which in self.templates:
-      requests = [
-        self.sampler.evaluation_request(
-          self.task,
-          int(item),
-          self.split,
-          which == "unseen",
-          template_index=n,
-        )
-        for n, item in enumerate(self.items)
-      ]
+      requests = self._requests(self.task, which == "unseen")
       generated = self._generate(
         params, requests, f"{self.name} {which} items", self.max_new_tokens
       )
