@@ -31,6 +31,7 @@ def _ml100k(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.rank_masked.num_users = 0
   config.ilm.evals.shuffle.num_users = 0
   config.ilm.evals.naming.num_users = 0
+  config.ilm.evals.cf_signal.num_users = 0
 
 
 # ml1m.py's sizes, then this block; `tiny` stays ml1m's (synthetic data).

@@ -302,6 +302,18 @@ def base_config() -> ml_collections.ConfigDict:
         split="test",
         num_entities=256,  # per kind; 0: every item and every user
       ),
+      # Does the CF user row rank each prompt's target (its own dot-product
+      # score), on training prompts and on the split (cf_signal.py)? MF's
+      # rows hold the training targets, not the test ones. Seconds.
+      cf_signal=dict(
+        type="cf_user_signal",
+        enabled=True,
+        split="test",
+        tasks=("sequential", "straightforward"),
+        num_users=0,  # 0: all users (the first of the rank subset's order)
+        num_prompts=2000,  # training requests per task, as sampled
+        ks=(5, 10),
+      ),
       # Can the LLM name each user's target item from its soft tokens alone
       # (greedy description, exact title at its start)?
       naming=dict(
@@ -363,6 +375,7 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.describe.num_items = 20
   config.ilm.evals.shuffle.num_users = 500  # teacher forcing: cheap
   config.ilm.evals.naming.num_users = 500  # short greedy answers
+  config.ilm.evals.cf_signal.num_users = 500
 
 
 def _gpu(config: ml_collections.ConfigDict) -> None:
@@ -384,6 +397,7 @@ def _gpu(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.describe.update(num_items=200, batch_size=64)
   config.ilm.evals.shuffle.update(num_users=0, batch_size=64)
   config.ilm.evals.naming.update(num_users=0, batch_size=64)
+  config.ilm.evals.cf_signal.num_users = 0
 
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
@@ -425,6 +439,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   config.ilm.evals.describe.update(num_items=2, max_new_tokens=8, batch_size=2)
   config.ilm.evals.shuffle.update(num_users=4, batch_size=4)
   config.ilm.evals.naming.update(num_users=4, batch_size=4)
+  config.ilm.evals.cf_signal.update(num_users=4, num_prompts=8)
 
 
 # The base is the full size; the others override it.

@@ -276,14 +276,14 @@ def test_metrics_file_round_trips_with_missing_users(tmp_path):
 
 
 def test_user_subsets_are_nested_prefixes_of_one_permutation():
-  small = generative._subset(6040, 100, seed=0)
-  large = generative._subset(6040, 500, seed=0)
+  small = generative.seeded_subset(6040, 100, seed=0)
+  large = generative.seeded_subset(6040, 500, seed=0)
   np.testing.assert_array_equal(large[:100], small)
   assert len(np.unique(large)) == 500
-  everyone = generative._subset(6040, 0, seed=0)
+  everyone = generative.seeded_subset(6040, 0, seed=0)
   np.testing.assert_array_equal(everyone[:500], large)
   np.testing.assert_array_equal(np.sort(everyone), np.arange(6040))
-  assert not np.array_equal(generative._subset(6040, 100, seed=1), small)
+  assert not np.array_equal(generative.seeded_subset(6040, 100, seed=1), small)
 
 
 def test_catalog_coverage_counts_distinct_listed_items():
@@ -641,6 +641,33 @@ def test_soft_token_table_lists_the_rows_that_measured_them(tmp_path):
   assert table[2] == (
     "| ILM (Q-Former + projector) | 0.0900 | 0.9900 | – | 8.0000 "
     "| 0.5000 | 0.2500 |"
+  )
+
+
+def test_cf_signal_table_puts_training_prompts_beside_test_users(tmp_path):
+  users = np.arange(4)
+  _write_row(tmp_path, "ilm", users, np.ones(4), np.ones(4))
+  _write_row(tmp_path, "ilm_mlp", users, np.ones(4), np.ones(4))
+  assert eval_phase.cf_signal_table(tmp_path) == ""  # none measured yet
+  path = tmp_path / "metrics" / "ilm_mlp_test.json"
+  values = json.loads(path.read_text())
+  values.update(
+    {
+      "cf_signal/sequential/train_prompts/hr@10": 0.2,
+      "cf_signal/sequential/hr@10": 0.005,
+      "cf_signal/straightforward/hr@10": 0.25,
+      "cf_signal/users": 943.0,
+    }
+  )
+  metric_writer.write_json(path, values)
+  table = eval_phase.cf_signal_table(tmp_path).splitlines()
+  assert len(table) == 3  # header, rule, the MLP row only
+  assert table[0].startswith(
+    "| row | sequential: training prompts | sequential: test users |"
+  )
+  # Straightforward's training figure was not measured: a dash.
+  assert table[2] == (
+    "| MLP projector (CoLLM-style) | 0.2000 | 0.0050 | – | 0.2500 | 943 |"
   )
 
 

@@ -80,7 +80,7 @@ def _templates(name, config, default) -> tuple[str, ...]:
   return templates
 
 
-def _subset(total: int, count: int, seed: int) -> np.ndarray:
+def seeded_subset(total: int, count: int, seed: int) -> np.ndarray:
   """The first `count` (0: all) of a seeded permutation of range(total)."""
   order = np.random.default_rng(seed).permutation(total)
   return order[:count] if count else order
@@ -238,7 +238,7 @@ class _UserPromptEvaluator(_PromptEvaluator):
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
-    self.users = _subset(
+    self.users = seeded_subset(
       self.dataset.num_users, config.get("num_users", 0), self.seed
     )
 
@@ -445,7 +445,7 @@ class DescriptionEvaluator(_PromptEvaluator):
 
   def __init__(self, name, config, **context):
     super().__init__(name, config, **context)
-    self.items = _subset(
+    self.items = seeded_subset(
       self.dataset.num_items, config.get("num_items", 0), self.seed
     )
     self.max_new_tokens = config.get("max_new_tokens", 48)

@@ -30,7 +30,13 @@ class Evaluator(Protocol):
 _REGISTRY: dict[str, Callable[..., Evaluator]] = {}
 # Modules under ilm_jax/evaluators/ that register plugins; imported on first
 # use so that phases need not import them for their side effect.
-PLUGIN_MODULES = ("ranking", "generative", "retrieval", "soft_tokens")
+PLUGIN_MODULES = (
+  "ranking",
+  "generative",
+  "retrieval",
+  "soft_tokens",
+  "cf_signal",
+)
 
 
 def _import_plugins() -> None:

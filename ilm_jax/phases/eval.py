@@ -25,6 +25,8 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
     paired t-tests over the seeds of every two such rows;
   - the soft-token statistics of the rows that measured them
     (`soft_token_stats`: has an adapter's output collapsed?);
+  - the CF user row's own HR@10 of the prompt targets, on training prompts
+    and on test users (`cf_user_signal`: does `{user}` hold the answer?);
   - a phase-1 table of the Q-Former runs present.
 ILM rows are sequential recommendation on seen and unseen templates
 (trie-constrained beam search over all titles, on the evaluated user
@@ -509,18 +511,54 @@ SOFT_TOKEN_METRICS = (
 )
 
 
-def soft_token_table(workdir: pathlib.Path) -> str:
-  """The soft-token statistics of every row that measured them, or ""."""
+def _measured_table(workdir: pathlib.Path, columns) -> str:
+  """A table of the rows whose metrics hold `columns[0]`'s metric, or "".
+
+  Args:
+    workdir: the workdir whose metrics files are read.
+    columns: (metric name, column header) pairs, in order; a third item,
+      if any, formats the value (default `_cell`).
+  """
   rows = [
     [label]
-    + [_cell(values.get(f"soft_tokens/{k}/{m}")) for k, m in SOFT_TOKEN_METRICS]
+    + [(c[2] if len(c) > 2 else _cell)(values.get(c[0])) for c in columns]
     for _, label, values in present_rows(workdir)
-    if "soft_tokens/items/entity_share" in values
+    if columns[0][0] in values
   ]
   if not rows:
     return ""
-  header = ["row"] + [f"{kind} {metric}" for kind, metric in SOFT_TOKEN_METRICS]
-  return _table(header, rows)
+  return _table(["row"] + [c[1] for c in columns], rows)
+
+
+def soft_token_table(workdir: pathlib.Path) -> str:
+  """The soft-token statistics of every row that measured them, or ""."""
+  return _measured_table(
+    workdir,
+    [
+      (f"soft_tokens/{kind}/{metric}", f"{kind} {metric}")
+      for kind, metric in SOFT_TOKEN_METRICS
+    ],
+  )
+
+
+# The CF user row's own HR@10 of prompt targets (evaluators/cf_signal.py).
+CF_SIGNAL_TASKS = ("sequential", "straightforward")
+
+
+def cf_signal_table(workdir: pathlib.Path) -> str:
+  """HR@10 of the CF user row on training prompts and test users, or ""."""
+  columns = []
+  for task in CF_SIGNAL_TASKS:
+    columns += [
+      (f"cf_signal/{task}/train_prompts/hr@10", f"{task}: training prompts"),
+      (f"cf_signal/{task}/hr@10", f"{task}: test users"),
+    ]
+  users = (
+    "cf_signal/users",
+    "users",
+    lambda n: "–" if n is None else f"{n:.0f}",
+  )
+  return _measured_table(workdir, columns + [users])
 
 
 def qformer_table(workdir: pathlib.Path) -> str:
@@ -570,6 +608,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   table = results_table(workdir, num_items)
   phase1 = qformer_table(workdir)
   soft = soft_token_table(workdir)
+  cf_signal = cf_signal_table(workdir)
   phases = layout.read_phases(workdir)
   timings = "\n".join(
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
@@ -616,6 +655,16 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       "for every entity), mean cosine between entities and between one "
       "entity's slots, norm over the LLM's mean token norm.\n\n" + soft
       if soft
+      else ""
+    )
+    + (
+      "\n## What the CF user row knows\n\nHR@10 of each prompt's target "
+      "item ranked by the CF tables' own score (user row . item row, every "
+      "item a candidate), on phase 2's training prompts as sampled and on "
+      "the test users. A training figure far above the test one says the "
+      "{user} tokens hand the adapter answers in training that they do not "
+      "hold at test time.\n\n" + cf_signal
+      if cf_signal
       else ""
     )
     + (
