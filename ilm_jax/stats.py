@@ -249,6 +249,63 @@ def mcnemar(a_hits, b_hits) -> McNemar:
 
 
 @dataclasses.dataclass(frozen=True)
+class HitsGivenSignal:
+  """A model's hits split by whether another scorer hit the same user.
+
+  Attributes:
+    users: users in both.
+    signal_hits: users the other scorer (e.g. the CF user row) hits.
+    hits_with_signal: the model's hits among those users.
+    hits_without_signal: the model's hits among the other users.
+    p_value: two-sided Fisher exact test of independence on the 2x2 table
+      (`scipy.stats.fisher_exact`): small when the model hits where the
+      other scorer does more (or less) often than elsewhere.
+  """
+
+  users: int
+  signal_hits: int
+  hits_with_signal: int
+  hits_without_signal: int
+  p_value: float
+
+
+def hits_given_signal(model_hits, signal_hits) -> HitsGivenSignal:
+  """Does a model hit the users another scorer hits more often?
+
+  Args:
+    model_hits, signal_hits: [users] of 0/1 (or bool), the same users in
+      order.
+
+  Returns:
+    A HitsGivenSignal.
+
+  Raises:
+    ValueError: shapes differ, or a value is not 0 or 1.
+  """
+  model = _as_vector(model_hits, "model_hits")
+  signal = _as_vector(signal_hits, "signal_hits")
+  if model.shape != signal.shape:
+    raise ValueError(
+      f"model and signal differ in shape: {model.shape} vs {signal.shape}."
+    )
+  for name, hits in (("model_hits", model), ("signal_hits", signal)):
+    if not np.all((hits == 0) | (hits == 1)):
+      raise ValueError(f"{name}: needs binary hits (0 or 1).")
+  model, signal = model == 1, signal == 1
+  table = [
+    [np.sum(model & signal), np.sum(~model & signal)],
+    [np.sum(model & ~signal), np.sum(~model & ~signal)],
+  ]
+  return HitsGivenSignal(
+    users=len(model),
+    signal_hits=int(signal.sum()),
+    hits_with_signal=int(table[0][0]),
+    hits_without_signal=int(table[1][0]),
+    p_value=float(scipy.stats.fisher_exact(table).pvalue),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class ChanceTest:
   """Exact one-sided binomial test of a row's hits against chance.
 

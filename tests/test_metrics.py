@@ -647,16 +647,23 @@ def test_soft_token_table_lists_the_rows_that_measured_them(tmp_path):
 def test_cf_signal_table_puts_training_prompts_beside_test_users(tmp_path):
   users = np.arange(4)
   _write_row(tmp_path, "ilm", users, np.ones(4), np.ones(4))
-  _write_row(tmp_path, "ilm_mlp", users, np.ones(4), np.ones(4))
   assert eval_phase.cf_signal_table(tmp_path) == ""  # none measured yet
+  # The MLP row hits users 0 and 3; the CF row hits users 0, 1 and 2.
+  _write_row(
+    tmp_path,
+    "ilm_mlp",
+    users,
+    [1, 0, 0, 1],
+    np.zeros(4),
+    **{"cf_signal/sequential/hr@10": [1, 1, 1, 0]},
+  )
   path = tmp_path / "metrics" / "ilm_mlp_test.json"
   values = json.loads(path.read_text())
   values.update(
     {
       "cf_signal/sequential/train_prompts/hr@10": 0.2,
-      "cf_signal/sequential/hr@10": 0.005,
       "cf_signal/straightforward/hr@10": 0.25,
-      "cf_signal/users": 943.0,
+      "cf_signal/users": 4.0,
     }
   )
   metric_writer.write_json(path, values)
@@ -665,9 +672,12 @@ def test_cf_signal_table_puts_training_prompts_beside_test_users(tmp_path):
   assert table[0].startswith(
     "| row | sequential: training prompts | sequential: test users |"
   )
-  # Straightforward's training figure was not measured: a dash.
+  # Straightforward's training figure was not measured: a dash. Hits 1 of
+  # the 3 CF hits and 1 of the 1 other user; Fisher's two-sided p for
+  # [[1, 2], [1, 0]] is 1 (every table with these margins is as likely).
   assert table[2] == (
-    "| MLP projector (CoLLM-style) | 0.2000 | 0.0050 | – | 0.2500 | 943 |"
+    "| MLP projector (CoLLM-style) | 0.2000 | 0.7500 | – | 0.2500 | 4 "
+    "| 1 / 3 vs 1 / 1 | 1 |"
   )
 
 

@@ -257,3 +257,37 @@ def test_paired_over_runs_matches_scipy_ttest_rel():
   np.testing.assert_allclose(
     test.interval, (interval.low, interval.high), rtol=1e-12
   )
+
+
+def _fisher_two_sided_by_hand(a, b, c, d) -> float:
+  """Sum of the hypergeometric probabilities of the tables with the same
+  margins that are no more likely than [[a, b], [c, d]]."""
+  row, col, n = a + b, a + c, a + b + c + d
+
+  def prob(x):
+    return math.comb(col, x) * math.comb(n - col, row - x) / math.comb(n, row)
+
+  observed = prob(a)
+  support = range(max(0, row + col - n), min(row, col) + 1)
+  return sum(prob(x) for x in support if prob(x) <= observed * (1 + 1e-9))
+
+
+def test_hits_given_signal_counts_and_fisher_by_hand():
+  # 10 users; the signal hits users 0-3; the model hits 0, 1, 2 and 7.
+  signal = np.arange(10) < 4
+  model = np.isin(np.arange(10), [0, 1, 2, 7])
+  test = stats.hits_given_signal(model, signal)
+  assert (test.users, test.signal_hits) == (10, 4)
+  assert (test.hits_with_signal, test.hits_without_signal) == (3, 1)
+  expected = _fisher_two_sided_by_hand(3, 1, 1, 5)
+  assert test.p_value == pytest.approx(expected)
+  # P(x) = C(4, x) C(6, 4 - x) / 210 = 15, 80, 90, 24, 1 over 210 for x = 0..4;
+  # no likelier than x = 3: x = 0, 3, 4, so p = 40 / 210.
+  assert test.p_value == pytest.approx(40 / 210)
+
+
+def test_hits_given_signal_rejects_bad_input():
+  with pytest.raises(ValueError, match="differ in shape"):
+    stats.hits_given_signal([1, 0], [1, 0, 1])
+  with pytest.raises(ValueError, match="signal_hits: needs binary hits"):
+    stats.hits_given_signal([1, 0], [0.5, 0])

@@ -511,23 +511,27 @@ SOFT_TOKEN_METRICS = (
 )
 
 
-def _measured_table(workdir: pathlib.Path, columns) -> str:
+def _measured_table(workdir: pathlib.Path, columns, extra=None) -> str:
   """A table of the rows whose metrics hold `columns[0]`'s metric, or "".
 
   Args:
     workdir: the workdir whose metrics files are read.
     columns: (metric name, column header) pairs, in order; a third item,
       if any, formats the value (default `_cell`).
+    extra: optional (headers, cells_of) appended after `columns`:
+      `cells_of(values)` gives a row's cells from its whole metrics file.
   """
+  headers, cells_of = extra or ([], lambda values: [])
   rows = [
     [label]
     + [(c[2] if len(c) > 2 else _cell)(values.get(c[0])) for c in columns]
+    + cells_of(values)
     for _, label, values in present_rows(workdir)
     if columns[0][0] in values
   ]
   if not rows:
     return ""
-  return _table(["row"] + [c[1] for c in columns], rows)
+  return _table(["row"] + [c[1] for c in columns] + headers, rows)
 
 
 def soft_token_table(workdir: pathlib.Path) -> str:
@@ -545,8 +549,28 @@ def soft_token_table(workdir: pathlib.Path) -> str:
 CF_SIGNAL_TASKS = ("sequential", "straightforward")
 
 
+def _hits_given_signal_cells(values: dict) -> list[str]:
+  """The row's seen sequential hits among the users the CF row hits."""
+  per_user = metric_writer.read_per_user(values)
+  names = ("sequential/seen/hr@10", "cf_signal/sequential/hr@10")
+  if per_user is None or any(n not in per_user for n in names):
+    return ["–", "–"]
+  model, signal = per_user[names[0]], per_user[names[1]]
+  both = ~np.isnan(model) & ~np.isnan(signal)
+  if not both.any():
+    return ["–", "–"]
+  test = stats.hits_given_signal(model[both] > 0, signal[both] > 0)
+  rest = test.users - test.signal_hits
+  return [
+    f"{test.hits_with_signal} / {test.signal_hits} vs "
+    f"{test.hits_without_signal} / {rest}",
+    _p_cell(test.p_value),
+  ]
+
+
 def cf_signal_table(workdir: pathlib.Path) -> str:
-  """HR@10 of the CF user row on training prompts and test users, or ""."""
+  """HR@10 of the CF user row on training prompts and test users, and
+  each row's hits among the users the CF row hits; or ""."""
   columns = []
   for task in CF_SIGNAL_TASKS:
     columns += [
@@ -558,7 +582,14 @@ def cf_signal_table(workdir: pathlib.Path) -> str:
     "users",
     lambda n: "–" if n is None else f"{n:.0f}",
   )
-  return _measured_table(workdir, columns + [users])
+  extra = (
+    [
+      "row's hits where the CF row hits vs elsewhere (sequential, seen)",
+      "Fisher exact p",
+    ],
+    _hits_given_signal_cells,
+  )
+  return _measured_table(workdir, columns + [users], extra)
 
 
 def qformer_table(workdir: pathlib.Path) -> str:
@@ -663,7 +694,9 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       "item a candidate), on phase 2's training prompts as sampled and on "
       "the test users. A training figure far above the test one says the "
       "{user} tokens hand the adapter answers in training that they do not "
-      "hold at test time.\n\n" + cf_signal
+      "hold at test time. The last columns: does the row hit the users "
+      "whose CF row ranks the target in its top 10 more often than the "
+      "others (is the adapter using the row's signal)?\n\n" + cf_signal
       if cf_signal
       else ""
     )
