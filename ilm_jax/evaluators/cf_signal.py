@@ -122,6 +122,12 @@ class CfUserSignalEvaluator:
     )
 
   def run(self, params: Any) -> Iterator[tuple[str, Any]]:
+    """Yields (metric name, mean) pairs, the counts, and the per-user block.
+
+    Args:
+      params: the phase's params; only `params["cf"]` ({"items": float
+        `[num_items, d]`, "users": float `[num_users, d]`}) is read.
+    """
     tables = jax.device_get(params["cf"])
     items = np.asarray(tables["items"], np.float32)
     users = np.asarray(tables["users"], np.float32)
