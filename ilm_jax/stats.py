@@ -218,6 +218,24 @@ class McNemar:
   p_value: float
 
 
+def _binary_pair(a, b, names, test: str) -> tuple[np.ndarray, np.ndarray]:
+  """Two [users] hit vectors of one shape, every value 0 or 1.
+
+  Raises:
+    ValueError: shapes differ, or a value is not 0 or 1 (e.g. HR under
+      "expected" ties, which is fractional).
+  """
+  a, b = _as_vector(a, names[0]), _as_vector(b, names[1])
+  if a.shape != b.shape:
+    raise ValueError(
+      f"{names[0]} and {names[1]} differ in shape: {a.shape} vs {b.shape}."
+    )
+  for name, hits in zip(names, (a, b), strict=True):
+    if not np.all((hits == 0) | (hits == 1)):
+      raise ValueError(f"{name}: needs binary hits (0 or 1) for {test}.")
+  return a, b
+
+
 def mcnemar(a_hits, b_hits) -> McNemar:
   """Exact McNemar test (binomial test on the discordant pairs).
 
@@ -231,12 +249,7 @@ def mcnemar(a_hits, b_hits) -> McNemar:
     ValueError: shapes differ, or a value is not 0 or 1 (e.g. HR under
       "expected" ties, which is fractional).
   """
-  a, b = _as_vector(a_hits, "a_hits"), _as_vector(b_hits, "b_hits")
-  if a.shape != b.shape:
-    raise ValueError(f"a and b differ in shape: {a.shape} vs {b.shape}.")
-  for name, hits in (("a_hits", a), ("b_hits", b)):
-    if not np.all((hits == 0) | (hits == 1)):
-      raise ValueError(f"{name}: McNemar needs binary hits (0 or 1).")
+  a, b = _binary_pair(a_hits, b_hits, ("a_hits", "b_hits"), "McNemar")
   only_a = int(np.sum((a == 1) & (b == 0)))
   only_b = int(np.sum((a == 0) & (b == 1)))
   discordant = only_a + only_b
@@ -282,15 +295,9 @@ def hits_given_signal(model_hits, signal_hits) -> HitsGivenSignal:
   Raises:
     ValueError: shapes differ, or a value is not 0 or 1.
   """
-  model = _as_vector(model_hits, "model_hits")
-  signal = _as_vector(signal_hits, "signal_hits")
-  if model.shape != signal.shape:
-    raise ValueError(
-      f"model and signal differ in shape: {model.shape} vs {signal.shape}."
-    )
-  for name, hits in (("model_hits", model), ("signal_hits", signal)):
-    if not np.all((hits == 0) | (hits == 1)):
-      raise ValueError(f"{name}: needs binary hits (0 or 1).")
+  model, signal = _binary_pair(
+    model_hits, signal_hits, ("model_hits", "signal_hits"), "Fisher's test"
+  )
   model, signal = model == 1, signal == 1
   table = [
     [np.sum(model & signal), np.sum(~model & signal)],

@@ -99,6 +99,8 @@ class CfUserSignalEvaluator:
     self.users = generative.seeded_subset(
       dataset.num_users, config.get("num_users", 0), seed
     )
+    # Both user tasks ask each user for the split's target item.
+    self.targets = generative.split_targets(dataset, self.split, self.users)
 
   def _training_pairs(self, task) -> tuple[np.ndarray, np.ndarray]:
     requests = [
@@ -108,17 +110,6 @@ class CfUserSignalEvaluator:
     return (
       np.array([r.user for r in requests], np.int64),
       np.array([r.target_item for r in requests], np.int64),
-    )
-
-  def _split_targets(self, task) -> np.ndarray:
-    return np.array(
-      [
-        self.sampler.evaluation_request(
-          task, int(u), self.split, False
-        ).target_item
-        for u in self.users
-      ],
-      np.int64,
     )
 
   def run(self, params: Any) -> Iterator[tuple[str, Any]]:
@@ -138,8 +129,7 @@ class CfUserSignalEvaluator:
         values = target_metrics(users[who], items, targets, self.ks)
         for metric, per_prompt in values.items():
           yield f"cf_signal/{task}/train_prompts/{metric}", per_prompt.mean()
-      targets = self._split_targets(task)
-      values = target_metrics(users[self.users], items, targets, self.ks)
+      values = target_metrics(users[self.users], items, self.targets, self.ks)
       for metric, per_user in values.items():
         block[f"cf_signal/{task}/{metric}"] = per_user
         yield f"cf_signal/{task}/{metric}", per_user.mean()

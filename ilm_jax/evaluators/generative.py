@@ -86,6 +86,16 @@ def seeded_subset(total: int, count: int, seed: int) -> np.ndarray:
   return order[:count] if count else order
 
 
+def split_targets(dataset, split: str, users) -> np.ndarray:
+  """int64 `[len(users)]`: each user's target item in `split`
+  (`ProcessedDataset.leave_one_out`: valid items[-2], test items[-1])."""
+  examples = dataset.leave_one_out(split)
+  target_of = dict(
+    zip(examples.users.tolist(), examples.targets.tolist(), strict=True)
+  )
+  return np.array([target_of[int(u)] for u in users], np.int64)
+
+
 def build_title_trie(tokenizer, titles) -> tuple[decoding.TokenTrie, dict]:
   """The trie of every title's answer tokens (+ eos), with a report.
 
@@ -244,11 +254,7 @@ class _UserPromptEvaluator(_PromptEvaluator):
 
   def target_items(self) -> np.ndarray:
     """[users] int64: each subset user's target item in the split."""
-    split = self.dataset.leave_one_out(self.split)
-    target_of = dict(
-      zip(split.users.tolist(), split.targets.tolist(), strict=True)
-    )
-    return np.array([target_of[int(u)] for u in self.users], np.int64)
+    return split_targets(self.dataset, self.split, self.users)
 
   def _requests(self, task, unseen):
     """Each user's evaluation request; user n keeps seen template n.

@@ -44,6 +44,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from ilm_jax import data, layout, metric_writer, stats
+from ilm_jax.evaluators import cf_signal
 
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 # Row label for each metrics-file prefix, in table order. Other
@@ -545,10 +546,6 @@ def soft_token_table(workdir: pathlib.Path) -> str:
   )
 
 
-# The CF user row's own HR@10 of prompt targets (evaluators/cf_signal.py).
-CF_SIGNAL_TASKS = ("sequential", "straightforward")
-
-
 def _hits_given_signal_cells(values: dict) -> list[str]:
   """The row's seen sequential hits among the users the CF row hits."""
   per_user = metric_writer.read_per_user(values)
@@ -572,7 +569,7 @@ def cf_signal_table(workdir: pathlib.Path) -> str:
   """HR@10 of the CF user row on training prompts and test users, and
   each row's hits among the users the CF row hits; or ""."""
   columns = []
-  for task in CF_SIGNAL_TASKS:
+  for task in cf_signal.USER_TASKS:
     columns += [
       (f"cf_signal/{task}/train_prompts/hr@10", f"{task}: training prompts"),
       (f"cf_signal/{task}/hr@10", f"{task}: test users"),
@@ -639,7 +636,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
   table = results_table(workdir, num_items)
   phase1 = qformer_table(workdir)
   soft = soft_token_table(workdir)
-  cf_signal = cf_signal_table(workdir)
+  user_signal = cf_signal_table(workdir)
   phases = layout.read_phases(workdir)
   timings = "\n".join(
     f"- {name}: {summary.get('wall_time_s', 0):.0f} s"
@@ -696,8 +693,8 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       "{user} tokens hand the adapter answers in training that they do not "
       "hold at test time. The last columns: does the row hit the users "
       "whose CF row ranks the target in its top 10 more often than the "
-      "others (is the adapter using the row's signal)?\n\n" + cf_signal
-      if cf_signal
+      "others (is the adapter using the row's signal)?\n\n" + user_signal
+      if user_signal
       else ""
     )
     + (
