@@ -208,6 +208,10 @@ def base_config() -> ml_collections.ConfigDict:
       # adapter this run starts from, with a fresh optimizer and schedule
       # (a curriculum; ours; docs/results/ilm.md, session 15).
       adapter_init="",
+      # weight > 0: an InfoNCE loss between each {user} row's soft tokens
+      # and its prompt's target item's, beside the answer loss (ours; the
+      # paper's UI loss moved into phase 2; models/ilm.py). 0: off.
+      user_target=dict(weight=0.0, temperature=0.1, negatives=256),
     ),
     data=dict(
       templates="",  # "" = ilm_jax/data/templates/prompts.json

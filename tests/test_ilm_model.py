@@ -401,3 +401,105 @@ def test_projector_default_is_per_query_but_old_exports_stay_linear():
   old_export = _model("qformer")
   params = ilm.init_adapter(old_export, jax.random.key(0), CF_DIM, 8)
   assert params["dense"]["kernel"].shape == (8, LLM.hidden_size)
+
+
+def _user_target_batch():
+  """Three rows: users 2 and 0 both asked for item 1; a row with no user."""
+  one = _batch()
+  batch = {k: np.concatenate([v, v, v]) for k, v in one.items()}
+  batch["entity_index"] = np.array([[2, 4], [0, 3], [1, 0]], np.int32)
+  batch["entity_kind"] = np.array(
+    [[prompts.USER, prompts.ITEM]] * 2 + [[prompts.ITEM, prompts.ITEM]],
+    np.int32,
+  )
+  batch["target_item"] = np.array([1, 1, 3], np.int32)
+  return batch
+
+
+def _user_target_reference(model, params, batch, negatives):
+  """The InfoNCE of models/ilm.py, one row at a time in numpy (f64)."""
+  kinds, index = batch["entity_kind"], batch["entity_index"]
+  soft = np.asarray(model.soft_tokens(params, kinds, index), np.float64)
+  items = np.asarray(
+    model.soft_tokens(
+      params,
+      np.full((1, NUM_ITEMS), prompts.ITEM),
+      np.arange(NUM_ITEMS)[None],
+    )[0],
+    np.float64,
+  ).reshape(NUM_ITEMS, -1)
+  items /= np.linalg.norm(items, axis=1, keepdims=True)
+  candidates = list(batch["target_item"]) + list(negatives)
+  losses = []
+  for b in range(len(batch["target_item"])):
+    users = np.flatnonzero(kinds[b] == prompts.USER)
+    if not len(users):
+      continue
+    u = soft[b, users[0]].reshape(-1)
+    u /= np.linalg.norm(u)
+    target = batch["target_item"][b]
+    logits = [
+      u @ items[c] / model.user_target_temperature
+      for j, c in enumerate(candidates)
+      if j == b or c != target
+    ]
+    own = u @ items[target] / model.user_target_temperature
+    losses.append(np.log(np.sum(np.exp(logits))) - own)
+  return np.mean(losses)
+
+
+@pytest.mark.parametrize(
+  "adapter", [pytest.param("qformer", marks=pytest.mark.slow), "mlp"]
+)
+def test_user_target_loss_matches_a_row_by_row_reference(adapter):
+  """In-batch targets only, then with drawn negatives: the same InfoNCE as
+  the explicit loop; the duplicate target of another row is no negative,
+  the row without a user is left out, and the loss adds to the answer's."""
+  batch = _user_target_batch()
+  plain = _model(adapter)
+  params = _params(plain)
+  for negatives in (0, 7):
+    model = _model(
+      adapter,
+      user_target=dict(weight=0.5, temperature=0.2, negatives=negatives),
+    )
+    key = jax.random.key(3)
+    value, rows = jax.jit(model.user_target_contrastive)(
+      params, batch, key if negatives else None
+    )
+    drawn = (
+      np.asarray(jax.random.randint(key, (negatives,), 0, NUM_ITEMS))
+      if negatives
+      else []
+    )
+    expected = _user_target_reference(model, params, batch, drawn)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    assert float(rows) == 2
+  # In the trainer's loss: answer loss + weight * this term (deterministic).
+  answer, _ = jax.jit(plain.loss)(params, batch, None)
+  total, metrics = jax.jit(model.loss)(params, batch, None)
+  value, _ = model.user_target_contrastive(params, batch, None)
+  np.testing.assert_allclose(
+    float(total), float(answer) + 0.5 * float(value), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    float(metrics["user_target_loss"]), float(value), rtol=1e-6
+  )
+  grads = jax.grad(lambda p: model.user_target_contrastive(p, batch, None)[0])(
+    params
+  )
+  assert float(tree_utils.global_norm(grads["proj"])) > 0
+
+
+def test_user_target_loss_is_zero_without_a_user_row_and_checks_its_config():
+  model = _model("mlp", user_target=dict(weight=1.0))
+  params = _params(model)
+  batch = _user_target_batch()
+  batch["entity_kind"][:] = prompts.ITEM
+  value, rows = model.user_target_contrastive(params, batch, None)
+  assert float(value) == 0.0 and float(rows) == 0.0
+  with pytest.raises(ValueError, match="adapter='prompt'"):
+    _model("prompt", user_target=dict(weight=1.0))
+  with pytest.raises(ValueError, match="temperature=0.0"):
+    _model("mlp", user_target=dict(weight=1.0, temperature=0.0))
+  assert _model("mlp").user_target_weight == 0.0  # off unless asked for

@@ -22,6 +22,13 @@ interaction, targets of the training prompts included (docs/results/ilm.md,
 "Where the user row's signal is"). A diagnostic of our own, not one of the
 paper's metrics; numpy on the host, seconds. It describes the CF tables,
 so it is the same for every adapter over one export.
+
+For adapters with CF input ("qformer", "mlp") it also ranks the split's
+targets in the soft-token space: `cf_signal/soft_tokens/hr@k`,
+`.../ndcg@k` score item i for user u by the cosine between u's `{user}`
+soft tokens and i's `{item}` soft tokens, each flattened `[T * D]` (what
+the `user_target` loss of phase 2 trains; models/ilm.py). It says how much
+of the row's signal the adapter's tokens keep, before the LLM.
 """
 
 from collections.abc import Iterator
@@ -31,6 +38,7 @@ import jax
 import numpy as np
 
 from ilm_jax import metric_writer, metrics
+from ilm_jax.data import prompts
 from ilm_jax.evaluators import generative, registry
 
 USER_TASKS = ("sequential", "straightforward")  # tasks with a {user} row
@@ -83,10 +91,16 @@ def target_metrics(
 class CfUserSignalEvaluator:
   """The CF score's HR/NDCG of the targets of training and split prompts."""
 
-  def __init__(self, name, config, *, sampler, dataset, seed=0, **unused):
+  def __init__(
+    self, name, config, *, sampler, dataset, model=None, seed=0, **unused
+  ):
     del unused
     self.name, self.config, self.split = name, config, config["split"]
     self.sampler = sampler
+    self.num_items = dataset.num_items
+    self._soft_tokens = None
+    if model is not None and model.adapter in ("qformer", "mlp"):
+      self._soft_tokens = jax.jit(model.soft_tokens)
     self.tasks = tuple(config.get("tasks", USER_TASKS))
     wrong = [t for t in self.tasks if t not in USER_TASKS]
     if wrong:
@@ -133,6 +147,28 @@ class CfUserSignalEvaluator:
       for metric, per_user in values.items():
         block[f"cf_signal/{task}/{metric}"] = per_user
         yield f"cf_signal/{task}/{metric}", per_user.mean()
+    if self._soft_tokens is not None:
+      values = target_metrics(
+        self._unit_tokens(params, prompts.USER, self.users),
+        self._unit_tokens(params, prompts.ITEM, np.arange(self.num_items)),
+        self.targets,
+        self.ks,
+      )
+      for metric, per_user in values.items():
+        block[f"cf_signal/soft_tokens/{metric}"] = per_user
+        yield f"cf_signal/soft_tokens/{metric}", per_user.mean()
     yield "cf_signal/train_prompts", float(self.num_prompts)
     yield "cf_signal/users", float(len(self.users))
     yield metric_writer.PER_USER, {"user_ids": self.users, **block}
+
+  def _unit_tokens(self, params, kind: int, ids: np.ndarray) -> np.ndarray:
+    """Soft tokens of entities `ids`, flattened and L2-normalised: [N, T*D]."""
+    rows = []
+    for start in range(0, len(ids), _CHUNK):
+      index = np.asarray(ids[start : start + _CHUNK], np.int32)[None]
+      tokens = self._soft_tokens(params, np.full_like(index, kind), index)[0]
+      flat = np.asarray(tokens, np.float32).reshape(index.shape[1], -1)
+      rows.append(
+        flat / np.maximum(np.linalg.norm(flat, axis=1), 1e-12)[:, None]
+      )
+    return np.concatenate(rows)

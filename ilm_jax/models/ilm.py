@@ -33,6 +33,17 @@ gives each query its own linear map into the LLM's space where the paper
 shares one ("linear"); see models/projector.py. A departure from the paper,
 ours. A model config without the field (adapters exported before it
 existed) is the paper's "linear".
+
+`user_target.weight > 0` (adapters with CF input; 0 = off, the paper) adds
+to the answer loss an InfoNCE loss between the `{user}` soft tokens of each
+prompt that has a `{user}` row and the soft tokens of that prompt's target
+item, against the other prompts' targets and `user_target.negatives`
+uniformly drawn items (`user_target_contrastive`). Why: the adapter has to
+learn to turn the user row into the next item's title through the frozen
+LLM from a few thousand prompts, and did not (docs/results/ilm.md, session
+16); this gives it a dense, LLM-free signal in the soft-token space. In the
+spirit of phase 1's UI loss (the paper's, there between the user's and a
+rated item's Q-Former outputs); this one, in phase 2, is ours.
 """
 
 import dataclasses
@@ -66,6 +77,10 @@ class IlmModel:
   max_target_tokens: int  # answer tokens scored per example (loss, ppl)
   soft_token_norm: str = ""  # "" as projected; "llm": the LLM's token norm
   query_centering: int = 0  # reference entities per kind (0: off)
+  # The {user} -> target-item contrastive loss (0: off; see the docstring).
+  user_target_weight: float = 0.0
+  user_target_temperature: float = 0.1
+  user_target_negatives: int = 256
 
   def soft_tokens(self, params, entity_kind, entity_index, rng=None):
     """Soft tokens of entities: [B, E] -> [B, E, tokens_per_entity, D]."""
@@ -175,6 +190,16 @@ class IlmModel:
       answer_tokens=mask.sum(),
       answer_tokens_dropped=dropped.sum(),
     )
+    if self.user_target_weight:
+      rng, negatives_rng = (
+        (None, None) if rng is None else jax.random.split(rng)
+      )
+      contrastive, rows = self.user_target_contrastive(
+        params, batch, negatives_rng, rng
+      )
+      loss = loss + self.user_target_weight * contrastive
+      metrics["user_target_loss"] = contrastive
+      metrics["user_target_rows"] = rows
     if "task" in batch:
       # Per task: the answer tokens' summed negative log-likelihood and
       # their count. Means of both over a log interval divide into the
@@ -187,6 +212,65 @@ class IlmModel:
         metrics[f"answer_nll_sum/{task}"] = nll[i]
         metrics[f"answer_tokens/{task}"] = count[i]
     return loss, metrics
+
+  def user_target_contrastive(self, params, batch, negatives_rng, rng=None):
+    """InfoNCE between `{user}` soft tokens and the target item's (ours).
+
+    For each prompt b with a `{user}` entity and `target_item[b] >= 0`:
+    u_b = the user's soft tokens, flattened `[T * D]` and L2-normalised;
+    candidates = every prompt's target item, then `user_target_negatives`
+    items drawn uniformly with replacement (from `negatives_rng`), their
+    soft tokens normalised the same way; logits = u_b . c / temperature;
+    the loss is -log softmax at b's own target. A candidate that is the
+    same item as b's target, other than b's own column, is left out of b's
+    softmax (it is not a negative). Rows without a user are ignored; with
+    none the loss is 0.
+
+    Args:
+      params: the full params tree.
+      batch: a training batch (`entity_kind`, `entity_index`,
+        `entity_mask` `[B, E]`, `target_item` `[B]`).
+      negatives_rng: key for the drawn negatives (None: none drawn).
+      rng: dropout key for the adapter (None: deterministic).
+
+    Returns:
+      (mean loss over the rows with a user, f32 scalar; their count, f32).
+    """
+    is_user = (batch["entity_kind"] == prompts.USER) & batch["entity_mask"]
+    rows = jnp.arange(is_user.shape[0])
+    user = batch["entity_index"][rows, jnp.argmax(is_user, axis=1)]
+    target = batch["target_item"].astype(jnp.int32)
+    valid = is_user.any(axis=1) & (target >= 0)
+    target = jnp.maximum(target, 0)
+    candidates = target
+    if negatives_rng is not None and self.user_target_negatives:
+      num_items = params["cf"]["items"].shape[0]
+      drawn = jax.random.randint(
+        negatives_rng, (self.user_target_negatives,), 0, num_items
+      )
+      candidates = jnp.concatenate([target, drawn])
+    user_rng, item_rng = (None, None) if rng is None else jax.random.split(rng)
+
+    def unit(kind, index, key):
+      tokens = self.soft_tokens(
+        params, jnp.full((1, index.shape[0]), kind), index[None], key
+      )[0]
+      flat = tokens.reshape(index.shape[0], -1).astype(jnp.float32)
+      return flat * jax.lax.rsqrt(
+        jnp.sum(jnp.square(flat), axis=-1, keepdims=True) + 1e-12
+      )
+
+    users = unit(prompts.USER, user, user_rng)  # [B, T * D]
+    items = unit(prompts.ITEM, candidates, item_rng)  # [C, T * D]
+    logits = users @ items.T / self.user_target_temperature  # [B, C]
+    columns = jnp.arange(candidates.shape[0])
+    duplicate = (candidates[None, :] == target[:, None]) & (
+      columns[None, :] != rows[:, None]
+    )
+    logits = jnp.where(duplicate, -jnp.inf, logits)
+    nll = -jax.nn.log_softmax(logits, axis=-1)[rows, rows]
+    count = valid.sum().astype(jnp.float32)
+    return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1.0), count
 
 
 def reference_ids(num_rows: int, count: int) -> np.ndarray:
@@ -209,7 +293,14 @@ def build(
 
   Args:
     model_config: adapter, tokens_per_entity, max_target_tokens,
-      mlp_hidden_dim, soft_token_norm, query_centering, qformer_projector.
+      mlp_hidden_dim, soft_token_norm, query_centering, qformer_projector,
+      user_target ({weight, temperature, negatives}).
+
+  Raises:
+    ValueError: an unknown adapter, projector or norm, a negative
+      query_centering, tokens_per_entity != num_queries for the Q-Former,
+      or a user_target loss with no CF adapter or a bad weight or
+      temperature.
     llm_config: the frozen LLM's architecture (from its checkpoint).
     qformer_config: the Q-Former config (adapter "qformer" only).
   """
@@ -258,6 +349,20 @@ def build(
       model_config.tokens_per_entity,
       model_config.mlp_hidden_dim,
     )
+  user_target = model_config.get("user_target", {})
+  weight = float(user_target.get("weight", 0.0))
+  if weight and adapter not in ("qformer", "mlp"):
+    raise ValueError(
+      f"ilm.model.user_target.weight={weight}: the user-target loss needs "
+      f"soft tokens from the CF tables (adapter 'qformer' or 'mlp'), not "
+      f"adapter={adapter!r}."
+    )
+  temperature = float(user_target.get("temperature", 0.1))
+  if weight < 0 or temperature <= 0:
+    raise ValueError(
+      f"ilm.model.user_target: weight={weight} must be >= 0 and "
+      f"temperature={temperature} > 0."
+    )
   return IlmModel(
     adapter=adapter,
     llm=llm.Llama(llm_config),
@@ -267,6 +372,9 @@ def build(
     max_target_tokens=model_config.max_target_tokens,
     soft_token_norm=soft_token_norm,
     query_centering=query_centering,
+    user_target_weight=weight,
+    user_target_temperature=temperature,
+    user_target_negatives=int(user_target.get("negatives", 256)),
   )
 
 
