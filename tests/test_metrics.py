@@ -663,6 +663,7 @@ def test_cf_signal_table_puts_training_prompts_beside_test_users(tmp_path):
     {
       "cf_signal/sequential/train_prompts/hr@10": 0.2,
       "cf_signal/straightforward/hr@10": 0.25,
+      "cf_signal/soft_tokens/hr@10": 0.5,
       "cf_signal/users": 4.0,
     }
   )
@@ -676,8 +677,8 @@ def test_cf_signal_table_puts_training_prompts_beside_test_users(tmp_path):
   # the 3 CF hits and 1 of the 1 other user; Fisher's two-sided p for
   # [[1, 2], [1, 0]] is 1 (every table with these margins is as likely).
   assert table[2] == (
-    "| MLP projector (CoLLM-style) | 0.2000 | 0.7500 | – | 0.2500 | 4 "
-    "| 1 / 3 vs 1 / 1 | 1 |"
+    "| MLP projector (CoLLM-style) | 0.2000 | 0.7500 | – | 0.2500 | 0.5000 "
+    "| 4 | 1 / 3 vs 1 / 1 | 1 |"
   )
 
 

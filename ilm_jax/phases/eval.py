@@ -566,14 +566,18 @@ def _hits_given_signal_cells(values: dict) -> list[str]:
 
 
 def cf_signal_table(workdir: pathlib.Path) -> str:
-  """HR@10 of the CF user row on training prompts and test users, and
-  each row's hits among the users the CF row hits; or ""."""
+  """HR@10 of the CF user row on training prompts and test users, of the
+  adapter's user tokens (cosine to the items' tokens), and each row's hits
+  among the users the CF row hits; or ""."""
   columns = []
   for task in cf_signal.USER_TASKS:
     columns += [
       (f"cf_signal/{task}/train_prompts/hr@10", f"{task}: training prompts"),
       (f"cf_signal/{task}/hr@10", f"{task}: test users"),
     ]
+  columns.append(
+    ("cf_signal/soft_tokens/hr@10", "test users, by the soft tokens' cosine")
+  )
   users = (
     "cf_signal/users",
     "users",
