@@ -295,14 +295,14 @@ def build(
     model_config: adapter, tokens_per_entity, max_target_tokens,
       mlp_hidden_dim, soft_token_norm, query_centering, qformer_projector,
       user_target ({weight, temperature, negatives}).
+    llm_config: the frozen LLM's architecture (from its checkpoint).
+    qformer_config: the Q-Former config (adapter "qformer" only).
 
   Raises:
     ValueError: an unknown adapter, projector or norm, a negative
       query_centering, tokens_per_entity != num_queries for the Q-Former,
       or a user_target loss with no CF adapter or a bad weight or
       temperature.
-    llm_config: the frozen LLM's architecture (from its checkpoint).
-    qformer_config: the Q-Former config (adapter "qformer" only).
   """
   adapter = model_config.adapter
   if adapter not in ADAPTERS:
