@@ -10,7 +10,7 @@ from configs import ml1m
 from ilm_jax import metric_writer
 from ilm_jax.data import ilm_tasks, prompts, sources
 from ilm_jax.evaluators import cf_signal, generative, registry
-from ilm_jax.models import llm_loading
+from ilm_jax.models import ilm, llm_loading
 
 # Four items in 2-d and one user row [2, 1]: scores 2, 1, 3, -2, so items
 # rank 2, 0, 1, 3 (0-based ranks 0, 1, 2, 3 for targets 2, 0, 1, 3).
@@ -118,9 +118,11 @@ def test_the_evaluator_refuses_a_task_without_a_user_row(context):
 
 
 class _TwoTokenAdapter:
-  """A stand-in adapter: entity row r -> soft tokens [r, tanh(r)]."""
+  """A stand-in adapter: entity row r -> soft tokens [r, tanh(r)]; the
+  model's own flattening and normalisation."""
 
   adapter = "mlp"
+  unit_soft_tokens = ilm.IlmModel.unit_soft_tokens
 
   def soft_tokens(self, params, entity_kind, entity_index, rng=None):
     del rng

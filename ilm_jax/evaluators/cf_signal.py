@@ -100,7 +100,7 @@ class CfUserSignalEvaluator:
     self.num_items = dataset.num_items
     self._soft_tokens = None
     if model is not None and model.adapter in ("qformer", "mlp"):
-      self._soft_tokens = jax.jit(model.soft_tokens)
+      self._soft_tokens = jax.jit(model.unit_soft_tokens, static_argnums=1)
     self.tasks = tuple(config.get("tasks", USER_TASKS))
     wrong = [t for t in self.tasks if t not in USER_TASKS]
     if wrong:
@@ -162,13 +162,14 @@ class CfUserSignalEvaluator:
     yield metric_writer.PER_USER, {"user_ids": self.users, **block}
 
   def _unit_tokens(self, params, kind: int, ids: np.ndarray) -> np.ndarray:
-    """Soft tokens of entities `ids`, flattened and L2-normalised: [N, T*D]."""
-    rows = []
-    for start in range(0, len(ids), _CHUNK):
-      index = np.asarray(ids[start : start + _CHUNK], np.int32)[None]
-      tokens = self._soft_tokens(params, np.full_like(index, kind), index)[0]
-      flat = np.asarray(tokens, np.float32).reshape(index.shape[1], -1)
-      rows.append(
-        flat / np.maximum(np.linalg.norm(flat, axis=1), 1e-12)[:, None]
-      )
-    return np.concatenate(rows)
+    """`IlmModel.unit_soft_tokens` of entities `ids`, in chunks: [N, T*D]."""
+    return np.concatenate(
+      [
+        np.asarray(
+          self._soft_tokens(
+            params, kind, np.asarray(ids[start : start + _CHUNK], np.int32)
+          )
+        )
+        for start in range(0, len(ids), _CHUNK)
+      ]
+    )

@@ -213,6 +213,28 @@ class IlmModel:
         metrics[f"answer_tokens/{task}"] = count[i]
     return loss, metrics
 
+  def unit_soft_tokens(self, params, kind, index, rng=None):
+    """One kind's entities' soft tokens, flattened and L2-normalised.
+
+    Args:
+      params: the full params tree.
+      kind: `prompts.ITEM` or `prompts.USER` (a Python int).
+      index: int `[N]` rows of that kind's CF table.
+      rng: dropout key for the adapter (None: deterministic).
+
+    Returns:
+      f32 `[N, tokens_per_entity * D]`, each row of unit L2 norm: the
+      vectors whose dot products are the cosines of the `user_target` loss
+      and of `cf_user_signal`'s soft-token ranking.
+    """
+    tokens = self.soft_tokens(
+      params, jnp.full((1, index.shape[0]), kind), index[None], rng
+    )[0]
+    flat = tokens.reshape(index.shape[0], -1).astype(jnp.float32)
+    return flat * jax.lax.rsqrt(
+      jnp.sum(jnp.square(flat), axis=-1, keepdims=True) + 1e-12
+    )
+
   def user_target_contrastive(self, params, batch, negatives_rng, rng=None):
     """InfoNCE between `{user}` soft tokens and the target item's (ours).
 
@@ -250,18 +272,8 @@ class IlmModel:
       )
       candidates = jnp.concatenate([target, drawn])
     user_rng, item_rng = (None, None) if rng is None else jax.random.split(rng)
-
-    def unit(kind, index, key):
-      tokens = self.soft_tokens(
-        params, jnp.full((1, index.shape[0]), kind), index[None], key
-      )[0]
-      flat = tokens.reshape(index.shape[0], -1).astype(jnp.float32)
-      return flat * jax.lax.rsqrt(
-        jnp.sum(jnp.square(flat), axis=-1, keepdims=True) + 1e-12
-      )
-
-    users = unit(prompts.USER, user, user_rng)  # [B, T * D]
-    items = unit(prompts.ITEM, candidates, item_rng)  # [C, T * D]
+    users = self.unit_soft_tokens(params, prompts.USER, user, user_rng)
+    items = self.unit_soft_tokens(params, prompts.ITEM, candidates, item_rng)
     logits = users @ items.T / self.user_target_temperature  # [B, C]
     columns = jnp.arange(candidates.shape[0])
     duplicate = (candidates[None, :] == target[:, None]) & (

@@ -695,7 +695,10 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       "item a candidate), on phase 2's training prompts as sampled and on "
       "the test users. A training figure far above the test one says the "
       "{user} tokens hand the adapter answers in training that they do not "
-      "hold at test time. The last columns: does the row hit the users "
+      'hold at test time. "By the soft tokens\' cosine": the test targets '
+      "ranked by the cosine of the user's and the items' soft tokens (how "
+      "much of the row's signal the adapter keeps). The last columns: does "
+      "the row hit the users "
       "whose CF row ranks the target in its top 10 more often than the "
       "others (is the adapter using the row's signal)?\n\n" + user_signal
       if user_signal
