@@ -222,6 +222,11 @@ def base_config() -> ml_collections.ConfigDict:
       # max_len), so short tasks do not pay for the longest one's padding.
       # False: mixed batches, all padded to max_len.
       one_task_batches=True,
+      # What {user} shows (data/ilm_tasks.py): "user", the user's CF row,
+      # the same in every prompt (the paper's); "sequence", SASRec's state
+      # before the prompt's target (ours, as CoLLM and LLaRA; needs
+      # cf.tables="sasrec").
+      user_state="user",
       # Write each item's title before its soft tokens. The paper's
       # prompts mention items by soft tokens only (False), which also
       # halves the sequential prompt (79 vs 137 tokens).

@@ -74,6 +74,7 @@ _RULES = [
   (r"ilm\.model\.user_target\.temperature", *_positive_float()),
   (r"ilm\.model\.user_target\.negatives", *_int_at_least(0)),
   (r"cf\.tables", *_one_of("mf", "sasrec")),
+  (r"ilm\.data\.user_state", *_one_of("user", "sequence")),
   (r"ilm\.model\.soft_token_norm", *_one_of("", "llm")),
   (r"ilm\.model\.qformer_projector", *_one_of("linear", "per_query")),
   (
@@ -132,6 +133,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.cf.tables='sasrec': phase cf writes SASRec's tables only "
         f"when cf.baselines includes sasrec (it is {cf.baselines!r})."
       )
+  ilm_data = config.get("ilm", {}).get("data", {})
+  if ilm_data.get("user_state") == "sequence" and (
+    cf is None or cf.get("tables") != "sasrec"
+  ):
+    errors.append(
+      "config.ilm.data.user_state='sequence': only SASRec has a state "
+      "before each item; it needs config.cf.tables='sasrec' (it is "
+      f"{None if cf is None else cf.get('tables')!r})."
+    )
   if "phases" in config:
     unknown = set(selected_phases(config.phases, strict=False)) - set(PHASES)
     if unknown:

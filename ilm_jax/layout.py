@@ -123,6 +123,21 @@ def read_cf_export(
   return item_table, user_table
 
 
+def read_sequence_states(workdir, dataset, tables: str = "sasrec"):
+  """The `sequence_states` of `cf_export(workdir, tables)`.
+
+  Returns:
+    float numpy `[num_interactions, d]` (see `sasrec.sequence_states`).
+
+  Raises:
+    checkpoint.CheckpointError: the export has none, or they do not fit
+      the dataset (as `cf_encoder.load_sequence_states`).
+  """
+  return cf_encoder.load_sequence_states(
+    cf_export(workdir, tables), dataset.num_interactions
+  )
+
+
 def qformer_export(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
   """`WORKDIR/<qformer name>/export/`: the phase-1 Q-Former of `config`.
 

@@ -159,6 +159,31 @@ def test_phase_exports_sasrec_items_and_user_states(
   np.testing.assert_allclose(
     users[some] @ items.T, scores, rtol=1e-4, atol=1e-4
   )
+  # The state before every interaction: at the valid target (position
+  # len - 2 of each user) it is the user's row above.
+  assert metadata["sequence_states"] is True
+  states = cf_encoder.load_sequence_states(export, dataset.num_interactions)
+  assert states.shape == (dataset.num_interactions, items.shape[1])
+  valid_targets = dataset.sequence_offsets[1:] - 2
+  np.testing.assert_allclose(states[valid_targets], users, rtol=1e-5, atol=1e-5)
+  with pytest.raises(checkpoint.CheckpointError, match="interactions"):
+    cf_encoder.load_sequence_states(export, dataset.num_interactions + 1)
+
+
+def test_an_export_without_sequence_states_says_how_to_get_them(
+  tmp_path, dataset
+):
+  items = np.zeros((dataset.num_items, 4), np.float32)
+  users = np.zeros((dataset.num_users, 4), np.float32)
+  cf_encoder.export_cf_tables(tmp_path, items, users, dataset)
+  with pytest.raises(
+    checkpoint.CheckpointError, match=r"no sequence_states/.*--config.phases=cf"
+  ):
+    cf_encoder.load_sequence_states(tmp_path, dataset.num_interactions)
+  with pytest.raises(ValueError, match="does not fit"):
+    cf_encoder.export_cf_tables(
+      tmp_path, items, users, dataset, sequence_states=items
+    )
 
 
 @pytest.mark.slow

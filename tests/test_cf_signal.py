@@ -66,10 +66,31 @@ def _hr10_by_loop(tables, pairs) -> float:
   return float(np.mean(hits))
 
 
+@pytest.mark.parametrize("user_state", ["user", "sequence"])
 def test_the_evaluator_scores_sampled_training_prompts_and_split_users(
-  context,
+  context, user_state
 ):
+  """The pairs are written out here from the split and the sampler's
+  requests: with 'sequence' states a user's row is num_users + the
+  target's position (the state before it), in both prompt sets."""
   users, prompts = 5, 12
+  dataset = context["dataset"]
+  sampler, tables = context["sampler"], context["tables"]
+  if user_state == "sequence":
+    config = ml1m.get_config("tiny")
+    config.ilm.data.user_state = "sequence"
+    sampler, _ = ilm_tasks.build_prompting(
+      config, dataset, llm_loading.load_tokenizer(config.ilm.llm.checkpoint)
+    )
+    # Each state points exactly at the item that follows it (unit items:
+    # the target scores highest), so every prompt hits; the users' own
+    # random rows do not.
+    items = tables["items"] / np.linalg.norm(tables["items"], axis=1)[:, None]
+    states = 10 * items[dataset.sequence_items]
+    tables = dict(
+      items=items,
+      users=np.concatenate([tables["users"], states]).astype(np.float32),
+    )
   (evaluator,) = registry.from_config(
     {
       "cf_signal": dict(
@@ -80,26 +101,38 @@ def test_the_evaluator_scores_sampled_training_prompts_and_split_users(
         num_prompts=prompts,
       )
     },
-    sampler=context["sampler"],
-    dataset=context["dataset"],
+    sampler=sampler,
+    dataset=dataset,
     seed=0,
   )
-  out = dict(evaluator.run(dict(cf=context["tables"])))
-  sampler, dataset = context["sampler"], context["dataset"]
+  out = dict(evaluator.run(dict(cf=tables)))
   chosen = generative.seeded_subset(dataset.num_users, users, 0)
   test = dataset.leave_one_out("test")
+  shift = dataset.num_users if user_state == "sequence" else None
   for task in ("sequential", "straightforward"):
     drawn = [sampler.training_request(i, task=task) for i in range(prompts)]
-    train_pairs = [(r.user, r.target_item) for r in drawn]
+    if shift is None:
+      train_pairs = [(r.user, r.target_item) for r in drawn]
+    else:
+      train_pairs = [(r.user_row, r.target_item) for r in drawn]
+      positions = [row - shift for row, _ in train_pairs]
+      assert [t for _, t in train_pairs] == list(
+        dataset.sequence_items[positions]
+      )
     assert out[f"cf_signal/{task}/train_prompts/hr@10"] == pytest.approx(
-      _hr10_by_loop(context["tables"], train_pairs)
+      _hr10_by_loop(tables, train_pairs)
     )
-    target_of = dict(
-      zip(test.users.tolist(), test.targets.tolist(), strict=True)
-    )
-    split_pairs = [(u, target_of[int(u)]) for u in chosen]
-    expected = _hr10_by_loop(context["tables"], split_pairs)
+    split_pairs = [
+      (u if shift is None else shift + test.ends[u], test.targets[u])
+      for u in chosen
+    ]
+    expected = _hr10_by_loop(tables, split_pairs)
     assert out[f"cf_signal/{task}/hr@10"] == pytest.approx(expected)
+    if shift is not None:
+      assert expected == 1.0
+      assert out[f"cf_signal/{task}/ndcg@10"] == pytest.approx(1.0)
+    else:
+      assert expected < 1.0
     block = out[metric_writer.PER_USER]
     np.testing.assert_array_equal(block["user_ids"], chosen)
     # The per-user values add up to the reported mean.

@@ -347,6 +347,25 @@ def test_cf_tables_must_exist_and_fit_the_q_former():
     config_validation.validate(config)
 
 
+def test_sequence_user_states_need_sasrec_tables():
+  config = ml1m.get_config("cpu")
+  config.ilm.data.user_state = "sequence"
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"user_state='sequence': .* needs config.cf.tables='sasrec' "
+    r"\(it is 'mf'\)",
+  ):
+    config_validation.validate(config)
+  config.cf.tables = "sasrec"
+  config_validation.validate(config)
+  config.ilm.data.user_state = "session"
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"user_state='session': must be one of user, sequence",
+  ):
+    config_validation.validate(config)
+
+
 def test_gpu_size_is_phase_2_of_a_cpu_run_at_a_real_budget():
   """`configs/ml1m.py:gpu` reads a `cpu` run's phase-0/1 outputs, so every
   field before phase 2 is the cpu size's; phase 2 trains in bf16 on all

@@ -276,6 +276,67 @@ def test_evaluation_request_targets_follow_the_split():
   assert valid.history == tuple(sequence[-6:-2])
 
 
+def test_a_user_row_replaces_the_user_id_in_the_soft_token_slots():
+  plain = _encoder(num_users=20).encode(REQUEST)
+  moved = _encoder(num_users=20).encode(
+    prompts.Request(**{**REQUEST.__dict__, "user_row": 12})
+  )
+  user_slots = plain["entity_kind"] == prompts.USER
+  assert user_slots.sum() == 1
+  assert plain["entity_index"][user_slots] == [7]
+  assert moved["entity_index"][user_slots] == [12]
+  np.testing.assert_array_equal(
+    moved["entity_index"][~user_slots], plain["entity_index"][~user_slots]
+  )
+
+
+def test_sequence_user_state_rows_are_the_state_before_the_target():
+  """user_state='sequence': {user} is row num_users + p, where p is the
+  target's position in sequence_items (training: inside the training
+  part; valid and test: items[-2] and items[-1]); straightforward asks
+  for the item at p too. 'user' keeps the user's own row."""
+  dataset = processing.process(synthetic.generate())
+  weights = dict(sequential=1, straightforward=1)
+  kwargs = dict(max_history=4, seed=5, task_weights=weights)
+  templates = prompts.load_templates()
+  by_user = ilm_tasks.TaskSampler(dataset, templates, **kwargs)
+  by_state = ilm_tasks.TaskSampler(
+    dataset, templates, user_state="sequence", **kwargs
+  )
+  offsets, items = dataset.sequence_offsets, dataset.sequence_items
+  tasks = set()
+  for index in range(100):
+    plain, request = (
+      by_user.training_request(index),
+      by_state.training_request(index),
+    )
+    tasks.add(request.task)
+    assert plain.user_row == -1 and plain.user_index == plain.user
+    assert request.user == plain.user
+    p = request.user_row - dataset.num_users
+    assert offsets[request.user] < p < offsets[request.user + 1] - 2
+    assert request.target_item == items[p]
+    if request.task == "sequential":
+      assert request.history == tuple(
+        items[max(offsets[request.user], p - 4) : p]
+      )
+  assert tasks == set(weights)
+  for split, back in (("valid", 2), ("test", 1)):
+    request = by_state.evaluation_request("straightforward", 3, split, False)
+    p = offsets[4] - back
+    assert request.user_row == dataset.num_users + p
+    assert request.target_item == items[p]
+    np.testing.assert_array_equal(
+      by_state.split_user_rows(split, np.array([3, 0])),
+      [dataset.num_users + p, dataset.num_users + offsets[1] - back],
+    )
+    np.testing.assert_array_equal(
+      by_user.split_user_rows(split, np.array([3, 0])), [3, 0]
+    )
+  with pytest.raises(ValueError, match=r"user_state='state'; allowed"):
+    ilm_tasks.TaskSampler(dataset, templates, user_state="state", **kwargs)
+
+
 def test_titles_that_do_not_round_trip_are_reported_at_trie_build(caplog):
   from ilm_jax.evaluators import generative  # noqa: PLC0415
 
@@ -458,6 +519,7 @@ def test_encode_rejects_bad_placeholders_without_load_templates(template, kind):
     (dict(history=(-1,)), r"\{history\} id -1"),
     (dict(user=-1), r"\{user\} id -1 is out of range \(ids are >= 0 and"),
     (dict(user=5), r"\{user\} id 5 is out of range .*< 5"),
+    (dict(user=1, user_row=9), r"\{user\} id 9 is out of range .*< 5"),
   ],
 )
 def test_out_of_range_entity_ids_are_errors_never_clipped(changes, message):

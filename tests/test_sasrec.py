@@ -178,3 +178,30 @@ def test_user_states_are_the_last_hidden_state_and_score_by_dot(
   table = params["item_embedding"]["embedding"]
   scores = model.apply({"params": params}, items, mask)
   np.testing.assert_allclose(states @ table.T, scores, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_states_match_one_full_window_per_position(
+  model_and_params,
+):
+  """Users of 1, 3 and 11 items (11 > max_length 6): row p equals the
+  last state of the max_length window of the items before p, computed one
+  position at a time; each user's first row is zeros."""
+  model, params = model_and_params
+  offsets = np.array([0, 1, 4, 15])
+  items = np.random.default_rng(1).integers(0, NUM_ITEMS, 15).astype(np.int32)
+  states = sasrec.sequence_states(model, params, offsets, items, batch_size=4)
+  assert states.shape == (15, DIM) and states.dtype == np.float32
+  for user in range(3):
+    start = offsets[user]
+    np.testing.assert_array_equal(states[start], np.zeros(DIM))
+    for p in range(start + 1, offsets[user + 1]):
+      before = items[max(start, p - LENGTH) : p]
+      window = np.zeros(LENGTH, np.int32)
+      window[LENGTH - len(before) :] = before
+      mask = np.arange(LENGTH) >= LENGTH - len(before)
+      hidden = model.apply(
+        {"params": params}, window[None], mask[None], method=model.encode
+      )
+      np.testing.assert_allclose(
+        states[p], hidden[0, -1], rtol=1e-5, atol=1e-5, err_msg=f"p={p}"
+      )

@@ -12,6 +12,17 @@ over example numbers (`training_prompts`, data/pipeline.py) is
 deterministic, shardable and resumable. Training uses only the training part
 of each sequence (items[:-2]); evaluation requests follow
 `ProcessedDataset.leave_one_out` (valid: items[-2], test: items[-1]).
+
+What `{user}` shows (`ilm.data.user_state`):
+  user      the user's CF row, the same in every prompt (the paper's): MF's
+            user vector, or SASRec's state after the training part.
+  sequence  SASRec's sequence state before the prompt's target (ours, as
+            CoLLM and LLaRA feed a sequential recommender's state): in
+            training the state after the history before the target; in
+            evaluation the state after the split's history (items[:-2]
+            for valid, items[:-1] for test). The `user` row is fixed at
+            items[:-2], so in training it points at no particular target
+            and at test time it misses the valid item.
 """
 
 import dataclasses
@@ -31,6 +42,8 @@ TASKS = (
 )
 # Tasks whose request holds one item (no user): {item} -> its text.
 ITEM_TASKS = ("description", "title")
+# What a prompt's {user} row is (see the module docstring).
+USER_STATES = ("user", "sequence")
 _GROUP_STREAM = 1  # keeps the per-batch task draws apart from the examples
 
 
@@ -73,7 +86,12 @@ class TaskSampler:
     max_history: int,
     max_liked: int = 3,
     seed: int = 0,
+    user_state: str = "user",
   ):
+    if user_state not in USER_STATES:
+      raise ValueError(
+        f"ilm.data.user_state={user_state!r}; allowed: {USER_STATES}."
+      )
     unknown = set(task_weights) - set(TASKS)
     if unknown:
       raise ValueError(
@@ -94,6 +112,7 @@ class TaskSampler:
     self.max_history = max_history
     self.max_liked = max_liked
     self.seed = seed
+    self.user_state = user_state
     # The valid split's histories are the training parts (items[:-2]).
     self._splits = {s: dataset.leave_one_out(s) for s in ("valid", "test")}
     train = self._splits["valid"]
@@ -118,6 +137,30 @@ class TaskSampler:
     )
     return prompts.Request(
       task, template, item=item, target_text=text, target_item=item
+    )
+
+  def user_row(self, user: int, target_position: int) -> int:
+    """The user-table row of `{user}` in a prompt whose target is the
+    interaction at `target_position` (of the dataset's `sequence_items`).
+
+    "user": the user's own row (-1: `Request.user` itself). "sequence":
+    row `num_users + target_position`, the sequence state before the
+    target (the phase appends `sequence_states` to the user table).
+    """
+    if self.user_state == "user":
+      return -1
+    return self.dataset.num_users + int(target_position)
+
+  def split_user_rows(self, split: str, users: np.ndarray) -> np.ndarray:
+    """int64 [N]: the user-table row `{user}` shows in `users`' prompts of
+    `split` ("valid" or "test"), as `evaluation_request` builds them."""
+    ends = self._splits[split].ends
+    return np.array(
+      [
+        row if (row := self.user_row(u, ends[u])) >= 0 else u
+        for u in np.asarray(users, np.int64)
+      ],
+      np.int64,
     )
 
   def task_of_group(self, group: int) -> str:
@@ -154,9 +197,12 @@ class TaskSampler:
       int(i) for i in sequence[max(0, cut - self.max_history) : cut]
     )
     target = int(sequence[cut])
+    row = self.user_row(user, self._splits["valid"].starts[user] + cut)
     if task == "straightforward":
       positives = self._positives[user]
-      if len(positives):
+      # A sequence state points at the next item, so with it the task asks
+      # for that item; the user's own row asks for any training positive.
+      if len(positives) and self.user_state == "user":
         target = int(positives[rng.integers(len(positives))])
       return prompts.Request(
         task,
@@ -164,6 +210,7 @@ class TaskSampler:
         user=user,
         target_text=ds.item_titles[target],
         target_item=target,
+        user_row=row,
       )
     if task == "sequential":
       return prompts.Request(
@@ -173,6 +220,7 @@ class TaskSampler:
         history=history,
         target_text=ds.item_titles[target],
         target_item=target,
+        user_row=row,
       )
     count = min(len(history), int(rng.integers(1, self.max_liked + 1)))
     liked = tuple(int(i) for i in rng.choice(history, count, replace=False))
@@ -230,6 +278,7 @@ class TaskSampler:
       history=history if task == "sequential" else (),
       target_text=ds.item_titles[target],
       target_item=target,
+      user_row=self.user_row(user, examples.ends[user]),
     )
 
 
@@ -343,7 +392,11 @@ def build_prompting(
     task_weights=data_config.task_weights.to_dict(),
     max_history=data_config.max_history,
     seed=config.seed,
+    user_state=data_config.get("user_state", "user"),
   )
+  user_rows = dataset.num_users
+  if sampler.user_state == "sequence":  # the phase appends the states
+    user_rows += dataset.num_interactions
   encoder = prompts.PromptEncoder(
     tokenizer,
     dataset.item_titles,
@@ -355,7 +408,7 @@ def build_prompting(
     titles_with_soft=data_config.titles_with_soft,
     system_prompt=data_config.system_prompt,
     learned_prompt=config.ilm.model.adapter == "prompt",
-    num_users=dataset.num_users,
+    num_users=user_rows,
   )
   if data_config.one_task_batches:
     lengths, answers = task_lengths(

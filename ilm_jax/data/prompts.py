@@ -141,7 +141,12 @@ def load_templates(
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """One prompt before tokenization (entities are CF-table rows)."""
+  """One prompt before tokenization (entities are CF-table rows).
+
+  `user` is the user's index; `user_row`, when >= 0, is the row of the
+  user table that `{user}` shows instead of row `user` (a sequence state
+  before the target, `ilm.data.user_state='sequence'`).
+  """
 
   task: str
   template: str
@@ -151,6 +156,12 @@ class Request:
   liked: tuple[int, ...] = ()
   target_text: str = ""
   target_item: int = -1
+  user_row: int = -1
+
+  @property
+  def user_index(self) -> int:
+    """The user-table row of `{user}`: `user_row`, else `user`."""
+    return self.user_row if self.user_row >= 0 else self.user
 
 
 @dataclasses.dataclass
@@ -268,7 +279,7 @@ class PromptEncoder:
       if part == "prompt":
         group = [(PROMPT, 0)]
       elif part == "user":
-        group = [(USER, request.user)]
+        group = [(USER, request.user_index)]
       elif part == "item":
         group = [(ITEM, request.item)]
       else:
@@ -291,7 +302,7 @@ class PromptEncoder:
       ("item", [request.item], items),
       ("history", request.history, items),
       ("liked", request.liked, items),
-      ("user", [request.user], self.num_users),
+      ("user", [request.user_index], self.num_users),
     ]
     for name, ids, count in checks:
       if name not in names:

@@ -1,9 +1,10 @@
 """`cf_user_signal`: how much of a prompt's answer its CF user row holds.
 
-The recommendation prompts put a user's CF row (`params["cf"]["users"]`)
-in front of the LLM as `{user}` soft tokens. This evaluator ranks each
+The recommendation prompts put a user's CF row (`params["cf"]["users"]`;
+with `ilm.data.user_state='sequence'`, SASRec's state before the prompt's
+target) in front of the LLM as `{user}` soft tokens. This evaluator ranks each
 prompt's target item among all items by the CF source's own score, the dot
-product `users[u] . items[i]` (MF's prediction; SASRec's next-item logit
+product `users[row] . items[i]` (MF's prediction; SASRec's next-item logit
 for `cf.tables=sasrec`), on two sets of prompts of each task in `tasks`:
 
   train_prompts  the first `num_prompts` training requests of the task,
@@ -115,6 +116,8 @@ class CfUserSignalEvaluator:
     )
     # Both user tasks ask each user for the split's target item.
     self.targets = generative.split_targets(dataset, self.split, self.users)
+    # Their {user} rows: the users' own, or their states before the target.
+    self.rows = sampler.split_user_rows(self.split, self.users)
 
   def _training_pairs(self, task) -> tuple[np.ndarray, np.ndarray]:
     requests = [
@@ -122,7 +125,7 @@ class CfUserSignalEvaluator:
       for i in range(self.num_prompts)
     ]
     return (
-      np.array([r.user for r in requests], np.int64),
+      np.array([r.user_index for r in requests], np.int64),
       np.array([r.target_item for r in requests], np.int64),
     )
 
@@ -143,13 +146,13 @@ class CfUserSignalEvaluator:
         values = target_metrics(users[who], items, targets, self.ks)
         for metric, per_prompt in values.items():
           yield f"cf_signal/{task}/train_prompts/{metric}", per_prompt.mean()
-      values = target_metrics(users[self.users], items, self.targets, self.ks)
+      values = target_metrics(users[self.rows], items, self.targets, self.ks)
       for metric, per_user in values.items():
         block[f"cf_signal/{task}/{metric}"] = per_user
         yield f"cf_signal/{task}/{metric}", per_user.mean()
     if self._soft_tokens is not None:
       values = target_metrics(
-        self._unit_tokens(params, prompts.USER, self.users),
+        self._unit_tokens(params, prompts.USER, self.rows),
         self._unit_tokens(params, prompts.ITEM, np.arange(self.num_items)),
         self.targets,
         self.ks,

@@ -107,10 +107,12 @@ def export_cf_tables(
   user_table: np.ndarray,
   dataset: processing.ProcessedDataset,
   extra_metadata: dict | None = None,
+  sequence_states: np.ndarray | None = None,
 ) -> pathlib.Path:
   """Writes the CF tables and their index metadata under `path`.
 
-  Layout: `path/tables/` (orbax: {"item_table", "user_table"}) and
+  Layout: `path/tables/` (orbax: {"item_table", "user_table"}),
+  `path/sequence_states/` (orbax: {"states"}, when given) and
   `path/metadata.json` (format, sizes, raw ids by index, extras).
 
   Args:
@@ -119,6 +121,9 @@ def export_cf_tables(
     user_table: float [num_users, d]; row u is user index u.
     dataset: the dataset the indices refer to.
     extra_metadata: JSON-serialisable extras (model config, metrics).
+    sequence_states: optional float [num_interactions, d]; row p is the
+      user vector before the interaction at position p of the dataset's
+      `sequence_items` (SASRec's `sequence_states`).
 
   Returns:
     The export directory.
@@ -132,6 +137,16 @@ def export_cf_tables(
   checkpoint.save_params(
     path / "tables", dict(item_table=item_table, user_table=user_table)
   )
+  if sequence_states is not None:
+    if sequence_states.shape != (dataset.num_interactions, item_table.shape[1]):
+      raise ValueError(
+        f"sequence_states {sequence_states.shape} does not fit "
+        f"{dataset.num_interactions} interactions and d="
+        f"{item_table.shape[1]}."
+      )
+    checkpoint.save_params(
+      path / "sequence_states", dict(states=sequence_states)
+    )
   if jax.process_index() == 0:
     metadata = dict(
       format=EXPORT_FORMAT,
@@ -139,6 +154,7 @@ def export_cf_tables(
       num_items=int(dataset.num_items),
       num_users=int(dataset.num_users),
       embed_dim=int(item_table.shape[1]),
+      sequence_states=sequence_states is not None,
       score="dot",  # user . item, and item . item for item similarity
       item_ids=list(dataset.item_ids),
       user_ids=list(dataset.user_ids),
@@ -187,3 +203,40 @@ def load_cf_tables(
         f"{expected[name]}."
       )
   return item_table, user_table, metadata
+
+
+def load_sequence_states(
+  path: os.PathLike, num_interactions: int
+) -> np.ndarray:
+  """The `sequence_states` of an export of `export_cf_tables`.
+
+  Args:
+    path: the export directory (e.g. WORKDIR/sasrec/export).
+    num_interactions: the dataset's, to check the rows against.
+
+  Returns:
+    float numpy [num_interactions, d], exactly as saved.
+
+  Raises:
+    checkpoint.CheckpointError: the export has no sequence states (it was
+      written without them, e.g. by MF or an older ilm_jax), or their rows
+      do not fit the dataset.
+  """
+  path = pathlib.Path(path).absolute()
+  if not (path / "sequence_states").exists():
+    raise checkpoint.CheckpointError(
+      f"{path} has no sequence_states/: only SASRec's export writes them "
+      "(cf.tables='sasrec'); an export from before they existed gets them "
+      "when the cf phase runs again on this workdir (--config.phases=cf "
+      "resumes the finished SASRec run and rewrites its export)."
+    )
+  states = np.asarray(
+    checkpoint.load_params(path / "sequence_states")["states"]
+  )
+  if states.shape[0] != num_interactions:
+    raise checkpoint.CheckpointError(
+      f"{path}/sequence_states has {states.shape[0]} rows but the dataset "
+      f"has {num_interactions} interactions: rerun the cf phase for this "
+      "dataset."
+    )
+  return states

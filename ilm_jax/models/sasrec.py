@@ -23,6 +23,7 @@ the last max_length items before items[-2] and items[-1].
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class _Block(nn.Module):
@@ -209,3 +210,58 @@ def user_states(
     for i in range(0, n + pad, batch_size)
   ]
   return jnp.concatenate(states)[:n].astype(jnp.float32)
+
+
+def sequence_states(
+  model: SASRec,
+  params,
+  sequence_offsets: np.ndarray,
+  sequence_items: np.ndarray,
+  batch_size: int = 1024,
+) -> np.ndarray:
+  """SASRec's state before every interaction of every user.
+
+  Row p (a position in the dataset's CSR `sequence_items`) is the sequence
+  state (`user_states`) after the user's items before p, that is after
+  `sequence_items[offsets[u]:p]` cut to its last `max_length` items and
+  left-padded as in evaluation: `state[p] @ item_embedding.T` are SASRec's
+  scores for the item at p. A user's first position has no items before
+  it; its row is zeros. Rows at a valid or test target are the states
+  after that split's history (`user_states` of `leave_one_out(split)`).
+
+  Windows are grouped by length (powers of two, up to max_length) so a
+  short prefix does not pay for max_length positions; a shorter window
+  sits in the last positions exactly as its left-padded max_length window
+  does, and padding is masked, so the states are the same.
+
+  Args:
+    model: the SASRec module.
+    params: its params.
+    sequence_offsets: int [num_users + 1] CSR offsets.
+    sequence_items: int [num_interactions] items in time order per user.
+    batch_size: windows per jitted call.
+
+  Returns:
+    float32 [num_interactions, embed_dim].
+  """
+  offsets = np.asarray(sequence_offsets, np.int64)
+  items = np.asarray(sequence_items, np.int32)
+  starts = np.repeat(offsets[:-1], np.diff(offsets))
+  positions = np.arange(len(items), dtype=np.int64)
+  prefix = np.minimum(positions - starts, model.max_length)
+  states = np.zeros((len(items), model.embed_dim), np.float32)
+  length = model.max_length
+  widths = sorted({min(2**i, length) for i in range(length.bit_length() + 1)})
+  low = 0  # prefixes of low + 1 .. width items share a window width
+  for width in widths:
+    rows = np.flatnonzero((prefix > low) & (prefix <= width))
+    low = width
+    if not len(rows):
+      continue
+    window = positions[rows, None] + np.arange(-width, 0)[None, :]
+    mask = window >= starts[rows, None]
+    windows = np.where(mask, items[np.maximum(window, 0)], 0)
+    states[rows] = np.asarray(
+      user_states(model, params, windows, mask, batch_size)
+    )
+  return states

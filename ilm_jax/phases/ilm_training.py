@@ -23,6 +23,7 @@ import pathlib
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
@@ -125,6 +126,14 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     else None,
     config.cf.tables,
   )
+  if ilm_config.data.get("user_state", "user") == "sequence":
+    # {user} rows num_users + p: the state before interaction p.
+    user_table = np.concatenate(
+      [
+        user_table,
+        layout.read_sequence_states(workdir, dataset, config.cf.tables),
+      ]
+    )
   sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
   phase1_qformer = (
     model.adapter == "qformer" and ilm_config.model.qformer_init == "phase1"
