@@ -145,6 +145,33 @@ def test_true_and_shuffled_nll_match_prompts_scored_one_by_one(context):
   )
 
 
+def test_swapped_user_rows_are_rows_of_the_same_kind(context):
+  """With sequence states, a swapped {user} is another user's state before
+  the split's target (row num_users + p); items stay item ids."""
+  model, _ = _model_and_params(context, "mlp")
+  config = ml1m.get_config("tiny")
+  config.ilm.data.user_state = "sequence"
+  sampler, _ = ilm_tasks.build_prompting(
+    config, context["dataset"], context["tokenizer"]
+  )
+  (evaluator,) = registry.from_config(
+    {"shuffle": dict(type="shuffled_entities", split="test")},
+    model=model,
+    seed=0,
+    sampler=sampler,
+    **{k: context[k] for k in ("encoder", "tokenizer", "dataset")},
+  )
+  dataset = context["dataset"]
+  kind = np.array([[prompts.USER, prompts.ITEM, prompts.ITEM]] * 50)
+  swapped = evaluator._swapped(
+    dict(entity_kind=kind), np.random.default_rng(0)
+  )["entity_index"]
+  test_rows = dataset.num_users + dataset.leave_one_out("test").ends
+  assert set(swapped[:, 0]) <= set(test_rows.tolist())
+  assert len(set(swapped[:, 0])) > 10
+  assert swapped[:, 1:].max() < dataset.num_items
+
+
 def test_an_adapter_blind_to_entities_gains_nothing(context):
   # The text-only prompt adapter gives every entity the same soft tokens.
   model, params = _model_and_params(context, "prompt")

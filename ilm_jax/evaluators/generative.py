@@ -510,10 +510,16 @@ class ShuffledEntitiesEvaluator(_UserPromptEvaluator):
     self._log_likelihood = jax.jit(self.model.answer_log_likelihood)
 
   def _swapped(self, batch, rng):
-    """The batch with each entity replaced by a random one of its kind."""
+    """The batch with each entity replaced by a random one of its kind.
+
+    A `{user}` row becomes a random user's row of the same kind: their own
+    row, or with `ilm.data.user_state='sequence'` their state before this
+    split's target."""
     kind = batch["entity_kind"]
     items = rng.integers(0, self.dataset.num_items, kind.shape)
-    users = rng.integers(0, self.dataset.num_users, kind.shape)
+    users = self.sampler.split_user_rows(
+      self.split, rng.integers(0, self.dataset.num_users, kind.size)
+    ).reshape(kind.shape)
     index = np.where(kind == prompts.USER, users, items).astype(np.int32)
     return dict(batch, entity_index=index)
 
