@@ -113,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
       train=common.train_config(
         steps=4700, batch_size=128, log_every=47, eval_every=235
       ),
+      # Also export SASRec's state before every interaction (seconds to
+      # minutes, num_interactions x embed_dim floats: 512 MB on ML-1M at
+      # d=128), which ilm.data.user_state="sequence" reads.
+      export_sequence_states=False,
     ),
   )
   # Best-params selection, on validation only, never test. MF fits the
@@ -421,6 +425,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   config.cf.sasrec.train.update(
     steps=20, batch_size=16, log_every=10, eval_every=10
   )
+  config.cf.sasrec.export_sequence_states = True  # tests read them
   # A small random Q-Former: tests need speed, not MiniLM.
   config.qformer.model.update(
     pretrained="",

@@ -177,7 +177,8 @@ def test_an_export_without_sequence_states_says_how_to_get_them(
   users = np.zeros((dataset.num_users, 4), np.float32)
   cf_encoder.export_cf_tables(tmp_path, items, users, dataset)
   with pytest.raises(
-    checkpoint.CheckpointError, match=r"no sequence_states/.*--config.phases=cf"
+    checkpoint.CheckpointError,
+    match=r"no sequence_states/.*--config.cf.sasrec.export_sequence_states=True",
   ):
     cf_encoder.load_sequence_states(tmp_path, dataset.num_interactions)
   with pytest.raises(ValueError, match="does not fit"):

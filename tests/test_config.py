@@ -357,6 +357,12 @@ def test_sequence_user_states_need_sasrec_tables():
   ):
     config_validation.validate(config)
   config.cf.tables = "sasrec"
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"only with config.cf.sasrec.export_sequence_states=True",
+  ):
+    config_validation.validate(config)
+  config.cf.sasrec.export_sequence_states = True
   config_validation.validate(config)
   config.ilm.data.user_state = "session"
   with pytest.raises(

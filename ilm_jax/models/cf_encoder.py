@@ -225,10 +225,11 @@ def load_sequence_states(
   path = pathlib.Path(path).absolute()
   if not (path / "sequence_states").exists():
     raise checkpoint.CheckpointError(
-      f"{path} has no sequence_states/: only SASRec's export writes them "
-      "(cf.tables='sasrec'); an export from before they existed gets them "
-      "when the cf phase runs again on this workdir (--config.phases=cf "
-      "resumes the finished SASRec run and rewrites its export)."
+      f"{path} has no sequence_states/: only SASRec's export writes them, "
+      "with cf.sasrec.export_sequence_states=True. To add them, run the cf "
+      "phase again on this workdir with it (--config.phases=cf "
+      "--config.cf.sasrec.export_sequence_states=True resumes the finished "
+      "SASRec run and rewrites its export)."
     )
   states = np.asarray(
     checkpoint.load_params(path / "sequence_states")["states"]

@@ -136,8 +136,9 @@ def export_sasrec_tables(workdir, dataset, cf_config, result) -> str:
   Users' states are SASRec's hidden state after their training part
   items[:-2] (the valid split's histories): the information MF's user
   table has. `user . item` is SASRec's next-item score, so the export reads
-  like MF's (`cf.tables=sasrec` makes phases 1 and 2 use it). Beside them,
-  the state before every interaction (`sasrec.sequence_states`), which
+  like MF's (`cf.tables=sasrec` makes phases 1 and 2 use it). With
+  `cf.sasrec.export_sequence_states`, beside them the state before every
+  interaction (`sasrec.sequence_states`), which
   `ilm.data.user_state='sequence'` puts in the `{user}` rows of phase 2.
   """
   model = sasrec_model(dataset, cf_config)
@@ -147,15 +148,17 @@ def export_sasrec_tables(workdir, dataset, cf_config, result) -> str:
   )
   states = sasrec.user_states(model, result.params, items, mask)
   item_table = result.params["item_embedding"]["embedding"]
-  start = time.perf_counter()
-  before = sasrec.sequence_states(
-    model, result.params, dataset.sequence_offsets, dataset.sequence_items
-  )
-  logging.info(
-    "SASRec states before all %d interactions in %.1f s.",
-    len(before),
-    time.perf_counter() - start,
-  )
+  before = None
+  if cf_config.sasrec.get("export_sequence_states", False):
+    start = time.perf_counter()
+    before = sasrec.sequence_states(
+      model, result.params, dataset.sequence_offsets, dataset.sequence_items
+    )
+    logging.info(
+      "SASRec states before all %d interactions in %.1f s.",
+      len(before),
+      time.perf_counter() - start,
+    )
   return str(
     cf_encoder.export_cf_tables(
       layout.cf_export(workdir, "sasrec"),
