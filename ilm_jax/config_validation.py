@@ -143,7 +143,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"{None if cf is None else cf.get('tables')!r})."
     )
   if ilm_data.get("user_state") == "sequence" and cf is not None:
-    if not cf.get("sasrec", {}).get("export_sequence_states", False):
+    if cf.get("tables") == "sasrec" and not cf.get("sasrec", {}).get(
+      "export_sequence_states", False
+    ):
       errors.append(
         "config.ilm.data.user_state='sequence' reads the states phase cf "
         "exports only with config.cf.sasrec.export_sequence_states=True."

@@ -175,6 +175,15 @@ def test_an_export_without_sequence_states_says_how_to_get_them(
 ):
   items = np.zeros((dataset.num_items, 4), np.float32)
   users = np.zeros((dataset.num_users, 4), np.float32)
+  states = np.ones((dataset.num_interactions, 4), np.float32)
+  cf_encoder.export_cf_tables(
+    tmp_path, items, users, dataset, sequence_states=states
+  )
+  np.testing.assert_array_equal(
+    cf_encoder.load_sequence_states(tmp_path, dataset.num_interactions),
+    states,
+  )
+  # Written again without them: the old states are gone, not stale.
   cf_encoder.export_cf_tables(tmp_path, items, users, dataset)
   with pytest.raises(
     checkpoint.CheckpointError,

@@ -24,6 +24,7 @@ any training code.
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import flax.linen as nn
@@ -147,6 +148,9 @@ def export_cf_tables(
     checkpoint.save_params(
       path / "sequence_states", dict(states=sequence_states)
     )
+  elif jax.process_index() == 0:
+    # No stale states from an earlier export beside the new tables.
+    shutil.rmtree(path / "sequence_states", ignore_errors=True)
   if jax.process_index() == 0:
     metadata = dict(
       format=EXPORT_FORMAT,
