@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ilm_jax.data import processing
+
 
 class _Block(nn.Module):
   """Pre-LayerNorm causal self-attention and point-wise feed-forward."""
@@ -246,9 +248,18 @@ def sequence_states(
   """
   offsets = np.asarray(sequence_offsets, np.int64)
   items = np.asarray(sequence_items, np.int32)
-  starts = np.repeat(offsets[:-1], np.diff(offsets))
+  users = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
   positions = np.arange(len(items), dtype=np.int64)
-  prefix = np.minimum(positions - starts, model.max_length)
+  # One example per position: the items before it, the item at it.
+  before = processing.Split(
+    name="all",
+    users=users,
+    starts=offsets[users],
+    ends=positions,
+    targets=items,
+    items=items,
+  )
+  prefix = np.minimum(positions - before.starts, model.max_length)
   states = np.zeros((len(items), model.embed_dim), np.float32)
   length = model.max_length
   widths = sorted({min(2**i, length) for i in range(length.bit_length() + 1)})
@@ -256,12 +267,9 @@ def sequence_states(
   for width in widths:
     rows = np.flatnonzero((prefix > low) & (prefix <= width))
     low = width
-    if not len(rows):
-      continue
-    window = positions[rows, None] + np.arange(-width, 0)[None, :]
-    mask = window >= starts[rows, None]
-    windows = np.where(mask, items[np.maximum(window, 0)], 0)
-    states[rows] = np.asarray(
-      user_states(model, params, windows, mask, batch_size)
-    )
+    if len(rows):
+      windows, mask = before.padded_histories(rows, width)
+      states[rows] = np.asarray(
+        user_states(model, params, windows, mask, batch_size)
+      )
   return states

@@ -126,7 +126,8 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     else None,
     config.cf.tables,
   )
-  if ilm_config.data.get("user_state", "user") == "sequence":
+  sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
+  if sampler.user_state == "sequence":
     # {user} rows num_users + p: the state before interaction p.
     user_table = np.concatenate(
       [
@@ -134,7 +135,6 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
         layout.read_sequence_states(workdir, dataset, config.cf.tables),
       ]
     )
-  sampler, encoder = ilm_tasks.build_prompting(config, dataset, tokenizer)
   phase1_qformer = (
     model.adapter == "qformer" and ilm_config.model.qformer_init == "phase1"
   )
