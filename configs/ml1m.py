@@ -186,6 +186,11 @@ def base_config() -> ml_collections.ConfigDict:
       # gradients into the activations only (models/llm.py; for CPUs,
       # whose XLA otherwise runs bf16 dots with transposed weights slowly).
       frozen_matmul="",
+      # rank > 0: LoRA on the LLM's dense layers named in `targets` (of
+      # q, k, v, o, gate, up, down), trained with the adapter and exported
+      # with it (models/llm.py). A departure from the paper's frozen LLM,
+      # as CoLLM and LLaRA train one; 0: off (the paper).
+      lora=dict(rank=0, alpha=16.0, targets=("q", "v")),
     ),
     model=dict(
       adapter="qformer",  # qformer (ILM) | mlp (CoLLM) | none (text)

@@ -5,6 +5,7 @@ real orbax/grain machinery) in a temporary workdir, then the export bundle.
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 
 from configs import ml1m
 from ilm_jax import checkpoint
+from ilm_jax.data import prompts
 from ilm_jax.serving import export_bundle
 
 pytestmark = pytest.mark.slow
@@ -91,8 +93,6 @@ def test_export_bundle_reloads_the_trained_adapter(finished_run):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert len(bundle.item_titles) == bundle.params["cf"]["items"].shape[0]
   # The rebuilt model scores an answer: a finite, positive loss.
-  from ilm_jax.data import prompts  # noqa: PLC0415
-
   encoder = prompts.PromptEncoder(
     bundle.tokenizer,
     bundle.item_titles,
@@ -201,3 +201,67 @@ def test_gpu_phase2_script_runs_phase_2_and_writes_per_user_metrics(
   )
   assert refused.returncode == 1
   assert "cf/export/metadata.json is missing" in refused.stderr
+
+
+def test_lora_run_trains_exports_and_serves_its_factors(finished_run, tmp_path):
+  """ilm.llm.lora.rank > 0 end to end, in a copy of the finished run (the
+  export phase writes WORKDIR/export): the factors train, go into the
+  adapter export and the bundle, and change the bundle's loss."""
+  workdir = tmp_path / "lora_run"
+  source = finished_run[0]
+  shutil.copytree(
+    source,
+    workdir,
+    # The phase-2 runs and the bundle, not cf/export or qformer/export.
+    ignore=lambda folder, names: [
+      n
+      for n in names
+      if folder == str(source) and n.startswith(("ilm", "export"))
+    ],
+  )
+  _main(
+    workdir,
+    "--config.phases=ilm,export",
+    "--config.ilm.llm.lora.rank=2",
+    "--config.ilm.llm.lora.targets=('q','v','down')",
+  )
+  trained = checkpoint.load_params(workdir / "ilm" / "adapter")
+  assert set(trained) == {"qformer", "proj", "lora"}
+  assert trained["lora"]["down_lora_b"].shape == (30, 2, 576)  # SmolLM2
+  assert float(np.abs(trained["lora"]["q_lora_b"]).max()) > 0  # B moved
+  bundle = export_bundle.load_bundle(workdir / "export")
+  assert bundle.model.llm.config.lora_rank == 2
+  assert bundle.model.llm.config.lora_targets == ("q", "v", "down")
+  for name, value in trained["lora"].items():
+    np.testing.assert_array_equal(
+      np.asarray(bundle.params["lora"][name]), value
+    )
+  metrics = json.loads((workdir / "metrics" / "ilm_test.json").read_text())
+  assert metrics["users"] > 0  # the beam search ran with the factors
+  encoder = prompts.PromptEncoder(
+    bundle.tokenizer,
+    bundle.item_titles,
+    tokens_per_entity=2,
+    max_len=96,
+    max_entities=4,
+  )
+  request = prompts.Request(
+    "sequential",
+    "{user} watched {history}.",
+    user=0,
+    history=(1, 2),
+    target_text=bundle.item_titles[3],
+    target_item=3,
+  )
+  batch = {k: v[None] for k, v in encoder.encode(request).items()}
+  loss = jax.jit(lambda p: bundle.model.loss(p, batch, None)[0])
+  # B = 0 is the LLM without LoRA.
+  zero_b = {
+    k: np.zeros_like(v) if k.endswith("_lora_b") else v
+    for k, v in bundle.params["lora"].items()
+  }
+  without = dict(bundle.params, lora=zero_b)
+  assert abs(float(loss(bundle.params)) - float(loss(without))) > 1e-6
+  missing = {k: v for k, v in bundle.params.items() if k != "lora"}
+  with pytest.raises(ValueError, match="ilm.llm.lora.rank=2.*no 'lora'"):
+    bundle.model.loss(missing, batch, None)

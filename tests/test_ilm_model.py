@@ -42,7 +42,7 @@ def _qformer_config(num_queries=2):
   return config
 
 
-def _model(adapter, tokens=2, **fields):
+def _model(adapter, tokens=2, llm_config=LLM, **fields):
   model_config = ml_collections.ConfigDict(
     dict(
       adapter=adapter,
@@ -52,7 +52,7 @@ def _model(adapter, tokens=2, **fields):
       **fields,
     )
   )
-  return ilm.build(model_config, LLM, _qformer_config(tokens))
+  return ilm.build(model_config, llm_config, _qformer_config(tokens))
 
 
 def _params(model, rng=0):
@@ -71,6 +71,10 @@ def _params(model, rng=0):
   adapter = ilm.init_adapter(model, keys[4], CF_DIM, 8)
   if adapter:
     params["prompt" if model.adapter == "prompt" else "proj"] = adapter
+  if model.llm.config.lora_rank:
+    params["lora"] = tree_utils.unbox(
+      llm.init_lora(model.llm.config, jax.random.fold_in(keys[2], 1))
+    )
   return params
 
 
@@ -179,10 +183,18 @@ def test_text_only_prompt_adapter_trains_only_its_learned_prompt():
 
 
 @pytest.mark.slow
-def test_training_leaves_every_frozen_parameter_bitwise_unchanged(tmp_path):
-  """Real trainer, real ml1m freeze rules, tiny random parts."""
-  model = _model("qformer")
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_training_leaves_every_frozen_parameter_bitwise_unchanged(
+  tmp_path, lora_rank
+):
+  """Real trainer, real ml1m freeze rules, tiny random parts; with LoRA
+  (ilm.llm.lora) its factors train and the LLM's own weights do not."""
+  model = _model(
+    "qformer",
+    llm_config=LLM.replace(lora_rank=lora_rank, lora_targets=("q", "v")),
+  )
   initial = _params(model)
+  assert ("lora" in initial) == bool(lora_rank)
   cfg = ml1m.get_config("tiny").ilm
   cfg.optim.update(warmup_steps=0, learning_rate=1e-2)
   cfg.train.update(steps=3, batch_size=2, log_every=1, checkpoint_every=3)
@@ -226,6 +238,10 @@ def test_training_leaves_every_frozen_parameter_bitwise_unchanged(tmp_path):
       assert is_frozen, path
     assert not (is_frozen and moved[path]), f"frozen {path} changed"
   assert moved["qformer/query_tokens"] and moved["proj/dense/kernel"]
+  if lora_rank:
+    # B starts at zero, so A's first gradient is zero; both move by step 3.
+    lora_paths = [p for p in paths if p.startswith("lora/")]
+    assert len(lora_paths) == 4 and all(moved[p] for p in lora_paths)
   # No optimizer state for any frozen leaf (Adam moments of llm/ or cf/).
   tx, mask, _ = optim.make(cfg.optim, initial, 3)
   trainable, _ = optim.Partition.from_mask(mask).split(initial)

@@ -432,3 +432,163 @@ def test_decode_step_inputs_give_the_same_step_logits(tied):
     plain, _ = apply(model, params, **step)
     fast, _ = apply(model, params, **step, **prepared)
     np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+LORA_TARGETS = ("q", "o", "down")  # o: a weight with two input axes
+
+
+def _lora_params(config, seed=1):
+  """LoRA factors with both A and B random (B is zero at init)."""
+  model = llm.Llama(config)
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)
+  )["params"]["layers"]
+  rng = np.random.default_rng(seed)
+  return {
+    name: jnp.asarray(rng.normal(0.0, 0.2, x.shape).astype(np.float32))
+    for name, x in nn.meta.unbox(shapes).items()
+    if llm.LORA_PARAM.match(name)
+  }
+
+
+def _merged(params, lora, config):
+  """The reference: each target weight W + alpha/r * A B (per layer)."""
+  layers = dict(params["layers"])
+  scale = config.lora_alpha / config.lora_rank
+  for name in config.lora_targets:
+    a, b = lora[f"{name}_lora_a"], lora[f"{name}_lora_b"]
+    in_dims = a.ndim - 2  # A is [layers, *in, r]
+    update = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))(a, b)
+    assert update.shape == layers[name].shape and in_dims >= 1
+    layers[name] = layers[name] + scale * update
+  return {**params, "layers": layers}
+
+
+def test_lora_equals_the_model_with_merged_weights_and_starts_as_the_base():
+  config = TINY.replace(lora_rank=2, lora_alpha=3.0, lora_targets=LORA_TARGETS)
+  base_model, params = init_params(TINY)
+  lora_model = llm.Llama(config)
+  lora = _lora_params(config)
+  assert set(lora) == {f"{t}_lora_{f}" for t in LORA_TARGETS for f in "ab"}
+  assert lora["o_lora_a"].shape == (3, 4, 8, 2)  # [layers, heads, dim, r]
+  assert lora["o_lora_b"].shape == (3, 2, 32)
+  ids, mask = left_padded_batch()
+  got, _ = apply(
+    lora_model, llm.with_lora(params, lora), ids, attention_mask=mask
+  )
+  want, _ = apply(
+    base_model, _merged(params, lora, config), ids, attention_mask=mask
+  )
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  plain, _ = apply(base_model, params, ids, attention_mask=mask)
+  assert float(jnp.abs(got - plain).max()) > 1e-3  # LoRA did change it
+  # Fresh factors: B is zero, so the model is the pretrained one.
+  fresh = nn.meta.unbox(llm.init_lora(config, jax.random.key(3)))
+  assert set(fresh) == set(lora)
+  assert all(
+    float(jnp.abs(fresh[f"{t}_lora_b"]).max()) == 0 for t in LORA_TARGETS
+  )
+  bound = 32**-0.5  # q's A: uniform in +-1/sqrt(fan_in), fan_in = 32
+  assert 0.5 * bound < float(jnp.abs(fresh["q_lora_a"]).max()) <= bound
+  start, _ = apply(
+    lora_model, llm.with_lora(params, fresh), ids, attention_mask=mask
+  )
+  np.testing.assert_array_equal(start, plain)
+  assert llm.init_lora(TINY, jax.random.key(3)) == {}
+  with pytest.raises(ValueError, match="'qq_lora_a'.*<layer> one of"):
+    llm.with_lora(params, {"qq_lora_a": lora["q_lora_a"]})
+
+
+@pytest.mark.parametrize("frozen_matmul", [None, "xla"])
+def test_lora_gradients_match_the_merged_weights_chain_rule(frozen_matmul):
+  """dL/dB = scale * A^T dL/dW' with W' = W + scale A B, from the merged
+  f32 model (an independent path); dL/dA likewise with B. With frozen bf16
+  matmuls for W the LoRA factors still get (near-equal) gradients."""
+  config = TINY.replace(lora_rank=2, lora_alpha=3.0, lora_targets=LORA_TARGETS)
+  base_model, params = init_params(TINY)
+  lora_model = llm.Llama(config.replace(frozen_matmul=frozen_matmul))
+  lora = _lora_params(config)
+  ids, mask = left_padded_batch()
+
+  def loss(model, params):
+    logits, _ = apply(model, params, ids, attention_mask=mask)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  got = jax.grad(lambda lo: loss(lora_model, llm.with_lora(params, lo)))(lora)
+  merged_grad = jax.grad(lambda p: loss(base_model, p))(
+    _merged(params, lora, config)
+  )["layers"]
+  scale = config.lora_alpha / config.lora_rank
+  tolerance = 1e-4 if frozen_matmul is None else 3e-2
+  for name in LORA_TARGETS:
+    a, b, dw = lora[f"{name}_lora_a"], lora[f"{name}_lora_b"], merged_grad[name]
+    in_dims = a.ndim - 2
+    in_axes = tuple(range(1, 1 + in_dims))
+    out_axes = tuple(range(1 + in_dims, dw.ndim))
+    # dW' [L, *in, *out]; dB[l] = scale * A[l]^T dW'[l]; dA[l] = scale dW'[l] B[l]^T.
+    want_b = scale * jnp.einsum(
+      a, (0, *in_axes, 99), dw, (0, *in_axes, *out_axes), (0, 99, *out_axes)
+    )
+    want_a = scale * jnp.einsum(
+      dw, (0, *in_axes, *out_axes), b, (0, 99, *out_axes), (0, *in_axes, 99)
+    )
+    for got_g, want_g in (
+      (got[f"{name}_lora_b"], want_b),
+      (got[f"{name}_lora_a"], want_a),
+    ):
+      assert float(jnp.abs(want_g).max()) > 0
+      err = float(jnp.abs(got_g - want_g).max())
+      assert err <= tolerance * float(jnp.abs(want_g).max()), (name, err)
+
+
+def test_lora_decode_step_inputs_give_the_same_step_logits():
+  config = TINY.replace(
+    lora_rank=2, lora_targets=LORA_TARGETS, frozen_matmul="xla"
+  )
+  _, params = init_params(TINY)
+  model = llm.Llama(config)
+  params = llm.with_lora(params, _lora_params(config))
+  ids, mask = left_padded_batch()
+  cache = _prefilled_cache(model, params, ids, mask)
+  prepared = model.decode_step_inputs(params)
+  assert "q_lora_a" in prepared["layer_params"][0]
+  step = dict(input_ids=ids[:, 8:], attention_mask=mask[:, 8:], cache=cache)
+  plain, _ = apply(model, params, **step)
+  fast, _ = apply(model, params, **step, **prepared)
+  np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "lora, message",
+  [
+    (dict(rank=-1), r"ilm.llm.lora.rank=-1; expected an int >= 0"),
+    (dict(rank=2.0), r"ilm.llm.lora.rank=2.0; expected an int"),
+    (dict(rank=4, alpha=0.0), r"ilm.llm.lora.alpha=0.0; expected a number > 0"),
+    (dict(rank=4, targets=("q", "qkv")), r"targets=\('q', 'qkv'\); expected"),
+    (dict(rank=4, targets=()), r"targets=\(\); expected .*at least one"),
+    (
+      dict(rank=4, targets=("q", "q")),
+      r"targets=\('q', 'q'\); expected distinct",
+    ),
+  ],
+)
+def test_lora_config_errors_name_the_key(lora, message):
+  with pytest.raises(ValueError, match=message):
+    llm_loading.lora_fields(ml_collections.ConfigDict(dict(lora=lora)))
+
+
+def test_lora_config_fields():
+  read = llm_loading.lora_fields
+  assert read(ml_collections.ConfigDict({})) == dict(
+    lora_rank=0, lora_targets=()
+  )
+  assert read(ml_collections.ConfigDict(dict(lora=dict(rank=0)))) == dict(
+    lora_rank=0, lora_targets=()
+  )
+  # As a JSON config (an export bundle) stores it: targets as a list.
+  got = read(
+    ml_collections.ConfigDict(
+      dict(lora=dict(rank=8, alpha=16, targets=["q", "v"]))
+    )
+  )
+  assert got == dict(lora_rank=8, lora_alpha=16.0, lora_targets=("q", "v"))

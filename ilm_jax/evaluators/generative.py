@@ -232,7 +232,7 @@ class _PromptEvaluator:
       embeds = self._embed(params, batch)
       tokens = decoding.greedy(
         self.model.llm,
-        params["llm"],
+        self.model.llm_params(params),
         prompt_embeds=embeds,
         prompt_mask=batch["attention_mask"],
         max_new_tokens=max_new_tokens,
@@ -340,7 +340,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
         banned = self._banned(users, len(batch["attention_mask"]))
       result = decoding.constrained_beam_search(
         self.model.llm,
-        params["llm"],
+        self.model.llm_params(params),
         self.trie,
         prompt_embeds=embeds,
         prompt_mask=batch["attention_mask"],

@@ -7,6 +7,8 @@ rules are plain regexes:
   proj     the projector into the LLM's embedding space
   prompt   the text-only baseline's learned prompt {"embedding": [T, D]}
   llm      the frozen pretrained LLM
+  lora     LoRA factors of the LLM's dense layers (only with
+           `config.ilm.llm.lora.rank > 0`; `llm.init_lora`), trained
 Adapters (config `adapter`): "qformer" (ILM: every query output becomes a
 soft token through a linear projector), "mlp" (CoLLM-style MLP from the raw
 CF vector to `tokens_per_entity` soft tokens), "prompt" (text-only: titles
@@ -33,6 +35,13 @@ gives each query its own linear map into the LLM's space where the paper
 shares one ("linear"); see models/projector.py. A departure from the paper,
 ours. A model config without the field (adapters exported before it
 existed) is the paper's "linear".
+
+`config.ilm.llm.lora.rank > 0` lets the LLM adapt through LoRA on the
+dense layers `lora.targets` (models/llm.py): a departure from the paper,
+whose LLM stays frozen (CoLLM and LLaRA, the MLP-projector baselines'
+sources, train LoRA beside their projector). Why: every phase-2 lever
+tried kept the target item in the soft tokens' reach while the frozen LLM
+did not name it (docs/results/ilm.md, sessions 15-18).
 
 `user_target.weight > 0` (adapters with CF input; 0 = off, the paper) adds
 to the answer loss an InfoNCE loss between the `{user}` soft tokens of each
@@ -61,7 +70,8 @@ ADAPTERS = ("qformer", "mlp", "prompt", "none")
 # adapter "qformer": one linear layer for every query (the paper) or one per
 # query (ours; models/projector.py).
 QFORMER_PROJECTORS = ("linear", "per_query")
-ADAPTER_PARTS = ("qformer", "proj", "prompt")  # what training changes
+# What training changes (and the adapter export holds).
+ADAPTER_PARTS = ("qformer", "proj", "prompt", "lora")
 SOFT_TOKEN_NORMS = ("", "llm")
 
 
@@ -81,6 +91,23 @@ class IlmModel:
   user_target_weight: float = 0.0
   user_target_temperature: float = 0.1
   user_target_negatives: int = 256
+
+  def llm_params(self, params):
+    """The LLM's params for `self.llm.apply`: params["llm"], with the
+    "lora" group's factors among its layers' when the LLM has LoRA.
+
+    Raises:
+      ValueError: the LLM has LoRA and `params` no "lora" group.
+    """
+    if not self.llm.config.lora_rank:
+      return params["llm"]
+    if "lora" not in params:
+      raise ValueError(
+        f"ilm.llm.lora.rank={self.llm.config.lora_rank} but the params have "
+        f"no 'lora' group (groups: {sorted(params)}): an adapter trained "
+        "without LoRA needs ilm.llm.lora.rank=0."
+      )
+    return llm.with_lora(params["llm"], params["lora"])
 
   def soft_tokens(self, params, entity_kind, entity_index, rng=None):
     """Soft tokens of entities: [B, E] -> [B, E, tokens_per_entity, D]."""
@@ -151,7 +178,7 @@ class IlmModel:
     """
     embeds = self.input_embeddings(params, batch, rng)
     hidden, _ = self.llm.apply(
-      {"params": params["llm"]},
+      {"params": self.llm_params(params)},
       input_embeds=embeds,
       attention_mask=batch["attention_mask"],
       return_hidden=True,

@@ -21,10 +21,20 @@ tokens into the prompt), an attention mask for left-padded batches and
 optional explicit positions, and an optional KV cache for incremental
 decoding. Cache layout: every non-scalar leaf has the batch on axis 0, so
 decoding code can reorder beams with one gather per leaf.
+
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
+2021), off by default (`lora_rank=0`): each dense layer named in
+`lora_targets` adds (x A) B * lora_alpha / lora_rank to x W, with A
+[*in, r] and B [r, *out] float32 parameters named "<name>_lora_a" and
+"<name>_lora_b" beside W (B starts at zero, so the model starts as the
+pretrained one). W stays frozen and may go through `frozen_matmul`; the
+low-rank path is an ordinary matmul, so gradients reach A and B. The ILM
+keeps them in their own "lora" params group (`models/ilm.py`).
 """
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -91,6 +101,11 @@ class LlamaConfig:
   frozen_matmul: str | None = None
   dtype: Any = jnp.float32  # compute dtype (bfloat16 on accelerators)
   param_dtype: Any = jnp.float32  # storage dtype of the parameters
+  # LoRA on the dense layers named in `lora_targets` (module docstring);
+  # rank 0: none (a frozen LLM, the ILM paper's).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -204,9 +219,11 @@ def _constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
-# The per-layer weights that `DecoderLayer._dense` multiplies by.
-_DENSE = ("q", "k", "v", "o", "gate", "up", "down")
+# The per-layer weights that `DecoderLayer._dense` multiplies by (and the
+# names `LlamaConfig.lora_targets` may list).
+DENSE_LAYERS = ("q", "k", "v", "o", "gate", "up", "down")
 _Q_AXES = ("embed", "heads", "head_dim")
+LORA_PARAM = re.compile(r"^(?P<name>\w+)_lora_(?P<factor>[ab])$")
 _KV_AXES = ("embed", "kv_heads", "head_dim")
 _O_AXES = ("heads", "head_dim", "embed")
 
@@ -254,7 +271,7 @@ class DecoderLayer(nn.Module):
   def _bias(self, name, shape, axes):
     return self._weight(name, shape, axes, nn.initializers.zeros)
 
-  def _dense(self, x, name, shape, axes, in_dims=1):
+  def _frozen_or_plain_dense(self, x, name, shape, axes, in_dims):
     """x's last `in_dims` axes times the weight `name` [*in, *out]."""
     c = self.config
     if c.frozen_matmul is None:
@@ -264,6 +281,35 @@ class DecoderLayer(nn.Module):
     # stored), not cast to `dtype`: frozen_matmul casts it to bf16.
     w = _param(self, name, shape, axes, _KERNEL_INIT, None)
     return _frozen_dense(c, x, w, in_dims).astype(c.dtype)
+
+  def _dense(self, x, name, shape, axes, in_dims=1):
+    """x's last `in_dims` axes times the weight `name` [*in, *out], plus
+    the LoRA path where `name` is one of `lora_targets`."""
+    y = self._frozen_or_plain_dense(x, name, shape, axes, in_dims)
+    c = self.config
+    if not c.lora_rank or name not in c.lora_targets:
+      return y
+    a_shape, b_shape = lora_shapes(shape, in_dims, c.lora_rank)
+    a = self.param(
+      f"{name}_lora_a",
+      nn.with_logical_partitioning(
+        _lora_a_init(math.prod(shape[:in_dims])), (*axes[:in_dims], None)
+      ),
+      a_shape,
+      jnp.float32,
+    )
+    b = self.param(
+      f"{name}_lora_b",
+      nn.with_logical_partitioning(
+        nn.initializers.zeros, (None, *axes[in_dims:])
+      ),
+      b_shape,
+      jnp.float32,
+    )
+    low = jnp.tensordot(x, a.astype(c.dtype), axes=in_dims)
+    update = jnp.tensordot(low, b.astype(c.dtype), axes=1)
+    scale = jnp.asarray(c.lora_alpha / c.lora_rank, c.dtype)
+    return y + update * scale
 
   def _attention(self, x, cache, rope, allowed, cache_index, layer):
     c = self.config
@@ -478,7 +524,10 @@ class Llama(nn.Module):
     if self.config.frozen_matmul is not None:
       # The matmul weights in bf16 once, not cast at every step.
       layers = [
-        {k: v.astype(jnp.bfloat16) if k in _DENSE else v for k, v in p.items()}
+        {
+          k: v.astype(jnp.bfloat16) if k in DENSE_LAYERS else v
+          for k, v in p.items()
+        }
         for p in layers
       ]
     inputs = dict(layer_params=layers)
@@ -607,6 +656,56 @@ class Llama(nn.Module):
       index=index + t,
     )
     return out, new_cache
+
+
+def lora_shapes(shape, in_dims: int, rank: int):
+  """(A's shape [*in, rank], B's shape [rank, *out]) for a weight [*in, *out]
+  whose first `in_dims` axes are the input."""
+  return (*shape[:in_dims], rank), (rank, *shape[in_dims:])
+
+
+def _lora_a_init(fan_in: int):
+  # As LoRA's reference implementation: A uniform in +-1/sqrt(fan_in)
+  # (PyTorch's default Linear init), B zero.
+  def init(key, shape, dtype=jnp.float32):
+    bound = fan_in**-0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def init_lora(config: LlamaConfig, rng) -> dict:
+  """Fresh LoRA parameters of `config` (A drawn, B zero), stacked by layer.
+
+  Returns:
+    {"<name>_lora_a": f32 [num_layers, *in, lora_rank], "<name>_lora_b":
+    f32 [num_layers, lora_rank, *out]} for each name in `lora_targets`, as
+    boxed `nn.LogicallyPartitioned` leaves; {} when `lora_rank` is 0. Under
+    jit only these are computed (the model's other weights are dropped).
+  """
+  if not config.lora_rank:
+    return {}
+  variables = Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+  layers = variables["params"]["layers"]
+  return {k: v for k, v in layers.items() if LORA_PARAM.match(k)}
+
+
+def with_lora(llm_params: dict, lora_params: dict | None) -> dict:
+  """The LLM's params with LoRA's (`init_lora`'s layout) among its layers'.
+
+  Raises:
+    ValueError: a LoRA leaf name that is not "<dense layer>_lora_<a|b>".
+  """
+  if not lora_params:
+    return llm_params
+  for name in lora_params:
+    match = LORA_PARAM.match(name)
+    if not match or match["name"] not in DENSE_LAYERS:
+      raise ValueError(
+        f"LoRA parameter {name!r}: expected '<layer>_lora_a' or "
+        f"'<layer>_lora_b' with <layer> one of {DENSE_LAYERS}."
+      )
+  return {**llm_params, "layers": {**llm_params["layers"], **lora_params}}
 
 
 def unstack_layers(params) -> list:

@@ -728,11 +728,12 @@ def config_from(llm_config) -> llm.LlamaConfig:
 
   Args:
     llm_config: `checkpoint` (see `load_pretrained`), `dtype` and
-      `param_dtype` ("float32" or "bfloat16"), optional `remat` and
-      `frozen_matmul`.
+      `param_dtype` ("float32" or "bfloat16"), optional `remat`,
+      `frozen_matmul` and `lora` (`rank`, `alpha`, `targets`; see
+      `lora_fields`).
 
   Raises:
-    ValueError: an unknown dtype or frozen_matmul.
+    ValueError: an unknown dtype or frozen_matmul, or a bad `lora` entry.
   """
   for field in ("dtype", "param_dtype"):
     if llm_config[field] not in _DTYPES:
@@ -754,7 +755,42 @@ def config_from(llm_config) -> llm.LlamaConfig:
     dtype=_DTYPES[llm_config.dtype],
     param_dtype=_DTYPES[llm_config.param_dtype],
   )
-  return config.replace(remat=remat, frozen_matmul=frozen_matmul)
+  return config.replace(
+    remat=remat, frozen_matmul=frozen_matmul, **lora_fields(llm_config)
+  )
+
+
+def lora_fields(llm_config) -> dict:
+  """`LlamaConfig` LoRA fields from `config.ilm.llm.lora` (absent: none).
+
+  `lora.rank` (int >= 0; 0: no LoRA, the frozen LLM of the paper),
+  `lora.alpha` (> 0; the update is scaled by alpha / rank) and
+  `lora.targets` (a non-empty subset of the dense layers q, k, v, o,
+  gate, up, down when rank > 0).
+
+  Raises:
+    ValueError: naming the `ilm.llm.lora.*` key and what it allows.
+  """
+  lora = llm_config.get("lora", None) or {}
+  rank = lora.get("rank", 0)
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    raise ValueError(
+      f"ilm.llm.lora.rank={rank!r}; expected an int >= 0 (0: no LoRA)."
+    )
+  if not rank:
+    return dict(lora_rank=0, lora_targets=())
+  alpha = lora.get("alpha", 16.0)
+  if not isinstance(alpha, int | float) or alpha <= 0:
+    raise ValueError(f"ilm.llm.lora.alpha={alpha!r}; expected a number > 0.")
+  targets = lora.get("targets", ())
+  targets = (targets,) if isinstance(targets, str) else tuple(targets)
+  unknown = [t for t in targets if t not in llm.DENSE_LAYERS]
+  if unknown or not targets or len(set(targets)) != len(targets):
+    raise ValueError(
+      f"ilm.llm.lora.targets={targets!r}; expected distinct names from "
+      f"{llm.DENSE_LAYERS} (at least one when rank > 0)."
+    )
+  return dict(lora_rank=rank, lora_alpha=float(alpha), lora_targets=targets)
 
 
 def load_from_config(llm_config, mesh=None, rules=()):
@@ -785,6 +821,10 @@ def load_from_config(llm_config, mesh=None, rules=()):
 
       params = jax.device_put(params, _mesh_shardings(config, mesh, rules))
   config = config.replace(
-    remat=wanted.remat, frozen_matmul=wanted.frozen_matmul
+    remat=wanted.remat,
+    frozen_matmul=wanted.frozen_matmul,
+    lora_rank=wanted.lora_rank,
+    lora_alpha=wanted.lora_alpha,
+    lora_targets=wanted.lora_targets,
   )
   return config, params, tokenizer

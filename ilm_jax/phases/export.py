@@ -2,7 +2,8 @@
 
 `WORKDIR/export/` holds what a server needs besides the LLM weights:
   adapter/     orbax: what phase 2 trained ("qformer" and "proj", or the
-               text-only baseline's "prompt")
+               text-only baseline's "prompt"; plus "lora" with
+               ilm.llm.lora.rank > 0)
   cf_tables/   orbax: the frozen CF tables ("items", "users")
   config.json  the experiment config (model, prompts, LLM checkpoint name)
   index.json   item ids and titles, user ids (CF-table row order)

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from ilm_jax import checkpoint, data, layout, train, tree_utils
 from ilm_jax.data import ilm_tasks, pipeline, prompts
 from ilm_jax.evaluators import registry
-from ilm_jax.models import ilm, llm_loading, qformer
+from ilm_jax.models import ilm, llm, llm_loading, qformer
 
 
 def load_qformer(config, workdir: pathlib.Path, rng):
@@ -73,7 +73,8 @@ def warm_start_adapter(run_name: str, workdir, expected) -> dict:
       ({part: tree of jax.ShapeDtypeStruct}): what the export must match.
 
   Returns:
-    {part: params} for every adapter part (`qformer`, `proj`, `prompt`).
+    {part: params} for every adapter part (`qformer`, `proj`, `prompt`,
+    `lora`).
 
   Raises:
     CheckpointError: no export there, or one whose parts or shapes differ
@@ -142,7 +143,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
 
   def fresh_params(rng):
     # Random parts only (traced under jit); files are read in load_params.
-    qformer_rng, proj_rng = jax.random.split(rng)
+    qformer_rng, proj_rng, lora_rng = jax.random.split(rng, 3)
     params = {}
     if model.adapter == "qformer" and not phase1_qformer:
       params["qformer"] = load_qformer(config, workdir, qformer_rng)
@@ -151,6 +152,8 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     )
     if adapter:
       params["prompt" if model.adapter == "prompt" else "proj"] = adapter
+    if llm_config.lora_rank:  # ilm.llm.lora: the LLM adapts (not the paper)
+      params["lora"] = llm.init_lora(llm_config, lora_rng)
     return params
 
   def init_params(rng):

@@ -352,7 +352,7 @@ class Recommender:
     embeds = self._embed(self.params, batch)
     result = decoding.constrained_beam_search(
       self.model.llm,
-      self.params["llm"],
+      self.model.llm_params(self.params),
       trie,
       prompt_embeds=embeds,
       prompt_mask=batch["attention_mask"],
@@ -461,7 +461,7 @@ class Recommender:
     embeds = self._embed(self.params, batch)
     tokens = decoding.greedy(
       self.model.llm,
-      self.params["llm"],
+      self.model.llm_params(self.params),
       prompt_embeds=embeds,
       prompt_mask=batch["attention_mask"],
       max_new_tokens=max_new_tokens,
