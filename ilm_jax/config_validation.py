@@ -14,6 +14,7 @@ from collections.abc import Callable
 import ml_collections
 
 from ilm_jax import optim
+from ilm_jax.models import llm_loading
 
 PHASES = ("cf", "qformer", "ilm", "eval", "export")
 
@@ -150,6 +151,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "config.ilm.data.user_state='sequence' reads the states phase cf "
         "exports only with config.cf.sasrec.export_sequence_states=True."
       )
+  llm_config = config.get("ilm", {}).get("llm", None)
+  if llm_config is not None:
+    try:
+      llm_loading.lora_fields(llm_config)
+    except ValueError as error:
+      errors.append(f"config.{error}")
   if "phases" in config:
     unknown = set(selected_phases(config.phases, strict=False)) - set(PHASES)
     if unknown:

@@ -372,6 +372,20 @@ def test_sequence_user_states_need_sasrec_tables():
     config_validation.validate(config)
 
 
+def test_lora_is_off_by_default_and_checked_before_any_work():
+  config = ml1m.get_config("cpu")
+  assert config.ilm.llm.lora.rank == 0  # the paper's frozen LLM
+  config.ilm.llm.lora.update(rank=8, targets=("q", "qkv"))
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"config.ilm.llm.lora.targets=\('q', 'qkv'\); expected distinct "
+    r"names from \('q', 'k', 'v', 'o', 'gate', 'up', 'down'\)",
+  ):
+    config_validation.validate(config)
+  config.ilm.llm.lora.targets = ("q", "v")
+  config_validation.validate(config)
+
+
 def test_gpu_size_is_phase_2_of_a_cpu_run_at_a_real_budget():
   """`configs/ml1m.py:gpu` reads a `cpu` run's phase-0/1 outputs, so every
   field before phase 2 is the cpu size's; phase 2 trains in bf16 on all
