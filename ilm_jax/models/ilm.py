@@ -7,8 +7,9 @@ rules are plain regexes:
   proj     the projector into the LLM's embedding space
   prompt   the text-only baseline's learned prompt {"embedding": [T, D]}
   llm      the frozen pretrained LLM
-  lora     LoRA factors of the LLM's dense layers (only with
-           `config.ilm.llm.lora.rank > 0`; `llm.init_lora`), trained
+  lora     LoRA factors of the LLM's dense layers, trained with the
+           adapter (only with `config.ilm.llm.lora.rank > 0`;
+           `llm.init_lora`)
 Adapters (config `adapter`): "qformer" (ILM: every query output becomes a
 soft token through a linear projector), "mlp" (CoLLM-style MLP from the raw
 CF vector to `tokens_per_entity` soft tokens), "prompt" (text-only: titles

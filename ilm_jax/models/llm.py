@@ -222,8 +222,9 @@ def _constrain(x, names):
 # The per-layer weights that `DecoderLayer._dense` multiplies by (and the
 # names `LlamaConfig.lora_targets` may list).
 DENSE_LAYERS = ("q", "k", "v", "o", "gate", "up", "down")
-_Q_AXES = ("embed", "heads", "head_dim")
+# LoRA factors' names beside their weight's: "<layer>_lora_a" / "_lora_b".
 LORA_PARAM = re.compile(r"^(?P<name>\w+)_lora_(?P<factor>[ab])$")
+_Q_AXES = ("embed", "heads", "head_dim")
 _KV_AXES = ("embed", "kv_heads", "head_dim")
 _O_AXES = ("heads", "head_dim", "embed")
 
