@@ -81,18 +81,9 @@ def test_every_phase_runs_and_writes_its_outputs(finished_run):
   assert summaries["ilm"]["trie/titles"] == 40
 
 
-def test_export_bundle_reloads_the_trained_adapter(finished_run):
-  workdir, _ = finished_run
-  bundle = export_bundle.load_bundle(workdir / "export")
-  trained = checkpoint.load_params(workdir / "ilm" / "adapter")
-  for got, want in zip(
-    jax.tree.leaves({k: bundle.params[k] for k in ("qformer", "proj")}),
-    jax.tree.leaves(trained),
-    strict=True,
-  ):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert len(bundle.item_titles) == bundle.params["cf"]["items"].shape[0]
-  # The rebuilt model scores an answer: a finite, positive loss.
+def _one_prompt_batch(bundle):
+  """One sequential prompt (user 0, history items 1 and 2, answer item 3)
+  encoded for the bundle's model, as a batch of one."""
   encoder = prompts.PromptEncoder(
     bundle.tokenizer,
     bundle.item_titles,
@@ -108,7 +99,22 @@ def test_export_bundle_reloads_the_trained_adapter(finished_run):
     target_text=bundle.item_titles[3],
     target_item=3,
   )
-  batch = {k: v[None] for k, v in encoder.encode(request).items()}
+  return {k: v[None] for k, v in encoder.encode(request).items()}
+
+
+def test_export_bundle_reloads_the_trained_adapter(finished_run):
+  workdir, _ = finished_run
+  bundle = export_bundle.load_bundle(workdir / "export")
+  trained = checkpoint.load_params(workdir / "ilm" / "adapter")
+  for got, want in zip(
+    jax.tree.leaves({k: bundle.params[k] for k in ("qformer", "proj")}),
+    jax.tree.leaves(trained),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert len(bundle.item_titles) == bundle.params["cf"]["items"].shape[0]
+  # The rebuilt model scores an answer: a finite, positive loss.
+  batch = _one_prompt_batch(bundle)
   loss, _ = jax.jit(bundle.model.loss)(bundle.params, batch, None)
   assert np.isfinite(float(loss)) and float(loss) > 0
 
@@ -238,22 +244,7 @@ def test_lora_run_trains_exports_and_serves_its_factors(finished_run, tmp_path):
     )
   metrics = json.loads((workdir / "metrics" / "ilm_test.json").read_text())
   assert metrics["users"] > 0  # the beam search ran with the factors
-  encoder = prompts.PromptEncoder(
-    bundle.tokenizer,
-    bundle.item_titles,
-    tokens_per_entity=2,
-    max_len=96,
-    max_entities=4,
-  )
-  request = prompts.Request(
-    "sequential",
-    "{user} watched {history}.",
-    user=0,
-    history=(1, 2),
-    target_text=bundle.item_titles[3],
-    target_item=3,
-  )
-  batch = {k: v[None] for k, v in encoder.encode(request).items()}
+  batch = _one_prompt_batch(bundle)
   loss = jax.jit(lambda p: bundle.model.loss(p, batch, None)[0])
   # B = 0 is the LLM without LoRA.
   zero_b = {
