@@ -143,7 +143,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
 
   def fresh_params(rng):
     # Random parts only (traced under jit); files are read in load_params.
-    qformer_rng, proj_rng, lora_rng = jax.random.split(rng, 3)
+    qformer_rng, proj_rng = jax.random.split(rng)
     params = {}
     if model.adapter == "qformer" and not phase1_qformer:
       params["qformer"] = load_qformer(config, workdir, qformer_rng)
@@ -153,7 +153,8 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     if adapter:
       params["prompt" if model.adapter == "prompt" else "proj"] = adapter
     if llm_config.lora_rank:  # ilm.llm.lora: the LLM adapts (not the paper)
-      params["lora"] = llm.init_lora(llm_config, lora_rng)
+      # A key of its own, so the other parts start as they do without LoRA.
+      params["lora"] = llm.init_lora(llm_config, jax.random.fold_in(rng, 1))
     return params
 
   def init_params(rng):
