@@ -31,6 +31,7 @@ def _ml100k(config: ml_collections.ConfigDict) -> None:
   # templates), a second benchmark beside ML-1M's user subsets.
   config.ilm.evals.rank.num_users = 0
   config.ilm.evals.rank_masked.num_users = 0
+  config.ilm.evals.rank_prior.num_users = 0
   config.ilm.evals.shuffle.num_users = 0
   config.ilm.evals.naming.num_users = 0
   config.ilm.evals.cf_signal.num_users = 0

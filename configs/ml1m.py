@@ -293,6 +293,29 @@ def base_config() -> ml_collections.ConfigDict:
         templates=("seen",),  # the column the results table pairs
         mask_history=True,
       ),
+      # Contrastive decoding against the model's own prior over titles
+      # (evaluators/generative.py): the same users ranked by
+      # log p(title | prompt) - prior_weight * log prior(title), the prior
+      # being the mean of p(title | prompt) over `prior_prompts` users'
+      # prompts (what it says whoever the user is). Metrics prior_*.
+      rank_prior=dict(
+        type="generative_ranking",
+        enabled=False,
+        split="test",
+        tasks=("sequential",),
+        num_users=0,
+        num_beams=10,
+        batch_size=8,
+        templates=("seen",),
+        mask_history=False,
+        prior="llm",  # or "popularity": log(1 + training-target count)
+        prior_weight=0.5,
+        prior_prompts=16,
+        # Li et al.'s alpha: a step keeps tokens at least this likely
+        # relative to its best (0: all).
+        plausibility=0.1,
+        prefix="prior_",
+      ),
       describe=dict(
         type="description",
         enabled=True,
@@ -390,6 +413,7 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   # Off to keep the main command short; turn on with
   # --config.ilm.evals.rank_masked.enabled=True (about as long as rank).
   config.ilm.evals.rank_masked.update(enabled=False, num_users=500)
+  config.ilm.evals.rank_prior.num_users = 500
   config.ilm.evals.describe.num_items = 20
   config.ilm.evals.shuffle.num_users = 500  # teacher forcing: cheap
   config.ilm.evals.naming.num_users = 500  # short greedy answers
@@ -412,6 +436,7 @@ def _gpu(config: ml_collections.ConfigDict) -> None:
   )
   config.ilm.evals.rank.update(num_users=0, batch_size=64)  # all users
   config.ilm.evals.rank_masked.update(num_users=0, batch_size=64)
+  config.ilm.evals.rank_prior.update(num_users=0, batch_size=64)
   config.ilm.evals.describe.update(num_items=200, batch_size=64)
   config.ilm.evals.shuffle.update(num_users=0, batch_size=64)
   config.ilm.evals.naming.update(num_users=0, batch_size=64)
@@ -455,6 +480,9 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   )
   config.ilm.evals.rank.update(num_users=4, num_beams=4, batch_size=4)
   config.ilm.evals.rank_masked.update(num_users=4, num_beams=4, batch_size=4)
+  config.ilm.evals.rank_prior.update(
+    enabled=True, num_users=4, num_beams=4, batch_size=4, prior_prompts=2
+  )
   config.ilm.evals.describe.update(num_items=2, max_new_tokens=8, batch_size=2)
   config.ilm.evals.shuffle.update(num_users=4, batch_size=4)
   config.ilm.evals.naming.update(num_users=4, batch_size=4)

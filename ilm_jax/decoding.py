@@ -284,6 +284,7 @@ def _beam_core(
   num_steps,
   pad_id,
   keep_unfinished,
+  optimism=None,
 ):
   """Beam search with a pool of finished hypotheses and tree attention.
 
@@ -303,6 +304,10 @@ def _beam_core(
   Args:
     keep_unfinished: at the end, let beams still live after `num_steps`
       compete with the pool (truncated sequences), else pool only.
+    optimism: optional `f(live_nodes [B, K]) -> [B, K]`, the most that the
+      candidates' scores can still rise below each live beam's node when
+      `expand` adds non-negative terms to the log-probs (a prior
+      correction); the stopping bound adds it, so stopping stays exact.
   """
   prompt = prompt_ids if prompt_embeds is None else prompt_embeds
   b, p = prompt.shape[:2]
@@ -322,7 +327,10 @@ def _beam_core(
   neg_inf = jnp.full((b, k), -jnp.inf)
 
   def row_done(state):
-    best_live = jnp.max(state.live_scores, axis=1)
+    live = state.live_scores
+    if optimism is not None:
+      live = live + optimism(state.live_nodes)
+    best_live = jnp.max(live, axis=1)
     worst_pooled = state.pool_scores[:, -1]
     return (best_live == -jnp.inf) | (best_live < worst_pooled)
 
@@ -480,6 +488,14 @@ class TokenTrie:
     edge_targets: [num_edges] int32 child node of each edge.
     sequence_ids: [num_nodes] int32 index of the sequence ending at a leaf
       (the first one for duplicates), -1 elsewhere.
+    canonical: [num_sequences] int32 the index the search returns for each
+      sequence (the first of identical ones).
+    leaf_nodes: [num_sequences] int32 the leaf each sequence ends at.
+    parents: [num_nodes] int32 each node's parent (-1 for the root); a
+      parent's index is always below its children's.
+    node_tokens: [num_nodes] int32 the token of the edge into each node
+      (-1 for the root).
+    depths: [num_nodes] int32 tokens from the root (0 for the root).
     max_children: the largest number of children of a node.
     max_depth: the longest sequence (end token included).
   """
@@ -520,9 +536,16 @@ class TokenTrie:
     self.sequence_ids = np.full(len(children), -1, np.int32)
     for node, index in ends.items():
       self.sequence_ids[node] = index
-    # The index the search returns for each sequence (the first of
-    # identical ones).
-    self.canonical = self.sequence_ids[np.asarray(leaves, np.int64)]
+    self.leaf_nodes = np.asarray(leaves, np.int32)
+    self.canonical = self.sequence_ids[self.leaf_nodes]
+    self.parents = np.full(len(children), -1, np.int32)
+    self.node_tokens = np.full(len(children), -1, np.int32)
+    for node, edges_of_node in enumerate(edges):
+      for token, child in edges_of_node:
+        self.parents[child], self.node_tokens[child] = node, token
+    self.depths = np.zeros(len(children), np.int32)
+    for node in range(1, len(children)):  # parents come first
+      self.depths[node] = self.depths[self.parents[node]] + 1
     self.max_children = max(degree)
     self.max_depth = max(len(s) for s in sequences) + (eos_id is not None)
 
@@ -551,12 +574,28 @@ def constrained_beam_search(
   num_beams: int,
   pad_id: int,
   banned=None,
+  prior: "TriePrior | None" = None,
+  prior_weight: float = 0.0,
+  plausibility: float = 0.0,
 ) -> BeamResult:
   """Beam search that can only emit a complete sequence of `trie`.
 
   At each step a beam may only continue with a child of its trie node;
   every other token scores -inf. Scores are the LLM's summed (unnormalised
   over the allowed set) log-probabilities of the whole sequence.
+
+  With a `prior` and `prior_weight` lambda > 0 the search ranks by
+  log p(sequence | prompt) - lambda log prior(sequence) instead
+  (contrastive, PMI-style decoding against a prior: Li et al., 2023,
+  "Contrastive Decoding", arXiv:2210.15097, with the amateur replaced by a
+  fixed prior over the trie's sequences). The prior term is spread over the
+  tokens as each step's share of the prior mass below the node, so partial
+  beams compete on the same objective, and the stopping rule adds each live
+  beam's `TriePrior.gap`, so it stays exact. Contrastive scores favour
+  whatever the prior finds unlikely, however unlikely under the prompt
+  too; Li et al.'s adaptive plausibility constraint keeps a step's token
+  only if its probability is at least `plausibility` (their alpha) times
+  that of the step's most likely allowed token.
 
   Args:
     model, params, prompt_*, pad_id: as in `greedy`.
@@ -566,11 +605,30 @@ def constrained_beam_search(
       sequence i where banned[b, trie.canonical[i]] (e.g. the user's
       watched items, for the masked ranking protocol). A banned sequence
       that is a prefix of others still lets the search continue to them.
+    prior: a `trie_prior` of this trie, or None.
+    prior_weight: lambda >= 0 (traced: changing it does not recompile);
+      0 or no prior: the plain search.
+    plausibility: alpha in [0, 1) (traced); 0: every allowed token.
 
   Returns:
     A BeamResult with sequence_ids; rows with fewer than num_beams
-    reachable sequences pad with score -inf and sequence id -1.
+    reachable sequences pad with score -inf and sequence id -1. With a
+    prior, scores are log p - lambda (log prior - log prior mass of the
+    whole trie).
+
+  Raises:
+    ValueError: prior_weight < 0, plausibility outside [0, 1), or a prior
+      of another trie.
   """
+  if prior_weight < 0 or not 0 <= plausibility < 1:
+    raise ValueError(
+      f"prior_weight={prior_weight}, plausibility={plausibility}: expected "
+      "prior_weight >= 0 and 0 <= plausibility < 1."
+    )
+  if prior is not None and len(prior.log_mass) != trie.num_nodes:
+    raise ValueError(
+      f"The prior has {len(prior.log_mass)} nodes, the trie {trie.num_nodes}."
+    )
   return _constrained(
     model,
     params,
@@ -583,6 +641,11 @@ def constrained_beam_search(
     max_children=trie.max_children,
     max_depth=trie.max_depth,
     banned=None if banned is None else jnp.asarray(banned, bool),
+    prior=None if prior is None or not prior_weight else prior._asdict(),
+    prior_weight=jnp.float32(prior_weight),
+    log_plausibility=jnp.float32(
+      np.log(plausibility) if plausibility else -np.inf
+    ),
   )
 
 
@@ -603,6 +666,9 @@ def _constrained(
   max_children,
   max_depth,
   banned=None,
+  prior=None,
+  prior_weight=0.0,
+  log_plausibility=-jnp.inf,
 ):
   offsets, targets = trie["offsets"], trie["edge_targets"]
   num_edges = targets.shape[0]
@@ -619,7 +685,18 @@ def _constrained(
       sequence = trie["sequence_ids"][child]
       rows = jnp.arange(banned.shape[0])[:, None, None]
       valid &= ~(is_leaf & banned[rows, jnp.maximum(sequence, 0)])
+    best = jnp.max(jnp.where(valid, lp, -jnp.inf), axis=-1, keepdims=True)
+    valid &= lp >= best + log_plausibility
+    if prior is not None:
+      mass = prior["log_mass"]
+      lp = lp - prior_weight * (mass[child] - mass[node][..., None])
     return tok, jnp.where(valid, lp, -jnp.inf), child, is_leaf
+
+  optimism = None
+  if prior is not None:
+
+    def optimism(node):
+      return prior_weight * prior["gap"][node]
 
   tokens, scores, node = _beam_core(
     model,
@@ -632,7 +709,195 @@ def _constrained(
     num_steps=max_depth,
     pad_id=pad_id,
     keep_unfinished=False,
+    optimism=optimism,
   )
   found = scores > -jnp.inf
   sequence_ids = jnp.where(found, trie["sequence_ids"][node], -1)
   return BeamResult(tokens, scores, sequence_ids)
+
+
+class TriePrior(NamedTuple):
+  """A fixed prior over a trie's sequences, spread over its nodes.
+
+  Attributes:
+    log_mass: [num_nodes] float32, log of the prior mass of the sequences
+      below each node (a leaf: its own sequence's log prior).
+    gap: [num_nodes] float32 >= 0, log_mass minus the smallest log prior of
+      a leaf below the node: the most that lambda * (prior correction) can
+      still add to a beam at that node (the search's stopping bound).
+  """
+
+  log_mass: np.ndarray
+  gap: np.ndarray
+
+
+def trie_prior(trie: TokenTrie, sequence_log_prior) -> TriePrior:
+  """Spreads a log prior over `trie`'s sequences onto its nodes.
+
+  Args:
+    trie: the trie.
+    sequence_log_prior: [num_sequences] finite log prior of each sequence
+      (unnormalised is fine: a constant shifts every score alike). Identical
+      sequences share a leaf, which takes the first one's value.
+
+  Raises:
+    ValueError: a wrong length or a non-finite value.
+  """
+  values = np.asarray(sequence_log_prior, np.float64)
+  if values.shape != trie.canonical.shape or not np.all(np.isfinite(values)):
+    raise ValueError(
+      f"sequence_log_prior: expected {len(trie.canonical)} finite values, "
+      f"got shape {values.shape} with "
+      f"{int(np.sum(~np.isfinite(values)))} non-finite."
+    )
+  log_mass = np.full(trie.num_nodes, -np.inf)
+  least = np.full(trie.num_nodes, np.inf)
+  log_mass[trie.leaf_nodes] = values[trie.canonical]
+  least[trie.leaf_nodes] = values[trie.canonical]
+  # Children have higher indices than their parents: one backward pass.
+  for node in range(trie.num_nodes - 1, 0, -1):
+    parent = trie.parents[node]
+    log_mass[parent] = np.logaddexp(log_mass[parent], log_mass[node])
+    least[parent] = min(least[parent], least[node])
+  return TriePrior(
+    log_mass=log_mass.astype(np.float32),
+    gap=(log_mass - least).astype(np.float32),
+  )
+
+
+def trie_log_likelihoods(
+  model,
+  params,
+  trie: TokenTrie,
+  *,
+  prompt_ids=None,
+  prompt_embeds=None,
+  prompt_mask=None,
+  pad_id: int = 0,
+  chunk_size: int = 256,
+) -> np.ndarray:
+  """log p(sequence | prompt) of every sequence of `trie`, each prompt.
+
+  Exact scoring of a whole catalogue without a pass per sequence: the
+  prompt is run once, then the trie's nodes (one token each) in depth-first
+  order, `chunk_size` at a time, with tree attention: each node sees the
+  prompt and its own ancestors. In depth-first order a chunk's ancestors
+  outside it are the first node's, so each chunk runs with that path
+  prepended (at most max_depth - 1 repeated nodes) on its own copy of the
+  prompt's cache, and attends over prompt + chunk, never the whole trie.
+  For 1,349 ML-100K titles that is about 14,300 tokens per prompt.
+
+  Args:
+    model, params, prompt_*, pad_id: as in `greedy`.
+    trie: the sequences; their end token is scored too.
+    chunk_size: trie nodes per forward pass (memory: chunk_size x vocab
+      float32 logits per prompt row).
+
+  Returns:
+    [batch, num_sequences] float32 summed log-probabilities.
+  """
+  prompt = prompt_ids if prompt_embeds is None else prompt_embeds
+  batch, length = prompt.shape[:2]
+  if prompt_mask is None:
+    prompt_mask = np.ones((batch, length), np.int32)
+  prompt_mask = np.asarray(prompt_mask, bool)
+  width = chunk_size + trie.max_depth  # chunk + its path from the root
+  logits, prompt_cache = _jitted_prefill(
+    model, params, prompt_ids, prompt_embeds, prompt_mask, extra=width
+  )
+  edge_logp = np.zeros((batch, len(trie.edge_tokens)), np.float32)
+  root_edges = np.arange(trie.offsets[0], trie.offsets[1])
+  edge_logp[:, root_edges] = np.asarray(jax.nn.log_softmax(logits, axis=-1))[
+    :, trie.edge_tokens[root_edges]
+  ]
+  degree = np.diff(trie.offsets)
+  children = max(int(degree[1:].max(initial=0)), 1)  # of a non-root node
+  lengths = prompt_mask.sum(axis=1)
+  order = _preorder(trie)[1:]  # every node but the root holds one token
+  slot_of = np.full(trie.num_nodes, -1, np.int64)
+  for start in range(0, len(order), chunk_size):
+    own = order[start : start + chunk_size]
+    path = []
+    ancestor = trie.parents[own[0]]
+    while ancestor > 0:
+      path.append(ancestor)
+      ancestor = trie.parents[ancestor]
+    node = np.zeros(width, np.int64)  # padding: the root's slot, unused
+    node[: len(path) + len(own)] = np.concatenate([path[::-1], own])
+    real = np.arange(width) < len(path) + len(own)
+    scored = real & (np.arange(width) >= len(path))  # not the repeats
+    slot_of[node[real]] = np.flatnonzero(real)
+    # Each query sees its own slot and its ancestors' (all in this chunk).
+    seen = np.eye(width, dtype=bool)
+    ancestor = np.where(real, trie.parents[node], 0)
+    while np.any(ancestor > 0):
+      rows = np.flatnonzero(ancestor > 0)
+      seen[rows, slot_of[ancestor[rows]]] = True
+      ancestor[rows] = trie.parents[ancestor[rows]]
+    slot_of[node[real]] = -1
+    visibility = np.concatenate(
+      [
+        np.broadcast_to(prompt_mask[:, None], (batch, width, length)),
+        np.broadcast_to(seen, (batch, width, width)),
+      ],
+      axis=2,
+    )
+    tokens = np.where(real, trie.node_tokens[node], pad_id).astype(np.int32)
+    positions = lengths[:, None] + np.maximum(trie.depths[node] - 1, 0)
+    edge = trie.offsets[node][:, None] + np.arange(children)
+    has_edge = scored[:, None] & (edge < trie.offsets[node + 1][:, None])
+    edge = np.where(has_edge, edge, 0)
+    child_logp = _trie_chunk(
+      model,
+      params,
+      prompt_cache,
+      np.broadcast_to(tokens, (batch, width)),
+      positions.astype(np.int32),
+      visibility,
+      trie.edge_tokens[edge],
+    )
+    edge_logp[:, edge[has_edge]] = np.asarray(child_logp)[:, has_edge]
+  # Sum along each path, shallow edges first.
+  edge_parent = np.repeat(np.arange(trie.num_nodes), degree)
+  node_logp = np.zeros((batch, trie.num_nodes), np.float32)
+  for depth in range(1, trie.max_depth + 1):
+    at = np.flatnonzero(trie.depths[trie.edge_targets] == depth)
+    node_logp[:, trie.edge_targets[at]] = (
+      node_logp[:, edge_parent[at]] + edge_logp[:, at]
+    )
+  return node_logp[:, trie.leaf_nodes]
+
+
+def _preorder(trie: TokenTrie) -> np.ndarray:
+  """The trie's nodes in depth-first preorder (root first)."""
+  order, stack = [], [0]
+  while stack:
+    node = stack.pop()
+    order.append(node)
+    # Reversed, so the first child is visited first.
+    stack.extend(
+      trie.edge_targets[trie.offsets[node] : trie.offsets[node + 1]][::-1]
+    )
+  return np.asarray(order, np.int64)
+
+
+_jitted_prefill = jax.jit(_prefill, static_argnames=("model", "extra"))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _trie_chunk(model, params, cache, tokens, positions, visibility, children):
+  """One chunk of trie nodes after the prompt's cache: [B, C, width]
+  log-probs of each node's children's tokens (`children`: [C, width])."""
+  logits, _ = model.apply(
+    {"params": params},
+    input_ids=tokens,
+    attention_mask=jnp.ones_like(tokens),
+    positions=positions,
+    cache=cache,
+    key_visibility=visibility,
+  )
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(
+    logp, jnp.broadcast_to(children, logp.shape[:2] + children.shape[1:]), -1
+  )
+  return picked

@@ -401,3 +401,156 @@ def test_banned_titles_are_skipped_and_their_extensions_kept():
 def test_identical_sequences_share_the_first_index():
   trie = decoding.TokenTrie([[1, 2], [3], [1, 2]], eos_id=9)
   np.testing.assert_array_equal(trie.canonical, [0, 1, 0])
+
+
+def test_trie_knows_parents_tokens_and_depths():
+  trie = decoding.TokenTrie([[1, 2], [1], [3]], eos_id=9)
+  # Nodes in insertion order: root, 1, 1-2, 1-2-9, 1-9, 3, 3-9.
+  np.testing.assert_array_equal(trie.parents, [-1, 0, 1, 2, 1, 0, 5])
+  np.testing.assert_array_equal(trie.node_tokens, [-1, 1, 2, 9, 9, 3, 9])
+  np.testing.assert_array_equal(trie.depths, [0, 1, 2, 3, 2, 1, 2])
+  np.testing.assert_array_equal(trie.leaf_nodes, [3, 4, 6])
+
+
+def test_trie_prior_masses_and_gaps_by_hand():
+  trie = decoding.TokenTrie([[1, 2], [1], [3]], eos_id=9)
+  prior = decoding.trie_prior(trie, np.log([0.5, 0.2, 0.3]))
+  # Node 1 holds "1 2" and "1": mass 0.7, its least leaf 0.2.
+  np.testing.assert_allclose(
+    np.exp(prior.log_mass), [1.0, 0.7, 0.5, 0.5, 0.2, 0.3, 0.3], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    prior.gap,
+    np.log([1 / 0.2, 0.7 / 0.2, 1, 1, 1, 1, 1]),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+  with pytest.raises(ValueError, match="finite"):
+    decoding.trie_prior(trie, [0.0, -np.inf, 0.0])
+  with pytest.raises(ValueError, match="expected 3"):
+    decoding.trie_prior(trie, [0.0, 0.0])
+
+
+def test_prior_weighted_search_ranks_by_pmi_by_hand():
+  # A prior that halves ab, doubles bd; lambda = 1: score = p / prior.
+  prior = np.array([0.4, 0.1, 0.2, 0.1, 0.05, 0.15])
+  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
+  hand = [p / prior[i] for i, p in sorted(HAND_RANKING)]
+  # ab .225, ac .27, a .375, d .6, bd .08, abb .06
+  order = [3, 2, 1, 0, 4, 5]
+  assert list(np.argsort(hand)[::-1]) == order
+  for beams in (3, 6):
+    result = bigram_title_search(
+      [[C, BOS]],
+      beams,
+      prior=decoding.trie_prior(trie, np.log(prior)),
+      prior_weight=1.0,
+    )
+    assert [int(i) for i in result.sequence_ids[0]] == order[:beams]
+    # Scores are log p - log prior + log (prior mass of the trie = 1).
+    np.testing.assert_allclose(
+      result.scores[0], np.log(np.array(hand)[order[:beams]]), rtol=1e-5
+    )
+  with pytest.raises(ValueError, match="prior_weight"):
+    bigram_title_search([[BOS]], 2, prior_weight=-1.0)
+
+
+def _random_titles(seed, count=12):
+  rng = np.random.default_rng(seed)
+  titles = {
+    tuple(rng.integers(1, 12, rng.integers(1, 4))) for _ in range(count)
+  }
+  return sorted(titles)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_trie_log_likelihoods_match_full_passes(chunk_size):
+  model, params = tiny_llama()
+  eos = 39
+  titles = _random_titles(3)
+  trie = decoding.TokenTrie(titles, eos_id=eos)
+  # Chunks smaller than the trie start mid-path: their ancestors repeat.
+  scored = decoding.trie_log_likelihoods(
+    model,
+    params,
+    trie,
+    prompt_embeds=prompt_embeddings([0, 1]),
+    prompt_mask=PROMPT_MASK,
+    chunk_size=chunk_size,
+  )
+  assert scored.shape == (2, len(titles))
+  for row in range(2):
+    exact = sequence_logprobs(row, [list(t) + [eos] for t in titles])
+    np.testing.assert_allclose(scored[row], exact, atol=1e-4)
+
+
+def test_prior_weighted_search_on_llama_is_exact_with_enough_beams():
+  model, params = tiny_llama()
+  eos = 39
+  titles = _random_titles(4)
+  trie = decoding.TokenTrie(titles, eos_id=eos)
+  log_prior = np.log(np.random.default_rng(5).dirichlet(np.ones(len(titles))))
+  result = decoding.constrained_beam_search(
+    model,
+    params,
+    trie,
+    prompt_ids=PROMPTS,
+    prompt_mask=PROMPT_MASK,
+    num_beams=len(titles),
+    pad_id=0,
+    prior=decoding.trie_prior(trie, log_prior),
+    prior_weight=0.7,
+  )
+  for row in range(2):
+    exact = sequence_logprobs(row, [list(t) + [eos] for t in titles])
+    pmi = np.asarray(exact) - 0.7 * log_prior  # the prior's total mass is 1
+    np.testing.assert_array_equal(
+      result.sequence_ids[row], np.argsort(pmi)[::-1]
+    )
+    np.testing.assert_allclose(
+      result.scores[row], np.sort(pmi)[::-1], atol=1e-4
+    )
+
+
+def test_prior_weighted_search_does_not_stop_before_a_rare_ending():
+  # An unnormalised prior (total 1.301, so lambda = 1 scores p / prior *
+  # 1.301). "a b <eos>" is rare and "a b b" common, so the node "a b"
+  # carries little correction until its end token. Two beams: "d" and "a"
+  # stay live at step 1 ("b" .26 is pruned); at step 2 the pool holds "a"
+  # (.976) and "d" (.78) and the live "a c" (.585) and "a b" (.39) trail
+  # it, yet "a b <eos>" ends at .09 / .001 * 1.301 = 117. A stopping rule
+  # without the gap bound returns [a, d].
+  prior = np.array([0.001, 0.1, 0.1, 0.1, 0.5, 0.5])
+  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
+  result = bigram_title_search(
+    [[C, BOS]],
+    2,
+    prior=decoding.trie_prior(trie, np.log(prior)),
+    prior_weight=1.0,
+  )
+  assert [int(i) for i in result.sequence_ids[0]] == [0, 2]
+  np.testing.assert_allclose(
+    result.scores[0], np.log([90.0 * 1.301, 0.75 * 1.301]), rtol=1e-5
+  )
+
+
+def test_plausibility_keeps_tokens_near_each_steps_best():
+  # alpha = 0.4 after <s>: a .3 and d .15 pass (>= .12), b .1 does not; after
+  # a: b .5 and eos .25 pass (>= .2), c .15 does not; after a b: only eos
+  # .6 (>= .24). Left: ab, a, d; by p / prior (first hand prior):
+  # d .6, a .375, ab .225.
+  prior = np.array([0.4, 0.1, 0.2, 0.1, 0.05, 0.15])
+  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
+  result = bigram_title_search(
+    [[C, BOS]],
+    6,
+    prior=decoding.trie_prior(trie, np.log(prior)),
+    prior_weight=1.0,
+    plausibility=0.4,
+  )
+  assert [int(i) for i in result.sequence_ids[0]] == [3, 2, 0, -1, -1, -1]
+  np.testing.assert_allclose(
+    result.scores[0, :3], np.log([0.6, 0.375, 0.225]), rtol=1e-5
+  )
+  with pytest.raises(ValueError, match="plausibility"):
+    bigram_title_search([[BOS]], 2, plausibility=1.0)

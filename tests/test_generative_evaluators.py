@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import ml1m
-from ilm_jax import metric_writer, tree_utils
+from ilm_jax import decoding, metric_writer, tree_utils
 from ilm_jax.data import ilm_tasks, prompts, sources
 from ilm_jax.evaluators import generative, registry, soft_tokens
 from ilm_jax.models import ilm, llm_loading
@@ -261,6 +261,93 @@ def test_masked_ranking_is_the_exact_ranking_without_the_history(context):
   np.testing.assert_array_equal(
     per_user["sequential/seen/masked_share_top1_in_history"], 0.0
   )
+
+
+@pytest.mark.parametrize("source", ["llm", "popularity"])
+def test_prior_ranking_is_the_exact_contrastive_ranking(context, source):
+  # With a beam per title the search is exact, so each list must order the
+  # catalogue by log p(title | prompt) - 0.5 log prior(title), the
+  # likelihoods scored in one tree pass per prompt (decoding's tests check
+  # those against full forward passes).
+  model, params = _model_and_params(context, "mlp")
+  dataset = context["dataset"]
+  config = dict(
+    type="generative_ranking",
+    split="test",
+    tasks=("sequential",),
+    num_users=5,
+    num_beams=dataset.num_items,
+    batch_size=4,  # two batches, the second padded
+    prior=source,
+    prior_weight=0.5,
+    prior_prompts=3,
+  )
+  (rank,) = registry.from_config(
+    {"rank_prior": config},
+    model=model,
+    seed=0,
+    **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+  )
+  assert len(set(rank.trie.canonical.tolist())) == dataset.num_items
+  requests = rank._requests("sequential", False)
+  likelihoods = np.concatenate(
+    [
+      decoding.trie_log_likelihoods(
+        model.llm,
+        model.llm_params(params),
+        rank.trie,
+        prompt_embeds=rank._embed(params, batch),
+        prompt_mask=batch["attention_mask"],
+      )[:real]
+      for real, batch in rank._batches(requests)
+    ]
+  ).astype(np.float64)
+  if source == "llm":  # log of the mean probability over 3 users' prompts
+    prior = np.log(np.exp(likelihoods[:3]).mean(axis=0))
+  else:
+    targets = dataset.leave_one_out("train").targets
+    prior = np.log1p(np.bincount(targets, minlength=dataset.num_items))
+  np.testing.assert_allclose(
+    rank.title_log_prior(params, requests), prior, rtol=1e-5, atol=1e-5
+  )
+  contrastive = likelihoods - 0.5 * prior
+  ranked = rank._rank(params, requests, "prior")
+  for row in range(len(requests)):
+    assert sorted(ranked[row].tolist()) == list(range(dataset.num_items))
+    assert np.all(np.diff(contrastive[row, ranked[row]]) <= 1e-4)
+  # The prior matters here: some list is not in plain likelihood order.
+  assert any(
+    np.any(np.diff(likelihoods[row, ranked[row]]) > 1e-4)
+    for row in range(len(requests))
+  )
+  results = dict(rank.run(params))
+  results.pop(metric_writer.PER_USER)
+  assert "sequential/seen/prior_hr@10" in results
+  assert results["prior_users"] == 5
+
+
+@pytest.mark.parametrize(
+  "bad",
+  [
+    dict(prior_weight=-0.1),
+    dict(prior="zipf"),
+    dict(prior_prompts=0),
+    dict(plausibility=1.5),
+  ],
+)
+def test_bad_prior_settings_are_named(context, bad):
+  model, _ = _model_and_params(context, "mlp")
+  with pytest.raises(ValueError, match="evals.rank_prior: prior_weight"):
+    registry.from_config(
+      {
+        "rank_prior": dict(
+          type="generative_ranking", split="test", num_users=2, **bad
+        )
+      },
+      model=model,
+      seed=0,
+      **{k: context[k] for k in ("sampler", "encoder", "tokenizer", "dataset")},
+    )
 
 
 def test_title_ranking_names_each_users_target_from_its_own_tokens(

@@ -57,6 +57,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 from absl import logging
 
 from ilm_jax import decoding, metric_writer, metrics, progress, resources
@@ -280,13 +281,28 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
   `<task>/<seen|unseen>/masked_<metric>`, so it can run beside the
   unmasked evaluator and be paired with phase 0's `masked_hr@10`.
 
+  With `prior_weight` lambda > 0 the search ranks by log p(title | prompt)
+  - lambda log prior(title) (contrastive decoding against a prior,
+  `decoding.constrained_beam_search`): `prior="llm"` is the model's own
+  marginal over titles, log mean_r p(title | prompt_r) over the prompts of
+  the subset's first `prior_prompts` users (same task and template kind),
+  every title scored exactly (`decoding.trie_log_likelihoods`); it holds
+  what the LLM says whoever the user is (popular titles, short titles).
+  `prior="popularity"` is log(1 + the item's count as a training target).
+  `plausibility` (alpha, with a prior only) keeps a step's token only if
+  its probability is at least alpha times the step's best.
+  Its metrics are named `<task>/<which>/<prefix><metric>`, prefix from
+  `prefix` (default "masked_" and/or "prior_").
+
   The `title` task (in `tasks`) ranks the catalogue for each user's split
   target from that item's own soft tokens ("Which movie is {item}?"): can
   the beam search pick the item out of every title when told which it is?
   A grounding probe on the same users as the recommendation rows.
 
   Raises:
-    ValueError: a task in `tasks` whose answer is not a title.
+    ValueError: a task in `tasks` whose answer is not a title; a negative
+      `prior_weight`, a `prior` other than 'llm' / 'popularity', or
+      `prior_prompts` < 1.
   """
 
   def __init__(self, name, config, **context):
@@ -302,7 +318,26 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     )
     self.num_beams = config.get("num_beams", 10)
     self.mask_history = bool(config.get("mask_history", False))
-    self.prefix = "masked_" if self.mask_history else ""
+    self.prior_weight = float(config.get("prior_weight", 0.0))
+    self.prior_source = config.get("prior", "llm")
+    self.prior_prompts = int(config.get("prior_prompts", 16))
+    self.plausibility = float(config.get("plausibility", 0.0))
+    if (
+      self.prior_weight < 0
+      or self.prior_source not in PRIORS
+      or self.prior_prompts < 1
+      or not 0 <= self.plausibility < 1
+    ):
+      raise ValueError(
+        f"evals.{name}: prior_weight={self.prior_weight} (expected >= 0), "
+        f"prior={self.prior_source!r} (expected one of {PRIORS}), "
+        f"prior_prompts={self.prior_prompts} (expected >= 1), "
+        f"plausibility={self.plausibility} (expected in [0, 1))."
+      )
+    self.prefix = config.get("prefix") or (
+      ("masked_" if self.mask_history else "")
+      + ("prior_" if self.prior_weight else "")
+    )
     self.templates = _templates(name, config, ("seen", "unseen"))
     split = self.dataset.leave_one_out(self.split)
     self._history_of = dict(
@@ -311,6 +346,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
     training = self.dataset.leave_one_out("train")
     counts = np.bincount(training.targets, minlength=self.dataset.num_items)
     self._popular = np.argsort(-counts, kind="stable")[:POPULAR]
+    self._log_popularity = np.log1p(counts)
 
   def list_contents(self, ranked, users) -> dict[str, np.ndarray]:
     """Per user, whether the first title is watched before / popular."""
@@ -330,7 +366,33 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
       banned[row, self.trie.canonical[history]] = True
     return banned
 
+  def title_log_prior(self, params, requests) -> np.ndarray:
+    """[items] log prior of each title (see the class docstring)."""
+    if self.prior_source == "popularity":
+      return self._log_popularity
+    scored = []
+    for real, batch in self._batches(
+      requests[: self.prior_prompts], what=f"{self.name} prior prompts"
+    ):
+      scored.append(
+        decoding.trie_log_likelihoods(
+          self.model.llm,
+          self.model.llm_params(params),
+          self.trie,
+          prompt_embeds=self._embed(params, batch),
+          prompt_mask=batch["attention_mask"],
+          pad_id=self.tokenizer.pad_id,
+        )[:real]
+      )
+    scored = np.concatenate(scored).astype(np.float64)
+    return scipy.special.logsumexp(scored, axis=0) - np.log(len(scored))
+
   def _rank(self, params, requests, what):
+    prior = None
+    if self.prior_weight:
+      prior = decoding.trie_prior(
+        self.trie, self.title_log_prior(params, requests)
+      )
     ranked, done = [], 0
     for real, batch in self._batches(requests, what=what):
       embeds = self._embed(params, batch)
@@ -347,6 +409,9 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
         num_beams=self.num_beams,
         pad_id=self.tokenizer.pad_id,
         banned=banned,
+        prior=prior,
+        prior_weight=self.prior_weight,
+        plausibility=self.plausibility if prior is not None else 0.0,
       )
       ranked.append(np.asarray(result.sequence_ids)[:real])
       done += real
@@ -378,7 +443,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
             f"{task}/{which}/{self.prefix}coverage@{k}",
             metrics.catalog_coverage(ranked, self.dataset.num_items, k),
           )
-    yield "users", len(self.users)
+    yield f"{self.prefix}users", len(self.users)
     yield metric_writer.PER_USER, per_user
     # One prompt per user, task and template kind.
     prompts = len(self.templates) * len(self.tasks) * len(self.users)
@@ -392,6 +457,7 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
 _TITLE_TASKS = ("sequential", "straightforward", "conversation", "title")
 _MAX_TEXT_TOKENS = 128  # MiniLM input length for semantic consistency
 POPULAR = 100  # items counted as popular by share_top1_popular
+PRIORS = ("llm", "popularity")  # generative_ranking's prior sources
 
 
 @functools.lru_cache(maxsize=1)
