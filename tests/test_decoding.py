@@ -132,6 +132,17 @@ def bigram_title_search(prompts, num_beams, **kwargs):
   )
 
 
+def bigram_prior_search(prior, num_beams, **kwargs):
+  """`bigram_title_search` after <s>, ranked against `prior` over TITLES."""
+  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
+  return bigram_title_search(
+    [[C, BOS]],
+    num_beams,
+    prior=decoding.trie_prior(trie, np.log(prior)),
+    **kwargs,
+  )
+
+
 @pytest.mark.parametrize("num_beams", [3, 8])
 def test_constrained_beam_search_returns_best_titles(num_beams):
   trie = decoding.TokenTrie(TITLES, eos_id=EOS)
@@ -434,18 +445,12 @@ def test_trie_prior_masses_and_gaps_by_hand():
 def test_prior_weighted_search_ranks_by_pmi_by_hand():
   # A prior that halves ab, doubles bd; lambda = 1: score = p / prior.
   prior = np.array([0.4, 0.1, 0.2, 0.1, 0.05, 0.15])
-  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
   hand = [p / prior[i] for i, p in sorted(HAND_RANKING)]
   # ab .225, ac .27, a .375, d .6, bd .08, abb .06
   order = [3, 2, 1, 0, 4, 5]
   assert list(np.argsort(hand)[::-1]) == order
   for beams in (3, 6):
-    result = bigram_title_search(
-      [[C, BOS]],
-      beams,
-      prior=decoding.trie_prior(trie, np.log(prior)),
-      prior_weight=1.0,
-    )
+    result = bigram_prior_search(prior, beams, prior_weight=1.0)
     assert [int(i) for i in result.sequence_ids[0]] == order[:beams]
     # Scores are log p - log prior + log (prior mass of the trie = 1).
     np.testing.assert_allclose(
@@ -521,13 +526,7 @@ def test_prior_weighted_search_does_not_stop_before_a_rare_ending():
   # it, yet "a b <eos>" ends at .09 / .001 * 1.301 = 117. A stopping rule
   # without the gap bound returns [a, d].
   prior = np.array([0.001, 0.1, 0.1, 0.1, 0.5, 0.5])
-  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
-  result = bigram_title_search(
-    [[C, BOS]],
-    2,
-    prior=decoding.trie_prior(trie, np.log(prior)),
-    prior_weight=1.0,
-  )
+  result = bigram_prior_search(prior, 2, prior_weight=1.0)
   assert [int(i) for i in result.sequence_ids[0]] == [0, 2]
   np.testing.assert_allclose(
     result.scores[0], np.log([90.0 * 1.301, 0.75 * 1.301]), rtol=1e-5
@@ -540,14 +539,7 @@ def test_plausibility_keeps_tokens_near_each_steps_best():
   # .6 (>= .24). Left: ab, a, d; by p / prior (first hand prior):
   # d .6, a .375, ab .225.
   prior = np.array([0.4, 0.1, 0.2, 0.1, 0.05, 0.15])
-  trie = decoding.TokenTrie(TITLES, eos_id=EOS)
-  result = bigram_title_search(
-    [[C, BOS]],
-    6,
-    prior=decoding.trie_prior(trie, np.log(prior)),
-    prior_weight=1.0,
-    plausibility=0.4,
-  )
+  result = bigram_prior_search(prior, 6, prior_weight=1.0, plausibility=0.4)
   assert [int(i) for i in result.sequence_ids[0]] == [3, 2, 0, -1, -1, -1]
   np.testing.assert_allclose(
     result.scores[0, :3], np.log([0.6, 0.375, 0.225]), rtol=1e-5

@@ -224,19 +224,25 @@ def test_list_contents_flag_watched_and_popular_first_titles(
   )
 
 
-def test_masked_ranking_is_the_exact_ranking_without_the_history(context):
-  # With a beam per title both searches are exact, so the masked list must
-  # be the unmasked list with each user's history items taken out.
-  model, params = _model_and_params(context, "mlp")
-  dataset = context["dataset"]
-  config = dict(
+def _exact_ranking_config(dataset, **overrides):
+  """A generative_ranking config with a beam per title (an exact search)."""
+  return dict(
     type="generative_ranking",
     split="test",
     tasks=("sequential",),
     num_users=5,
     num_beams=dataset.num_items,
     batch_size=4,  # two batches, the second padded
+    **overrides,
   )
+
+
+def test_masked_ranking_is_the_exact_ranking_without_the_history(context):
+  # With a beam per title both searches are exact, so the masked list must
+  # be the unmasked list with each user's history items taken out.
+  model, params = _model_and_params(context, "mlp")
+  dataset = context["dataset"]
+  config = _exact_ranking_config(dataset)
   rank, masked = registry.from_config(
     {"rank": config, "masked": config | {"mask_history": True}},
     model=model,
@@ -271,16 +277,8 @@ def test_prior_ranking_is_the_exact_contrastive_ranking(context, source):
   # those against full forward passes).
   model, params = _model_and_params(context, "mlp")
   dataset = context["dataset"]
-  config = dict(
-    type="generative_ranking",
-    split="test",
-    tasks=("sequential",),
-    num_users=5,
-    num_beams=dataset.num_items,
-    batch_size=4,  # two batches, the second padded
-    prior=source,
-    prior_weight=0.5,
-    prior_prompts=3,
+  config = _exact_ranking_config(
+    dataset, prior=source, prior_weight=0.5, prior_prompts=3
   )
   (rank,) = registry.from_config(
     {"rank_prior": config},
