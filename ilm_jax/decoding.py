@@ -643,9 +643,9 @@ def constrained_beam_search(
     banned=None if banned is None else jnp.asarray(banned, bool),
     prior=None if prior is None or not prior_weight else prior._asdict(),
     prior_weight=jnp.float32(prior_weight),
-    log_plausibility=jnp.float32(
-      np.log(plausibility) if plausibility else -np.inf
-    ),
+    log_plausibility=jnp.float32(np.log(plausibility))
+    if plausibility
+    else None,
   )
 
 
@@ -668,7 +668,7 @@ def _constrained(
   banned=None,
   prior=None,
   prior_weight=0.0,
-  log_plausibility=-jnp.inf,
+  log_plausibility=None,
 ):
   offsets, targets = trie["offsets"], trie["edge_targets"]
   num_edges = targets.shape[0]
@@ -685,8 +685,9 @@ def _constrained(
       sequence = trie["sequence_ids"][child]
       rows = jnp.arange(banned.shape[0])[:, None, None]
       valid &= ~(is_leaf & banned[rows, jnp.maximum(sequence, 0)])
-    best = jnp.max(jnp.where(valid, lp, -jnp.inf), axis=-1, keepdims=True)
-    valid &= lp >= best + log_plausibility
+    if log_plausibility is not None:
+      best = jnp.max(jnp.where(valid, lp, -jnp.inf), axis=-1, keepdims=True)
+      valid &= lp >= best + log_plausibility
     if prior is not None:
       mass = prior["log_mass"]
       lp = lp - prior_weight * (mass[child] - mass[node][..., None])
@@ -897,7 +898,6 @@ def _trie_chunk(model, params, cache, tokens, positions, visibility, children):
     key_visibility=visibility,
   )
   logp = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(
+  return jnp.take_along_axis(
     logp, jnp.broadcast_to(children, logp.shape[:2] + children.shape[1:]), -1
   )
-  return picked

@@ -301,8 +301,8 @@ class GenerativeRankingEvaluator(_UserPromptEvaluator):
 
   Raises:
     ValueError: a task in `tasks` whose answer is not a title; a negative
-      `prior_weight`, a `prior` other than 'llm' / 'popularity', or
-      `prior_prompts` < 1.
+      `prior_weight`, a `prior` other than 'llm' / 'popularity',
+      `prior_prompts` < 1, or `plausibility` outside [0, 1).
   """
 
   def __init__(self, name, config, **context):
