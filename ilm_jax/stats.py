@@ -22,7 +22,12 @@ the run:
                       Student-t interval;
   paired_over_runs    two configs run with the same seeds: the mean of the
                       per-seed differences, its t interval and the paired
-                      t-test's p-value.
+                      t-test's p-value;
+  paired_over_seeds_and_users  two configs run with the same seeds, on
+                      the same users: each user's mean over the seeds,
+                      then a paired bootstrap over users (holds the
+                      trained models fixed, like every test over users,
+                      but uses every seed's users at once).
 Resampling uses `scipy.stats.bootstrap` with a fixed seed, so a metrics
 file's intervals do not change between reads of the same results.
 """
@@ -443,6 +448,47 @@ def paired_over_runs(a, b, confidence: float = 0.95) -> OverRuns:
   if a.shape != b.shape:
     raise ValueError(f"a and b differ in shape: {a.shape} vs {b.shape}.")
   return mean_over_runs(a - b, confidence)
+
+
+def paired_over_seeds_and_users(
+  a,
+  b,
+  confidence: float = 0.95,
+  resamples: int = DEFAULT_RESAMPLES,
+  seed: int = DEFAULT_SEED,
+) -> PairedBootstrap:
+  """Two configs over the same seeds and users: bootstrap over users.
+
+  Each user's value is averaged over the seeds first (a hit rate in
+  {0, 1/S, ..., 1} for S seeds), so the user stays the unit of resampling
+  and the correlation of one user's results across seeds is kept: pooling
+  the seeds' users as independent pairs (a McNemar test on S * users
+  pairs) would overstate the evidence. Like every test over users it holds
+  the trained models fixed; `paired_over_runs` is the test over seeds.
+
+  Args:
+    a, b: float [seeds, users]; row s of both is seed s, column u the same
+      user in both.
+    confidence: level of the difference's interval.
+    resamples: bootstrap resamples.
+    seed: seeds the resampling.
+
+  Returns:
+    A PairedBootstrap of the per-user mean differences over seeds.
+
+  Raises:
+    ValueError: shapes differ or are not 2-D, either is empty or
+      non-finite.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.ndim != 2 or a.shape != b.shape or not a.size:
+    raise ValueError(
+      "a and b must be non-empty [seeds, users] arrays of one shape, got "
+      f"{a.shape} and {b.shape}."
+    )
+  return paired_bootstrap(
+    a.mean(axis=0), b.mean(axis=0), confidence, resamples, seed
+  )
 
 
 def align(

@@ -763,3 +763,20 @@ def test_seeds_tables_pair_each_seed_on_common_users(tmp_path):
   assert cells[3] == f"{p_2df(5 * math.sqrt(3)):.3g}"
   assert cells[7] == f"{p_2df(4 * math.sqrt(3)):.3g}"
   assert cells[6].startswith("-0.4000 [")
+  # Over users: every run of both groups evaluated users 0-7. Per-user
+  # means over seeds, ilm_a: 1, 1, 1, 2/3, 0...; ilm_b: 1, 1/3, 0, 0, 0...
+  # Differences 0, 2/3, 1, 2/3, 0, 0, 0, 0: mean 7/24. Discordant users
+  # summed over seeds: only ilm_a 2 + 2 + 3, only ilm_b none.
+  pooled = eval_phase.seed_pooled_table(tmp_path).splitlines()
+  assert len(pooled) == 3
+  cells = [c.strip() for c in pooled[2].strip("|").split("|")]
+  assert cells[:4] == ["ilm_a - ilm_b", "0, 1, 2", "8", "7 / 0"]
+  by_hand = stats.paired_bootstrap(
+    [1, 1, 1, 2 / 3, 0, 0, 0, 0], [1, 1 / 3, 0, 0, 0, 0, 0, 0]
+  )
+  np.testing.assert_allclose(by_hand.mean_difference, 7 / 24)
+  low, high = by_hand.interval
+  assert cells[4] == f"{7 / 24:+.4f} [{low:+.4f}, {high:+.4f}]"
+  assert cells[5] == f"{by_hand.p_value:.3g}"
+  # Target NLL is a scalar in these files, not per user: no test over users.
+  assert cells[8:] == ["–", "–"]

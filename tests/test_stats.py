@@ -259,6 +259,35 @@ def test_paired_over_runs_matches_scipy_ttest_rel():
   )
 
 
+def test_paired_over_seeds_and_users_averages_each_user_over_seeds():
+  # Seeds x users. User 0: A hits in both seeds, B in one -> +1/2; user 1:
+  # A in one, B in none -> +1/2; user 2: B in both -> -1; user 3: none -> 0.
+  a = [[1, 1, 0, 0], [1, 0, 0, 0]]
+  b = [[1, 0, 1, 0], [0, 0, 1, 0]]
+  test = stats.paired_over_seeds_and_users(a, b)
+  assert test.users == 4
+  np.testing.assert_allclose(test.mean_difference, (0.5 + 0.5 - 1) / 4)
+  by_hand = stats.paired_bootstrap([1, 0.5, 0, 0], [0.5, 0, 1, 0])
+  assert test == by_hand
+  # A seed repeated adds no evidence: the user, not the (seed, user) pair,
+  # is the unit, so two identical seeds test as one.
+  rng = np.random.default_rng(0)
+  one_a, one_b = rng.random(50) < 0.3, rng.random(50) < 0.1
+  twice = stats.paired_over_seeds_and_users(
+    np.stack([one_a, one_a]), np.stack([one_b, one_b])
+  )
+  assert twice == stats.paired_bootstrap(one_a, one_b)
+  # Every user +1/2: no spread, the smallest p these resamples can give.
+  constant = stats.paired_over_seeds_and_users(
+    [[1, 1], [0, 0]], [[0, 0], [0, 0]], resamples=99
+  )
+  assert constant.interval == (0.5, 0.5) and constant.p_value == 0.01
+  with pytest.raises(ValueError, match=r"\[seeds, users\]"):
+    stats.paired_over_seeds_and_users([1.0, 0.0], [1.0, 0.0])
+  with pytest.raises(ValueError, match="one shape"):
+    stats.paired_over_seeds_and_users([[1.0, 0.0]], [[1.0, 0.0, 1.0]])
+
+
 def _fisher_two_sided_by_hand(a, b, c, d) -> float:
   """Sum of the hypergeometric probabilities of the tables with the same
   margins that are no more likely than [[a, b], [c, d]]."""

@@ -21,8 +21,9 @@ model that ran, and `WORKDIR/phases.json` for wall times, and writes
     evaluated: exact McNemar test on the HR@10 hits and a paired bootstrap
     test of NDCG@10;
   - rows run with several seeds (`<variant>_seed<N>`, or the seed the
-    file records): per-seed hits, means over seeds with t intervals, and
-    paired t-tests over the seeds of every two such rows;
+    file records): per-seed hits, means over seeds with t intervals,
+    paired t-tests over the seeds of every two such rows, and the same
+    pairs tested over users on each user's mean over the seeds;
   - the soft-token statistics of the rows that measured them
     (`soft_token_stats`: has an adapter's output collapsed?);
   - the CF user row's own HR@10 of the prompt targets, on training prompts
@@ -496,6 +497,110 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
   return _table(header, rows)
 
 
+def _on_users_of_all(runs: list[tuple], key: str) -> tuple | None:
+  """Runs' per-user `key` on the users every run evaluated.
+
+  Args:
+    runs: (prefix, values) of metrics files.
+    key: a per-user metric name.
+
+  Returns:
+    (user ids int [users], values float [runs, users]), or None where a
+    file lacks per-user `key` or no user is common to all.
+  """
+  blocks = [metric_writer.read_per_user(values) for _, values in runs]
+  if any(block is None or key not in block for block in blocks):
+    return None
+  series = [
+    dict(
+      zip(
+        np.asarray(block[metric_writer.USER_IDS], np.int64).tolist(),
+        np.asarray(block[key], np.float64).tolist(),
+        strict=True,
+      )
+    )
+    for block in blocks
+  ]
+  common = sorted(
+    set.intersection(
+      *({user for user, x in one.items() if not np.isnan(x)} for one in series)
+    )
+  )
+  if not common:
+    return None
+  return np.asarray(common), np.array(
+    [[one[user] for user in common] for one in series]
+  )
+
+
+def seed_pooled_table(workdir: pathlib.Path) -> str:
+  """Every two multi-seed groups, each user's mean over the common seeds.
+
+  Users: those every run of both groups on those seeds evaluated. The test
+  is a paired bootstrap over users of the per-user means over seeds
+  (`stats.paired_over_seeds_and_users`); the hits columns sum each seed's
+  discordant users (users hit by one row only).
+
+  Returns:
+    A markdown table, or "" when fewer than two groups share two seeds.
+  """
+  groups = seed_groups(workdir)
+  names = list(groups)
+  hits_key = SEED_METRICS[0][0]
+  rows = []
+  for i, first in enumerate(names):
+    for second in names[i + 1 :]:
+      seeds = sorted(set(groups[first]) & set(groups[second]))
+      if len(seeds) < 2:
+        continue
+      runs = [groups[first][s] for s in seeds] + [
+        groups[second][s] for s in seeds
+      ]
+      found = _on_users_of_all(runs, hits_key)
+      cells = [
+        f"{first} - {second}",
+        ", ".join(map(str, seeds)),
+        "–" if found is None else str(len(found[0])),
+      ]
+      if found is None:
+        cells.append("–")
+      else:
+        a, b = found[1][: len(seeds)], found[1][len(seeds) :]
+        only = [
+          int(np.sum((a > 0) & (b == 0))),
+          int(np.sum((a == 0) & (b > 0))),
+        ]
+        cells.append(f"{only[0]} / {only[1]}")
+      for key, _ in SEED_METRICS:
+        found = _on_users_of_all(runs, key)
+        if found is None:
+          cells += ["–", "–"]
+          continue
+        test = stats.paired_over_seeds_and_users(
+          found[1][: len(seeds)], found[1][len(seeds) :]
+        )
+        low, high = test.interval
+        cells += [
+          f"{test.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]",
+          _p_cell(test.p_value),
+        ]
+      rows.append(cells)
+  if not rows:
+    return ""
+  header = [
+    "rows (first - second)",
+    "common seeds",
+    "users (evaluated in every run)",
+    "seen HR@10 hits only first / only second, summed over seeds",
+  ]
+  for _, label in SEED_METRICS:
+    header += [
+      f"{label} difference of per-user means over seeds [95% CI]",
+      "paired bootstrap p (over users)",
+    ]
+  return _table(header, rows)
+
+
 def _short_label(prefix: str) -> str:
   """ "ILM" for the main row, else the metrics-file prefix."""
   return "ILM" if prefix == REFERENCE else prefix
@@ -654,6 +759,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     workdir, "seen", masked="masked_", reference=reference
   )
   seeds, seed_pairs = seeds_table(workdir), seed_pairs_table(workdir)
+  pooled = seed_pooled_table(workdir)
   text = (
     "# Results\n\nTest split. ILM rows: sequential recommendation by "
     "trie-constrained beam search over all item titles. Phase-0 rows: "
@@ -678,6 +784,15 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       "each seed's pair on the users both evaluated.\n\n"
       + seeds
       + ("\n" + seed_pairs if seed_pairs else "")
+      + (
+        "\nThe same pairs tested over users: each user's mean over the "
+        "common seeds, on the users every one of those runs evaluated, and "
+        "a paired bootstrap over users (the trained models held fixed, as "
+        "in the tables above, but every seed's results used at once).\n\n"
+        + pooled
+        if pooled
+        else ""
+      )
       if seeds
       else ""
     )
