@@ -169,7 +169,10 @@ def paired_bootstrap(
   distribution of the mean difference d*. The p-value centres that
   distribution on the null (d* - d) and counts resamples at least as far
   from 0 as the observed d: p = (1 + #{|d* - d| >= |d|}) / (1 + resamples)
-  (Hall and Wilson, 1991). Identical rows give p = 1.
+  (Hall and Wilson, 1991). Identical rows give p = 1. The interval is BCa
+  (bias- and skew-corrected), the p-value is not, so near the 5% boundary
+  they can disagree: with sparse, skewed hits an interval may just
+  exclude 0 while p is a little above 0.05. The p-value is the test.
 
   Args:
     a, b: float [users], the same users in the same order.
