@@ -453,6 +453,17 @@ def seeds_table(workdir: pathlib.Path) -> str:
   return _table(header, rows)
 
 
+def _group_pairs(groups: dict[str, dict[int, tuple]]):
+  """Every two groups of `seed_groups` (in its order) sharing two or more
+  seeds: (first, second, the common seeds, sorted)."""
+  names = list(groups)
+  for i, first in enumerate(names):
+    for second in names[i + 1 :]:
+      seeds = sorted(set(groups[first]) & set(groups[second]))
+      if len(seeds) >= 2:
+        yield first, second, seeds
+
+
 def seed_pairs_table(workdir: pathlib.Path) -> str:
   """Every two multi-seed groups on the seeds both ran: paired t-tests.
 
@@ -464,31 +475,26 @@ def seed_pairs_table(workdir: pathlib.Path) -> str:
     A markdown table, or "" when fewer than two groups share two seeds.
   """
   groups = seed_groups(workdir)
-  names = list(groups)
   rows = []
-  for i, first in enumerate(names):
-    for second in names[i + 1 :]:
-      seeds = sorted(set(groups[first]) & set(groups[second]))
-      if len(seeds) < 2:
+  for first, second, seeds in _group_pairs(groups):
+    cells = [f"{first} - {second}", ", ".join(map(str, seeds))]
+    for key, _ in SEED_METRICS:
+      a, b = [], []
+      for seed in seeds:
+        pair = _seed_pair(groups[first][seed], groups[second][seed], key)
+        if pair is not None:
+          a.append(pair[0])
+          b.append(pair[1])
+      if len(a) < 2:
+        cells += ["–", "–"]
         continue
-      cells = [f"{first} - {second}", ", ".join(map(str, seeds))]
-      for key, _ in SEED_METRICS:
-        a, b = [], []
-        for seed in seeds:
-          pair = _seed_pair(groups[first][seed], groups[second][seed], key)
-          if pair is not None:
-            a.append(pair[0])
-            b.append(pair[1])
-        if len(a) < 2:
-          cells += ["–", "–"]
-          continue
-        test = stats.paired_over_runs(a, b)
-        cells += [
-          _over_runs_cell(test, signed=True)
-          + ("" if len(a) == len(seeds) else f" ({len(a)} seeds)"),
-          "–" if np.isnan(test.p_value) else _p_cell(test.p_value),
-        ]
-      rows.append(cells)
+      test = stats.paired_over_runs(a, b)
+      cells += [
+        _over_runs_cell(test, signed=True)
+        + ("" if len(a) == len(seeds) else f" ({len(a)} seeds)"),
+        "–" if np.isnan(test.p_value) else _p_cell(test.p_value),
+      ]
+    rows.append(cells)
   if not rows:
     return ""
   header = ["rows (first - second)", "common seeds"]
@@ -545,46 +551,41 @@ def seed_pooled_table(workdir: pathlib.Path) -> str:
     A markdown table, or "" when fewer than two groups share two seeds.
   """
   groups = seed_groups(workdir)
-  names = list(groups)
   hits_key = SEED_METRICS[0][0]
   rows = []
-  for i, first in enumerate(names):
-    for second in names[i + 1 :]:
-      seeds = sorted(set(groups[first]) & set(groups[second]))
-      if len(seeds) < 2:
-        continue
-      runs = [groups[first][s] for s in seeds] + [
-        groups[second][s] for s in seeds
+  for first, second, seeds in _group_pairs(groups):
+    runs = [groups[first][s] for s in seeds] + [
+      groups[second][s] for s in seeds
+    ]
+    found = _on_users_of_all(runs, hits_key)
+    cells = [
+      f"{first} - {second}",
+      ", ".join(map(str, seeds)),
+      "–" if found is None else str(len(found[0])),
+    ]
+    if found is None:
+      cells.append("–")
+    else:
+      a, b = found[1][: len(seeds)], found[1][len(seeds) :]
+      only = [
+        int(np.sum((a > 0) & (b == 0))),
+        int(np.sum((a == 0) & (b > 0))),
       ]
-      found = _on_users_of_all(runs, hits_key)
-      cells = [
-        f"{first} - {second}",
-        ", ".join(map(str, seeds)),
-        "–" if found is None else str(len(found[0])),
-      ]
+      cells.append(f"{only[0]} / {only[1]}")
+    for key, _ in SEED_METRICS:
+      found = _on_users_of_all(runs, key)
       if found is None:
-        cells.append("–")
-      else:
-        a, b = found[1][: len(seeds)], found[1][len(seeds) :]
-        only = [
-          int(np.sum((a > 0) & (b == 0))),
-          int(np.sum((a == 0) & (b > 0))),
-        ]
-        cells.append(f"{only[0]} / {only[1]}")
-      for key, _ in SEED_METRICS:
-        found = _on_users_of_all(runs, key)
-        if found is None:
-          cells += ["–", "–"]
-          continue
-        test = stats.paired_over_seeds_and_users(
-          found[1][: len(seeds)], found[1][len(seeds) :]
-        )
-        low, high = test.interval
-        cells += [
-          f"{test.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]",
-          _p_cell(test.p_value),
-        ]
-      rows.append(cells)
+        cells += ["–", "–"]
+        continue
+      test = stats.paired_over_seeds_and_users(
+        found[1][: len(seeds)], found[1][len(seeds) :]
+      )
+      low, high = test.interval
+      cells += [
+        f"{test.mean_difference:+.4f} [{low:+.4f}, {high:+.4f}]",
+        _p_cell(test.p_value),
+      ]
+    rows.append(cells)
   if not rows:
     return ""
   header = [
