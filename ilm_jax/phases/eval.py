@@ -551,34 +551,36 @@ def seed_pooled_table(workdir: pathlib.Path) -> str:
     A markdown table, or "" when fewer than two groups share two seeds.
   """
   groups = seed_groups(workdir)
-  hits_key = SEED_METRICS[0][0]
   rows = []
   for first, second, seeds in _group_pairs(groups):
     runs = [groups[first][s] for s in seeds] + [
       groups[second][s] for s in seeds
     ]
-    found = _on_users_of_all(runs, hits_key)
+    # {key: (user ids, values [2 * seeds, users]) or None}; the first
+    # group's seeds come first.
+    found = {key: _on_users_of_all(runs, key) for key, _ in SEED_METRICS}
+    hits = found[SEED_METRICS[0][0]]
     cells = [
       f"{first} - {second}",
       ", ".join(map(str, seeds)),
-      "–" if found is None else str(len(found[0])),
+      "–" if hits is None else str(len(hits[0])),
     ]
-    if found is None:
+    if hits is None:
       cells.append("–")
     else:
-      a, b = found[1][: len(seeds)], found[1][len(seeds) :]
+      a, b = hits[1][: len(seeds)], hits[1][len(seeds) :]
       only = [
         int(np.sum((a > 0) & (b == 0))),
         int(np.sum((a == 0) & (b > 0))),
       ]
       cells.append(f"{only[0]} / {only[1]}")
     for key, _ in SEED_METRICS:
-      found = _on_users_of_all(runs, key)
-      if found is None:
+      if found[key] is None:
         cells += ["–", "–"]
         continue
+      values = found[key][1]
       test = stats.paired_over_seeds_and_users(
-        found[1][: len(seeds)], found[1][len(seeds) :]
+        values[: len(seeds)], values[len(seeds) :]
       )
       low, high = test.interval
       cells += [
