@@ -30,6 +30,17 @@ already holds the phase-0/1 outputs):
     #   --config.ilm.model.qformer_init=random
   done
 
+The ML-100K curves of the design of record (SASRec tables, one projector
+per query, LoRA rank 8 on q, v; all 943 test users; docs/results/ilm.md,
+session 24) are the same runs with `configs/ml100k.py:cpu`, the flags of
+that section and `--config.ilm.variant=lora_sasrec_perq_s$steps` (MLP
+projector: `lora_mlp_sasrec_perq_s$steps`), drawn with
+
+  python docs/plot_learning_curves.py --workdir=WORKDIR \
+    --out=docs/learning_curves_ml100k.png \
+    --series="ILM (Q-Former) + LoRA=lora_sasrec_perq" \
+    --series="MLP projector + LoRA=lora_mlp_sasrec_perq"
+
 Needs matplotlib (`pip install -e ".[plot]"`); draws with the Agg backend.
 """
 
@@ -66,6 +77,7 @@ SERIES = (
 # (label, metrics-file prefixes): the first file found is drawn.
 REFERENCES = (
   ("SASRec", ("sasrec",)),
+  ("Popularity", ("popularity",)),
   # The 500-user row (variant curve_zeroshot), else the main command's.
   ("Zero-shot LLM", ("ilm_curve_zeroshot", "ilm_zeroshot")),
 )
@@ -264,6 +276,22 @@ def plot(
           linestyle=("--", ":", "-.")[index % 3],
           label=label,
         )
+    if not any(
+      np.isfinite(run.values[panel][0])
+      for runs in curves.values()
+      for run in runs
+    ):
+      # Nothing plotted: matplotlib would keep x in [0, 1], which a log
+      # scale cannot show.
+      prompts = [run.prompts for runs in curves.values() for run in runs]
+      ax.set_xlim(min(prompts) / 1.25, max(prompts) * 1.25)
+      ax.text(
+        0.5,
+        0.5,
+        "not evaluated in these runs",
+        ha="center",
+        transform=ax.transAxes,
+      )
     ax.set_xscale("log")
     ax.set_xlabel("training prompts")
     if panel[0] == GAIN:
@@ -298,6 +326,22 @@ def plot(
   return figure
 
 
+def parse_series(text: str) -> tuple[str, str]:
+  """`--series` "LABEL=KEY" -> (label, key); the key is after the last "=".
+
+  Raises:
+    argparse.ArgumentTypeError: no "=", an empty label, or a key that is
+      not a variant name (letters, digits, "_", "-").
+  """
+  label, _, key = text.rpartition("=")
+  if not label or not re.fullmatch(r"[\w-]+", key):
+    raise argparse.ArgumentTypeError(
+      f"--series={text!r}: expected LABEL=KEY, KEY the variant's series "
+      "(the runs ilm_<KEY>_s<steps>), e.g. 'ILM + LoRA=lora_sasrec_perq'."
+    )
+  return label, key
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
@@ -312,12 +356,19 @@ def main(argv=None) -> None:
     help="the loss panel: task:<task> (that task's answer-token loss; "
     "task:sequential is the target-title loss) or a logged metric (loss)",
   )
+  parser.add_argument(
+    "--series",
+    action="append",
+    type=parse_series,
+    help="LABEL=KEY, repeated: draw the runs ilm_<KEY>_s<steps> as the "
+    "curve LABEL (default: the curve_* series of SERIES)",
+  )
   args = parser.parse_args(argv)
-  curves = collect(args.workdir, loss_key=args.loss_key)
+  series = tuple(args.series) if args.series else SERIES
+  curves = collect(args.workdir, series, loss_key=args.loss_key)
   if not curves:
-    raise SystemExit(
-      f"No ilm_curve_*_s<steps>_test.json metrics under {args.workdir}."
-    )
+    keys = ", ".join(f"ilm_{key}_s<steps>" for _, key in series)
+    raise SystemExit(f"No {keys} test metrics under {args.workdir}.")
   user_sets = {
     tuple(run.user_ids.tolist())
     for runs in curves.values()

@@ -232,3 +232,49 @@ def test_the_zero_shot_reference_prefers_the_500_user_row(workdirs):
   write(dirs[1], "ilm_curve_zeroshot", (USERS < 8).astype(float))  # 0.2
   found = plot_learning_curves.reference_values(dirs, USERS)
   assert found["Zero-shot LLM"][("hr@10", "seen")] == 0.2
+
+
+def test_series_flag_selects_other_variants_and_rejects_bad_ones(
+  tmp_path, capsys
+):
+  for steps in (80, 640):
+    _write_run(tmp_path, f"ilm_lora_x_s{steps}", steps, steps, [10, 20])
+  _write_run(tmp_path, "ilm_lora_x_s640_seed1", 640, 1, [10])  # not a budget
+  curves = plot_learning_curves.collect(
+    [tmp_path], (plot_learning_curves.parse_series("A = B=lora_x"),)
+  )
+  assert list(curves) == ["A = B"]
+  assert [run.name for run in curves["A = B"]] == [
+    "ilm_lora_x_s80",
+    "ilm_lora_x_s640",
+  ]
+  out = tmp_path / "x.png"
+  plot_learning_curves.main(
+    [f"--workdir={tmp_path}", f"--out={out}", "--series=A=lora_x"]
+  )
+  assert "5120 prompts  40 users" in capsys.readouterr().out
+  for bad in ("lora_x", "=lora_x", "A=", "A=lora x"):
+    with pytest.raises(SystemExit):
+      plot_learning_curves.main([f"--workdir={tmp_path}", f"--series={bad}"])
+  with pytest.raises(SystemExit, match="ilm_other_s<steps>"):
+    plot_learning_curves.main([f"--workdir={tmp_path}", "--series=A=other"])
+
+
+def test_popularity_is_a_reference_and_empty_panels_say_so(workdirs, tmp_path):
+  dirs, _ = workdirs
+  hits = (USERS % 5 == 0).astype(float)  # 8 of 40
+  metric_writer.write_metrics(
+    dirs[0] / "metrics" / "popularity_test.json",
+    {"hr@10": 0.5},
+    {"user_ids": USERS, "hr@10": hits},
+  )
+  references = plot_learning_curves.reference_values(dirs, USERS)
+  assert references["Popularity"][("hr@10", "seen")] == 0.2
+  curves = plot_learning_curves.collect(dirs)
+  for runs in curves.values():
+    for run in runs:
+      run.values[(plot_learning_curves.NAMED, "seen")] = (np.nan,) * 3
+  figure = plot_learning_curves.plot(curves, references, tmp_path / "p.png")
+  texts = [[t.get_text() for t in ax.texts] for ax in figure.axes]
+  assert texts[7] == ["not evaluated in these runs"]
+  assert texts[0] == []
