@@ -80,6 +80,9 @@ class Task:
     optional_param_groups: top-level parameter groups that only some
       models of the phase have (phase 2's adapter parts); `optim.lr_mults`
       entries for an absent one are skipped (`optim.lr_multipliers`).
+    dataset_record: what the metrics files record of the data the
+      evaluators ran on (`ProcessedDataset.record()`), their top-level
+      "dataset" entry; None writes none.
   """
 
   name: str
@@ -89,6 +92,7 @@ class Task:
   evaluators: Sequence[Any] = ()
   load_params: Callable[[Mesh, ml_collections.ConfigDict], Params] | None = None
   optional_param_groups: tuple[str, ...] = ()
+  dataset_record: dict | None = None
 
 
 @dataclasses.dataclass
@@ -654,9 +658,10 @@ def train(
       # Which training run: rows over several seeds are compared per seed.
       seed=int(seed),
     )
-    write_split_metrics(
-      workdir, task.name, results, per_user, {"train": trained}
-    )
+    extra = {"train": trained}
+    if task.dataset_record is not None:
+      extra["dataset"] = task.dataset_record
+    write_split_metrics(workdir, task.name, results, per_user, extra)
   writer.close()
   return TrainResult(
     params=params,

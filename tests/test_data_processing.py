@@ -1,6 +1,7 @@
 """OpenP5 processing: k-core, index assignment, leakage, synthetic data, errors."""
 
 import collections
+import hashlib
 import pathlib
 
 import numpy as np
@@ -199,6 +200,44 @@ def test_leave_one_out_by_hand():
   assert mask.tolist() == [[False, True, True], [True, True, True]]
   with pytest.raises(ValueError, match="Unknown split"):
     ds.leave_one_out("dev")
+
+
+def test_record_digest_covers_every_sequence_in_order():
+  def dataset(offsets, items, titles="abcdef"):
+    return processing.ProcessedDataset(
+      name="hand",
+      user_ids=[str(u) for u in range(len(offsets) - 1)],
+      item_ids=[str(i) for i in range(6)],
+      item_titles=list(titles),
+      item_texts=list(titles),
+      item_attributes={},
+      sequence_offsets=np.array(offsets),
+      sequence_items=np.array(items, np.int32),
+      ratings=np.zeros(len(items), np.float32),
+      timestamps=np.arange(len(items)),
+      item_item_pairs=np.zeros((0, 2), np.int32),
+      user_item_pairs=np.zeros((0, 2), np.int32),
+      stats={},
+    )
+
+  base = dataset([0, 3, 5], [5, 4, 3, 0, 1])
+  # An independent digest: SHA-256 of the int64 bytes, offsets then items.
+  data = np.array([0, 3, 5] + [5, 4, 3, 0, 1], "<i8").tobytes()
+  assert base.record() == dict(
+    name="hand",
+    users=2,
+    items=6,
+    interactions=5,
+    interactions_digest=hashlib.sha256(data).hexdigest()[:16],
+  )
+  digest = base.record()["interactions_digest"]
+  # Titles are not covered; a swapped order, a moved boundary are.
+  assert dataset([0, 3, 5], [5, 4, 3, 0, 1], "uvwxyz").record() == base.record()
+  for other in (
+    dataset([0, 3, 5], [4, 5, 3, 0, 1]),
+    dataset([0, 2, 5], [5, 4, 3, 0, 1]),
+  ):
+    assert other.record()["interactions_digest"] != digest
 
 
 def test_no_leakage_on_fixture_and_synthetic():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import ml1m
-from ilm_jax import checkpoint
+from ilm_jax import checkpoint, data
 from ilm_jax.data import prompts
 from ilm_jax.serving import export_bundle
 
@@ -72,8 +72,12 @@ def test_every_phase_runs_and_writes_its_outputs(finished_run):
     <= ilm_test["sequential/seen/hr@10"] + 1e-9
   )
   assert ilm_test["users"] == 4
+  # Every phase's file says which data it measured: the config's dataset.
+  record = data.load_dataset(ml1m.get_config("tiny").data).record()
+  assert ilm_test["dataset"] == record
   for name in ("mf", "sasrec", "popularity", "qformer"):
-    assert (workdir / "metrics" / f"{name}_test.json").exists(), name
+    path = workdir / "metrics" / f"{name}_test.json"
+    assert json.loads(path.read_text())["dataset"] == record, name
   table = (workdir / "results.md").read_text()
   assert "| ILM (Q-Former + projector) |" in table
   assert "| SASRec (phase 0, full ranking) |" in table

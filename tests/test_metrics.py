@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from configs import ml1m
-from ilm_jax import metric_writer, metrics, stats, train
+from ilm_jax import data, metric_writer, metrics, stats, train
 from ilm_jax.evaluators import generative
 from ilm_jax.phases import eval as eval_phase
 
@@ -535,6 +535,46 @@ def test_another_reference_row_gets_its_own_paired_tables(tmp_path):
   config.eval.reference = "ilm_rand"  # no such metrics file
   with pytest.raises(ValueError, match="config.eval.reference='ilm_rand'"):
     eval_phase.run(config, tmp_path, mesh=None)
+
+
+def test_files_measured_on_other_data_are_never_paired(tmp_path):
+  users = np.arange(20)
+  hits = (users < 10).astype(float)
+
+  def row(prefix, digest):
+    _write_row(tmp_path, prefix, users, hits, hits * 0.5)
+    if digest is not None:
+      path = tmp_path / "metrics" / f"{prefix}_test.json"
+      values = json.loads(path.read_text())
+      values["dataset"] = {"name": "ml100k", "interactions_digest": digest}
+      path.write_text(json.dumps(values))
+
+  row("ilm", "aaaa")
+  row("ilm_mlp", None)  # written before the record existed: not checked
+  row("ilm_rand", "aaaa")
+  assert "| 20 |" in eval_phase.paired_table(tmp_path)
+  # The config's own data must match too (the tiny config: synthetic).
+  config = ml1m.get_config("tiny")
+  with pytest.raises(ValueError, match=r"config.data \(synthetic\)") as error:
+    eval_phase.run(config, tmp_path, mesh=None)
+  assert "digest aaaa: ilm_test.json (ml100k), ilm_rand_test.json" in str(
+    error.value
+  )
+  row("ilm_textonly", "bbbb")
+  for table in (
+    eval_phase.results_table,
+    eval_phase.paired_table,
+    eval_phase.seeds_table,
+  ):
+    with pytest.raises(ValueError, match="digest bbbb: ilm_textonly_test.json"):
+      table(tmp_path)
+  # Files from the config's data make a table.
+  (tmp_path / "metrics" / "ilm_textonly_test.json").unlink()
+  record = data.load_dataset(config.data).record()
+  for prefix in ("ilm", "ilm_rand"):
+    row(prefix, record["interactions_digest"])
+  eval_phase.run(config, tmp_path, mesh=None)
+  assert "| ILM (Q" in (tmp_path / "results.md").read_text()
 
 
 def test_masked_lists_get_their_column_and_paired_table(tmp_path):

@@ -37,6 +37,7 @@
 """
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Iterable
 
@@ -133,6 +134,28 @@ class ProcessedDataset:
   @property
   def sequence_lengths(self) -> np.ndarray:
     return np.diff(self.sequence_offsets)
+
+  def record(self) -> dict:
+    """What a metrics file records of the data it was measured on.
+
+    Returns:
+      {"name", "users", "items", "interactions", "interactions_digest"}:
+      the digest (16 hex digits, SHA-256) covers every user's item sequence
+      in order, so two files with one digest ranked the same users against
+      the same held-out items, and their per-user results may be paired by
+      user index (`phases/eval.py` refuses to pair files whose digests
+      differ). Titles and texts are not covered.
+    """
+    digest = hashlib.sha256()
+    for array in (self.sequence_offsets, self.sequence_items):
+      digest.update(np.ascontiguousarray(array, np.int64).tobytes())
+    return dict(
+      name=self.name,
+      users=self.num_users,
+      items=self.num_items,
+      interactions=self.num_interactions,
+      interactions_digest=digest.hexdigest()[:16],
+    )
 
   def sequence(self, user: int) -> np.ndarray:
     """The user's full chronological item sequence (int32)."""

@@ -94,6 +94,7 @@ def mf_task(
       examples, cf_config.train.batch_size, seed
     ),
     evaluators=_evaluators(cf_config, dataset, score_fn, mesh),
+    dataset_record=dataset.record(),
   )
 
 
@@ -113,6 +114,7 @@ def popularity_task(dataset, cf_config, mesh) -> train.Task:
     loss_fn=lambda params, batch, rng: (jnp.zeros(()), {}),
     train_iterator=_NoBatches(),
     evaluators=_evaluators(cf_config, dataset, score_fn, mesh),
+    dataset_record=dataset.record(),
   )
 
 
@@ -212,6 +214,7 @@ def sasrec_task(dataset, cf_config, mesh, seed) -> train.Task:
       examples, cf_config.sasrec.train.batch_size, seed
     ),
     evaluators=_evaluators(cf_config, dataset, score_fn, mesh, length),
+    dataset_record=dataset.record(),
   )
 
 

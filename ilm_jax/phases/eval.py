@@ -132,8 +132,55 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def check_one_dataset(
+  rows: list[tuple[str, str, dict]], expected: dict | None = None
+) -> None:
+  """Raises unless every row that records its data ran on the same data.
+
+  The tables pair rows user by user (per-user results by user index), which
+  means something only if both rows ranked the same users against the same
+  held-out items: the files' "dataset" records (`ProcessedDataset.record`)
+  must agree on `interactions_digest`. Files written before the record
+  existed (3 December 2026) are not checked.
+
+  Args:
+    rows: `present_rows`' (prefix, label, metrics) triples.
+    expected: the record of the dataset the config describes, or None.
+
+  Raises:
+    ValueError: two digests among the rows (or a row's and `expected`'s)
+      differ; names the files of each.
+  """
+  by_digest: dict[str, list[str]] = {}
+  for prefix, _, values in rows:
+    record = values.get("dataset")
+    if isinstance(record, dict) and record.get("interactions_digest"):
+      digest = str(record["interactions_digest"])
+      by_digest.setdefault(digest, []).append(
+        f"{prefix}_test.json ({record.get('name', '?')})"
+      )
+  if expected is not None and by_digest:
+    by_digest.setdefault(expected["interactions_digest"], []).append(
+      f"config.data ({expected['name']})"
+    )
+  if len(by_digest) > 1:
+    groups = "; ".join(
+      f"digest {digest}: {', '.join(names)}"
+      for digest, names in sorted(by_digest.items())
+    )
+    raise ValueError(
+      "Metrics files measured on different data cannot share a table (its "
+      f"rows are paired user by user): {groups}. Keep one dataset's files "
+      "in WORKDIR/metrics, or point config.data at the data they ran on."
+    )
+
+
 def present_rows(workdir: pathlib.Path) -> list[tuple[str, str, dict]]:
-  """(prefix, label, metrics) of every test-metrics file, in table order."""
+  """(prefix, label, metrics) of every test-metrics file, in table order.
+
+  Raises:
+    ValueError: files measured on different data (`check_one_dataset`).
+  """
   metrics_dir = layout.metrics_dir(workdir)
   known = dict(ROWS)
   extra = sorted(
@@ -149,6 +196,7 @@ def present_rows(workdir: pathlib.Path) -> list[tuple[str, str, dict]]:
         json.loads(path.read_text())
       )
       rows.append((prefix, known.get(prefix, prefix), values))
+  check_one_dataset(rows)
   return rows
 
 
@@ -744,7 +792,9 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
       f" rows present: {', '.join(present) or 'none'}."
     )
   # The chance column's catalogue size (the processed cache: seconds).
-  num_items = data.load_dataset(config.data).num_items
+  dataset = data.load_dataset(config.data)
+  num_items = dataset.num_items
+  check_one_dataset(present_rows(workdir), expected=dataset.record())
   table = results_table(workdir, num_items)
   phase1 = qformer_table(workdir)
   soft = soft_token_table(workdir)

@@ -210,6 +210,7 @@ def make_task(config: ml_collections.ConfigDict, workdir) -> Phase2:
     train_iterator=iterator,
     evaluators=evaluators,
     optional_param_groups=ilm.ADAPTER_PARTS,
+    dataset_record=dataset.record(),
   )
   return Phase2(
     task=task, model=model, sampler=sampler, encoder=encoder, examples=examples

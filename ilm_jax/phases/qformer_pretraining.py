@@ -69,6 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir, mesh: Mesh) -> dict:
     loss_fn=loss_fn,
     train_iterator=iterator,
     evaluators=evaluators,
+    dataset_record=dataset.record(),
   )
   result = train.train(
     task,
