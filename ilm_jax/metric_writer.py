@@ -18,12 +18,19 @@ per-user values, those values and a 95% interval per mean
       "sequential/seen/rank": [-1.0, 4.0, ...],
       ...
     },
-    "train": {"steps": 160, "batch_size": 8, "prompts": 1280}
+    "train": {"steps": 160, "batch_size": 8, "prompts": 1280,
+              "evaluated_step": 160, "seed": 0},
+    "dataset": {"name": "ml100k", "users": 943, "items": 1349,
+                "interactions": 99287, "interactions_digest": "..."}
   }
 
 `per_user` arrays are aligned with `user_ids` (sorted); null marks a user
 that one of the split's evaluators did not evaluate. Per-user keys that are
-not means in the file (e.g. "rank") get no interval.
+not means in the file (e.g. "rank") get no interval. "train" and "dataset"
+are written by the trainer (`train.train`); "dataset" is
+`ProcessedDataset.record()`, whose digest lets the eval phase pair two
+files user by user only when they ranked the same users' sequences (files
+from different data: an error, `phases/eval.check_one_dataset`).
 """
 
 import json
