@@ -41,6 +41,10 @@ projector: `lora_mlp_sasrec_perq_s$steps`), drawn with
     --series="ILM (Q-Former) + LoRA=lora_sasrec_perq" \
     --series="MLP projector + LoRA=lora_mlp_sasrec_perq"
 
+Runs of another training seed (`--config.seed=N`, variants named
+`..._s$steps_seedN`) are drawn with `--seed=N`; without it the runs with no
+seed suffix are drawn.
+
 Needs matplotlib (`pip install -e ".[plot]"`); draws with the Agg backend.
 """
 
@@ -195,12 +199,21 @@ def read_run(workdir: pathlib.Path, name: str, loss_key: str = "loss") -> Run:
 
 
 def collect(
-  workdirs: list[pathlib.Path], series=SERIES, loss_key: str = "loss"
+  workdirs: list[pathlib.Path],
+  series=SERIES,
+  loss_key: str = "loss",
+  seed: int | None = None,
 ) -> dict[str, list[Run]]:
-  """label -> that series' runs in all workdirs, by prompts (empty: dropped)."""
+  """label -> that series' runs in all workdirs, by prompts (empty: dropped).
+
+  A series' runs are `ilm_<key>_s<steps>`, or with `seed` the runs of that
+  training seed, `ilm_<key>_s<steps>_seed<seed>` (the `--config.seed=N`
+  runs named with a `_seedN` suffix); the two never mix.
+  """
+  suffix = "" if seed is None else f"_seed{seed}"
   curves = {}
   for label, key in series:
-    pattern = re.compile(rf"(ilm_{re.escape(key)}_s\d+)_test\.json")
+    pattern = re.compile(rf"(ilm_{re.escape(key)}_s\d+{suffix})_test\.json")
     runs = [
       read_run(workdir, match.group(1), loss_key)
       for workdir in workdirs
@@ -363,11 +376,18 @@ def main(argv=None) -> None:
     help="LABEL=KEY, repeated: draw the runs ilm_<KEY>_s<steps> as the "
     "curve LABEL (default: the curve_* series of SERIES)",
   )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    help="draw the runs of this training seed, ilm_<KEY>_s<steps>_seed<N> "
+    "(default: the runs without a seed suffix)",
+  )
   args = parser.parse_args(argv)
   series = tuple(args.series) if args.series else SERIES
-  curves = collect(args.workdir, series, loss_key=args.loss_key)
+  curves = collect(args.workdir, series, loss_key=args.loss_key, seed=args.seed)
   if not curves:
-    keys = ", ".join(f"ilm_{key}_s<steps>" for _, key in series)
+    suffix = "" if args.seed is None else f"_seed{args.seed}"
+    keys = ", ".join(f"ilm_{key}_s<steps>{suffix}" for _, key in series)
     raise SystemExit(f"No {keys} test metrics under {args.workdir}.")
   user_sets = {
     tuple(run.user_ids.tolist())

@@ -260,6 +260,39 @@ def test_series_flag_selects_other_variants_and_rejects_bad_ones(
     plot_learning_curves.main([f"--workdir={tmp_path}", "--series=A=other"])
 
 
+def test_seed_flag_draws_one_seeds_runs_only(tmp_path, capsys):
+  for name, steps in (
+    ("ilm_lora_x_s80_seed5", 80),
+    ("ilm_lora_x_s640_seed5", 640),
+    ("ilm_lora_x_s320_seed15", 320),  # another seed sharing the prefix
+    ("ilm_lora_x_s160", 160),  # no seed suffix
+  ):
+    _write_run(tmp_path, name, steps, steps, [10, 20])
+  series = (("A", "lora_x"),)
+  by_seed = plot_learning_curves.collect([tmp_path], series, seed=5)
+  assert [run.name for run in by_seed["A"]] == [
+    "ilm_lora_x_s80_seed5",
+    "ilm_lora_x_s640_seed5",
+  ]
+  assert [run.prompts for run in by_seed["A"]] == [640, 5120]
+  # The training log is the seeded run's own directory.
+  np.testing.assert_allclose(by_seed["A"][0].loss, [0.3, 0.125])
+  unseeded = plot_learning_curves.collect([tmp_path], series)
+  assert [run.name for run in unseeded["A"]] == ["ilm_lora_x_s160"]
+  out = tmp_path / "seed.png"
+  plot_learning_curves.main(
+    [f"--workdir={tmp_path}", f"--out={out}", "--series=A=lora_x", "--seed=5"]
+  )
+  printed = capsys.readouterr().out
+  assert "640 prompts" in printed and "5120 prompts" in printed
+  assert "1280 prompts" not in printed and "2560 prompts" not in printed
+  assert out.stat().st_size > 0
+  with pytest.raises(SystemExit, match="ilm_lora_x_s<steps>_seed7"):
+    plot_learning_curves.main(
+      [f"--workdir={tmp_path}", "--series=A=lora_x", "--seed=7"]
+    )
+
+
 def test_popularity_is_a_reference_and_empty_panels_say_so(workdirs, tmp_path):
   dirs, _ = workdirs
   hits = (USERS % 5 == 0).astype(float)  # 8 of 40
