@@ -184,7 +184,9 @@ def base_config() -> ml_collections.ConfigDict:
       # "" ordinary matmuls in `dtype`; "xla" / "onednn": the frozen LLM's
       # dense layers and head with bf16 operands and f32 accumulation,
       # gradients into the activations only (models/llm.py; for CPUs,
-      # whose XLA otherwise runs bf16 dots with transposed weights slowly).
+      # whose XLA otherwise runs bf16 dots with transposed weights slowly);
+      # "auto": "xla" where the CPU has bf16 dot instructions without AMX
+      # (or on an accelerator), else "" (ops/onednn_matmul.py).
       frozen_matmul="",
       # rank > 0: LoRA on the LLM's dense layers named in `targets` (of
       # q, k, v, o, gate, up, down), trained with the adapter and exported
@@ -394,9 +396,10 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   # as soft tokens only, prompt + answer is at most 102 tokens (sequential),
   # 70 (straightforward), 98 (conversation); descriptions run longer but
   # only their first max_target_tokens answer tokens are scored.
-  # f32 activations and weights, bf16 matmul operands (docs/results/ilm.md).
+  # f32 activations and weights; bf16 matmul operands where this CPU runs
+  # them faster than f32 (docs/results/ilm.md, docs/results/cpu_runtime.md).
   config.ilm.llm.update(
-    dtype="float32", param_dtype="float32", frozen_matmul="xla"
+    dtype="float32", param_dtype="float32", frozen_matmul="auto"
   )
   config.ilm.model.tokens_per_entity = 4
   config.ilm.data.update(max_history=5, max_len=160)

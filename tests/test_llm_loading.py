@@ -19,6 +19,7 @@ import transformers
 
 from configs import common
 from ilm_jax.models import llm, llm_loading, llm_tokenizer
+from ilm_jax.ops import onednn_matmul
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
@@ -402,3 +403,26 @@ def test_load_from_config_on_a_mesh_never_loads_an_hf_dir_whole(
     strict=True,
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), str(path))
+
+
+def test_frozen_matmul_auto_resolves_from_this_machine(monkeypatch):
+  """`ilm.llm.frozen_matmul="auto"` becomes "xla" or None by the CPU's
+  flags (ops.onednn_matmul.auto_frozen_matmul); other values are errors
+  that list "auto"."""
+  base = dict(
+    checkpoint="smollm2-135m-instruct", dtype="float32", param_dtype="float32"
+  )
+  monkeypatch.setattr(llm_loading.jax, "default_backend", lambda: "cpu")
+  try:
+    for flags, expected in (({"avx512_bf16"}, "xla"), ({"avx2"}, None)):
+      monkeypatch.setattr(
+        onednn_matmul, "cpu_flags", lambda flags=flags: frozenset(flags)
+      )
+      llm_loading._auto_frozen_matmul.cache_clear()
+      auto = ml_collections.ConfigDict(dict(base, frozen_matmul="auto"))
+      assert llm_loading.config_from(auto).frozen_matmul == expected
+  finally:
+    llm_loading._auto_frozen_matmul.cache_clear()
+  bad = ml_collections.ConfigDict(dict(base, frozen_matmul="bf16"))
+  with pytest.raises(ValueError, match=r"frozen_matmul='bf16'.*'auto'"):
+    llm_loading.config_from(bad)

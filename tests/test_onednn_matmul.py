@@ -131,3 +131,32 @@ def test_stored_transpose_gives_the_same_gradient(use_ffi):
   _close(grad(w_t=wt), grad(), 1e-5)
   want = jax.grad(lambda x: jnp.sum((x @ w) ** 2))(x)
   _close(grad(w_t=wt), want, 1e-2)
+
+
+def test_cpu_flags_reads_the_first_flags_line_and_tolerates_no_file(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text(
+    "processor\t: 0\nmodel name\t: AMD EPYC\nvmx flags\t: ept\n"
+    "flags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+  )
+  assert om.cpu_flags(info) == {"fpu", "avx2", "avx512_bf16"}
+  assert om.cpu_flags(tmp_path / "missing") == frozenset()
+  (tmp_path / "no_flags").write_text("processor\t: 0\n")
+  assert om.cpu_flags(tmp_path / "no_flags") == frozenset()
+
+
+@pytest.mark.parametrize(
+  "backend, flags, expected",
+  [
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, "xla"),  # Zen 4
+    ("cpu", {"avx2", "fma"}, None),  # Zen 3: AVX2 only
+    ("cpu", {"avx512_bf16", "amx_bf16", "amx_tile"}, None),  # with AMX
+    ("cpu", set(), None),  # flags unknown
+    ("gpu", set(), "xla"),
+    ("tpu", {"avx2"}, "xla"),
+  ],
+)
+def test_auto_frozen_matmul_picks_bf16_only_where_it_was_faster(
+  backend, flags, expected
+):
+  assert om.auto_frozen_matmul(backend, frozenset(flags)) == expected

@@ -10,11 +10,13 @@ Every loader returns (config, params, tokenizer) where params is the
 `{'params': ...}` subtree of `llm.Llama` (layers stacked on axis 0).
 """
 
+import functools
 import json
 import os
 import pathlib
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -22,6 +24,7 @@ from absl import logging
 
 from ilm_jax import resources
 from ilm_jax.models import llm, llm_tokenizer
+from ilm_jax.ops import onednn_matmul
 
 # GGUF architectures whose tensors map onto `llm.Llama` (see _gguf_config).
 GGUF_ARCHITECTURES = ("llama",)
@@ -610,8 +613,6 @@ def load_hf_dir_sharded(
   Returns:
     (config, params on `mesh` laid out by `rules`, tokenizer or None).
   """
-  import jax  # noqa: PLC0415
-
   path = pathlib.Path(path)
   config, gemma, where, files = _open_hf_dir(path, dtype, param_dtype)
   e, h, kvh, d = (
@@ -745,10 +746,13 @@ def config_from(llm_config) -> llm.LlamaConfig:
   # Exports written before the field existed read as False.
   remat = bool(llm_config.get("remat", False))
   frozen_matmul = llm_config.get("frozen_matmul", None) or None
-  if frozen_matmul not in llm.FROZEN_MATMULS:
+  if frozen_matmul == "auto":
+    frozen_matmul = _auto_frozen_matmul()
+  elif frozen_matmul not in llm.FROZEN_MATMULS:
     raise ValueError(
       f"ilm.llm.frozen_matmul={frozen_matmul!r}; expected one of "
-      f"{llm.FROZEN_MATMULS} (None or '': ordinary matmuls)."
+      f"{llm.FROZEN_MATMULS + ('auto',)} (None or '': ordinary matmuls; "
+      "'auto': bf16 operands where this machine runs them faster)."
     )
   config = architecture(
     llm_config.checkpoint,
@@ -758,6 +762,21 @@ def config_from(llm_config) -> llm.LlamaConfig:
   return config.replace(
     remat=remat, frozen_matmul=frozen_matmul, **lora_fields(llm_config)
   )
+
+
+@functools.cache
+def _auto_frozen_matmul() -> str | None:
+  """`frozen_matmul="auto"` on this machine (logged once per process)."""
+  backend, flags = jax.default_backend(), onednn_matmul.cpu_flags()
+  chosen = onednn_matmul.auto_frozen_matmul(backend, flags)
+  logging.info(
+    "ilm.llm.frozen_matmul=auto: %s on this %s (avx512_bf16 %s, amx_bf16 %s).",
+    "bf16 matmul operands ('xla')" if chosen else "ordinary matmuls",
+    backend,
+    "avx512_bf16" in flags,
+    "amx_bf16" in flags,
+  )
+  return chosen
 
 
 def lora_fields(llm_config) -> dict:
@@ -817,8 +836,6 @@ def load_from_config(llm_config, mesh=None, rules=()):
   else:
     config, params, tokenizer = load_pretrained(llm_config.checkpoint, **dtypes)
     if mesh is not None:
-      import jax  # noqa: PLC0415
-
       params = jax.device_put(params, _mesh_shardings(config, mesh, rules))
   config = config.replace(
     remat=wanted.remat,

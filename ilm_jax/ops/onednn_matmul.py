@@ -185,6 +185,49 @@ def _ffi_matmul(x, w, transpose_w, out_dtype):
   return call(x, w, transpose_w=transpose_w)
 
 
+def cpu_flags(path: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str]:
+  """The feature flags of the first CPU in `path` (Linux's cpuinfo).
+
+  Returns an empty set where the file cannot be read or has no `flags`
+  line (other systems): callers then assume no bf16 instructions.
+  """
+  try:
+    text = pathlib.Path(path).read_text()
+  except OSError:
+    return frozenset()
+  for line in text.splitlines():
+    name, _, value = line.partition(":")
+    if name.strip() == "flags":
+      return frozenset(value.split())
+  return frozenset()
+
+
+def auto_frozen_matmul(backend: str, flags: frozenset[str]) -> str | None:
+  """The frozen-matmul route that `ilm.llm.frozen_matmul="auto"` picks.
+
+  bf16 operands pay on CPU only where the CPU has bf16 dot-product
+  instructions and XLA uses them: "xla" with `avx512_bf16` and no AMX
+  (Zen 4: the LLM's forward + backward about 1.5x f32, docs/results/
+  cpu_runtime.md). Without `avx512_bf16` (AVX2-only CPUs such as Zen 3)
+  XLA emulates bf16 and the phase-2 step ran 1.4x slower than in f32; on
+  AMX CPUs XLA's bf16 dot was slower than f32 too (issue 12); both get
+  ordinary f32 matmuls (None). Accelerators (any other backend) get "xla",
+  their native bf16 path.
+
+  Args:
+    backend: `jax.default_backend()`, e.g. "cpu", "gpu", "tpu".
+    flags: the CPU's feature flags (`cpu_flags()`).
+
+  Returns:
+    "xla" or None (ordinary matmuls in the LLM's dtype).
+  """
+  if backend != "cpu":
+    return "xla"
+  if "avx512_bf16" in flags and "amx_bf16" not in flags:
+    return "xla"
+  return None
+
+
 def row_major_transpose(w):
   """w.T as a materialized row-major array (a copy XLA cannot fold away).
 
