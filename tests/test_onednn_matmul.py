@@ -160,3 +160,31 @@ def test_auto_frozen_matmul_picks_bf16_only_where_it_was_faster(
   backend, flags, expected
 ):
   assert om.auto_frozen_matmul(backend, frozenset(flags)) == expected
+
+
+def test_available_is_false_where_onednn_has_no_bf16_kernel(monkeypatch):
+  """The op can load on an AVX2-only CPU and still fail every call
+  ("no matmul implementation"): `available()` runs one matmul to find out,
+  so `frozen_matmul="onednn"` falls back to jnp.dot there."""
+
+  class FakeLib:
+    def IlmOnednnVersion(self):  # noqa: N802 (the C symbol's name)
+      return 30201
+
+  def no_kernel(*args):
+    raise jax.errors.JaxRuntimeError("INTERNAL: no matmul implementation")
+
+  monkeypatch.setattr(om, "_load", FakeLib)
+  om.available.cache_clear()
+  try:
+    monkeypatch.setattr(om, "_ffi_matmul", no_kernel)
+    ok, why = om.available()
+    assert not ok and "no bf16 matmul for this CPU" in why
+    assert "no matmul implementation" in why
+    om.available.cache_clear()
+    monkeypatch.setattr(
+      om, "_ffi_matmul", lambda x, w, t, dtype: jnp.zeros((2, 2), dtype)
+    )
+    assert om.available() == (True, "oneDNN 3.2")
+  finally:
+    om.available.cache_clear()

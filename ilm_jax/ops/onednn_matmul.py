@@ -161,10 +161,23 @@ def _load():
   return lib
 
 
+@functools.cache
 def available() -> tuple[bool, str]:
-  """(True, oneDNN version) if the custom call runs here, else (False, why)."""
+  """(True, oneDNN version) if the custom call runs here, else (False, why).
+
+  Besides building and loading the op, it runs one 2x2 bf16 matmul
+  through it: oneDNN has no bf16 matmul kernel on CPUs without AVX-512
+  (e.g. AVX2-only Zen 3), where the op loads but every call would fail.
+  """
   try:
     version = _load().IlmOnednnVersion()
+    probe = jnp.ones((2, 2), jnp.bfloat16)
+    try:
+      jax.block_until_ready(_ffi_matmul(probe, probe, False, jnp.float32))
+    except jax.errors.JaxRuntimeError as e:
+      raise OnednnUnavailable(
+        f"oneDNN has no bf16 matmul for this CPU ({e})"
+      ) from e
   except OnednnUnavailable as e:
     return False, str(e)
   return True, f"oneDNN {version // 10000}.{version // 100 % 100}"
@@ -209,7 +222,8 @@ def auto_frozen_matmul(backend: str, flags: frozenset[str]) -> str | None:
   instructions and XLA uses them: "xla" with `avx512_bf16` and no AMX
   (Zen 4: the LLM's forward + backward about 1.5x f32, docs/results/
   cpu_runtime.md). Without `avx512_bf16` (AVX2-only CPUs such as Zen 3)
-  XLA emulates bf16 and the phase-2 step ran 1.4x slower than in f32; on
+  XLA's bf16 dot ran the 30-layer stack at 0.70-0.79x its f32 speed
+  (`benchmarks/cpu_matmul.py`) and the phase-2 step about 1.4x slower; on
   AMX CPUs XLA's bf16 dot was slower than f32 too (issue 12); both get
   ordinary f32 matmuls (None). Accelerators (any other backend) get "xla",
   their native bf16 path.
