@@ -69,22 +69,18 @@ SHAPES = {
 
 
 def cpu_summary() -> str:
-  flags_line = ""
   model = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name") and not model:
           model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-          flags_line = line
           break
   except OSError:
     pass
+  flags = om.cpu_flags()
   isa = [
-    f
-    for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f")
-    if f" {f}" in flags_line
+    f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f") if f in flags
   ]
   return f"{model}; {os.cpu_count()} cores; {' '.join(isa) or 'no avx512'}"
 
