@@ -172,10 +172,30 @@ def test_swapped_user_rows_are_rows_of_the_same_kind(context):
   assert swapped[:, 1:].max() < dataset.num_items
 
 
-def test_an_adapter_blind_to_entities_gains_nothing(context):
-  # The text-only prompt adapter gives every entity the same soft tokens.
+@pytest.mark.parametrize("adapter", ["prompt", "mlp"])
+def test_reads_entities_says_whether_soft_tokens_follow_the_entities(
+  context, adapter
+):
+  model, params = _model_and_params(context, adapter)
+  kind = np.array([[prompts.USER, prompts.ITEM, prompts.ITEM]])
+  first = model.soft_tokens(params, kind, np.array([[0, 1, 2]]))
+  other = model.soft_tokens(params, kind, np.array([[3, 4, 5]]))
+  assert model.reads_entities == (not np.array_equal(first, other))
+
+
+def test_an_adapter_blind_to_entities_gains_nothing(context, monkeypatch):
+  # The text-only prompt adapter gives every entity the same soft tokens,
+  # so the evaluator scores each batch once, not twice.
   model, params = _model_and_params(context, "prompt")
+  scored = []
+  score = generative.ShuffledEntitiesEvaluator._nll_per_token
+  monkeypatch.setattr(
+    generative.ShuffledEntitiesEvaluator,
+    "_nll_per_token",
+    lambda self, *args: scored.append(1) or score(self, *args),
+  )
   _, per_user, means = _run(context, model, params)
+  assert len(scored) == 2  # two batches of four rows, one pass each
   np.testing.assert_array_equal(
     per_user["sequential/target_nll_shuffled"],
     per_user["sequential/target_nll"],

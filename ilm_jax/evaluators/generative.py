@@ -30,7 +30,8 @@ user's top-1 / top-10 list: do the lists collapse onto a few titles?).
 holds? The target title's negative log-likelihood (nats per answer token,
 teacher forcing) of each user's seen-template prompt, once as is and once
 with every soft-token entity swapped for a random one of the same kind
-(seeded); `<task>/target_nll_gain` = shuffled - true, per user. A gain
+(seeded); `<task>/target_nll_gain` = shuffled - true, per user (0 without
+a second pass for adapters that read no entity: text-only, zero-shot). A gain
 near 0 says the adapter passes no usable identity (it may still teach the
 LLM what a title looks like); a counterfactual probe of our own, not one of
 the paper's metrics.
@@ -604,6 +605,11 @@ class ShuffledEntitiesEvaluator(_UserPromptEvaluator):
         requests, with_target=True, what=f"{self.name} {task} users"
       ):
         true.append(self._nll_per_token(params, batch, real))
+        if not self.model.reads_entities:
+          # Nothing to swap: the same prompts, the same NLL. Skipping the
+          # pass halves the evaluator's time for text-only and zero-shot.
+          shuffled.append(true[-1])
+          continue
         swapped = self._swapped(batch, rng)
         shuffled.append(self._nll_per_token(params, swapped, real))
       columns = {

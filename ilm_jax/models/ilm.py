@@ -93,6 +93,13 @@ class IlmModel:
   user_target_temperature: float = 0.1
   user_target_negatives: int = 256
 
+  @property
+  def reads_entities(self):
+    """Whether the soft tokens depend on which items and user a prompt
+    holds: False for the text-only prompt ("prompt") and the zero-shot LLM
+    ("none"), whose prompts carry no CF input."""
+    return self.adapter in ("qformer", "mlp")
+
   def llm_params(self, params):
     """The LLM's params for `self.llm.apply`: params["llm"], with the
     "lora" group's factors among its layers' when the LLM has LoRA.
