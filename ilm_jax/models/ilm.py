@@ -97,8 +97,9 @@ class IlmModel:
   def reads_entities(self):
     """Whether the soft tokens depend on which items and user a prompt
     holds: False for the text-only prompt ("prompt") and the zero-shot LLM
-    ("none"), whose prompts carry no CF input."""
-    return self.adapter in ("qformer", "mlp")
+    ("none"), whose prompts carry no CF input. Any other adapter counts as
+    reading them, so a new one never has its probe pass skipped."""
+    return self.adapter not in ("prompt", "none")
 
   def llm_params(self, params):
     """The LLM's params for `self.llm.apply`: params["llm"], with the
