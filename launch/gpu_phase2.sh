@@ -10,11 +10,19 @@ set -euo pipefail
 workdir=${1:?usage: launch/gpu_phase2.sh WORKDIR [CONFIG] [EXTRA FLAGS...]}
 config=${2:-configs/ml1m.py:gpu}
 shift $(( $# < 2 ? $# : 2 ))
-for needed in cf/export/metadata.json qformer/export/params; do
+# Phase 1's output is WORKDIR/qformer[_<variant>]/export (layout.py).
+qformer=qformer
+for flag in "$@"; do
+  case $flag in
+    --config.qformer.variant=?*) qformer=qformer_${flag#*=} ;;
+  esac
+done
+for needed in cf/export/metadata.json $qformer/export/params; do
   if [ ! -e "$workdir/$needed" ]; then
     echo "gpu_phase2: $workdir/$needed is missing: run the cf and qformer" \
       "phases first (python -m ilm_jax.main --config=configs/ml1m.py:cpu" \
-      "--workdir=$workdir --config.phases=cf,qformer)." >&2
+      "--workdir=$workdir --config.phases=cf,qformer, with the same" \
+      "--config.qformer.variant)." >&2
     exit 1
   fi
 done
