@@ -4,15 +4,19 @@ r"""Command-line entry point: runs the phases of an ILM experiment.
 
 Pick phases with `--config.phases=cf,qformer` (default: all). On a TPU pod
 or several GPU hosts add `--multihost` (see launch/ and WORKSPACE.md).
+Rerunning the same command resumes each phase from its latest checkpoint;
+a SIGTERM checkpoints the step in training and exits with status 143.
 """
 
 import logging as py_logging
+import signal
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ilm_jax import allocator, experiment
+from ilm_jax import allocator, experiment, train
 from ilm_jax.data import files
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -84,6 +88,11 @@ def main(argv):
   except files.USER_INPUT_ERRORS as e:
     # The message names the file (and line and field): one line, status 1.
     raise SystemExit(f"FATAL: {type(e).__name__}: {e}") from None
+  except train.TrainingStopped as e:
+    # Checkpointed: the same command resumes. 143 = killed by SIGTERM, as
+    # schedulers expect of a process they asked to stop.
+    print(f"STOPPED: {e}", file=sys.stderr)
+    raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ Restore order (first that applies wins):
      phase-1 Q-Former) and `Task.load_params` (the frozen LLM);
   4. scratch (the rest of `Task.init_params`).
 
+A SIGTERM during the training loop (a scheduler's preemption notice, a
+`timeout`, `kill`) ends it after the step in flight with a checkpoint of
+that step and `TrainingStopped`; the same command then continues from it.
+Over several processes JAX's preemption sync point picks one step for all
+of them. SIGKILL still loses the steps since the last checkpoint.
+
 Params are created on the mesh (`init_on_mesh`): `Task.init_params` runs
 once under `jax.jit` with the output shardings its abstract shapes
 (`jax.eval_shape`) call for, and `Task.load_params` reads large pretrained
@@ -28,10 +34,12 @@ parts shard by shard onto their devices, so no host holds a whole sharded
 model.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +51,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ilm_jax import (
@@ -93,6 +102,55 @@ class Task:
   load_params: Callable[[Mesh, ml_collections.ConfigDict], Params] | None = None
   optional_param_groups: tuple[str, ...] = ()
   dataset_record: dict | None = None
+
+
+class TrainingStopped(Exception):
+  """A stop signal ended training after a checkpoint of the current step.
+
+  Attributes:
+    phase: the task's name.
+    step: the step checkpointed; rerunning the same command resumes there.
+  """
+
+  def __init__(self, phase: str, step: int, checkpoints: pathlib.Path):
+    super().__init__(
+      f"{phase}: stopped by SIGTERM at step {step}; checkpoint saved in "
+      f"{checkpoints}. Run the same command again to continue from it."
+    )
+    self.phase = phase
+    self.step = step
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Yields `stop(step) -> bool`: true once a SIGTERM asks training to stop.
+
+  One process: a SIGTERM handler (installed for the block, the previous one
+  restored after) records the signal; training stops after the step in
+  flight. Several processes: JAX's preemption sync point, which every
+  process calls each step and which turns true at the same step on all of
+  them (`multihost_utils.reached_preemption_sync_point`). Outside the main
+  thread no handler can be installed and stop() stays false.
+  """
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  received = []
+
+  def on_sigterm(signum, frame):
+    del frame
+    received.append(signum)
+    logging.warning("SIGTERM: stopping after this step with a checkpoint.")
+
+  try:
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+  except ValueError:  # not the main thread
+    yield lambda step: False
+    return
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 @dataclasses.dataclass
@@ -498,6 +556,7 @@ def train(
     checkpoint.CheckpointError: a checkpoint to resume from is unreadable or
       was written for another model.
     KeyError: `train.best_metric` is not a validation metric.
+    TrainingStopped: a SIGTERM stopped the loop; its step is checkpointed.
   """
   # --- Setup.
   start_time = time.perf_counter()
@@ -596,42 +655,53 @@ def train(
   # Steps since the last fetch (device metrics) and since the last log line.
   on_device, interval = [], []
   interval_start, interval_step = time.perf_counter(), step
-  while step < total_steps:
-    batch = sharding.put_global_batch(next(task.train_iterator), mesh)
-    state, metrics = step_fn(state, frozen, batch, step_rng)
-    on_device.append(metrics)
-    step += 1
-    log_now = itstime(step, train_cfg.log_every, total_steps)
-    save_now = itstime(step, train_cfg.checkpoint_every, total_steps)
-    if log_now or save_now:  # a checkpoint never follows a NaN/inf loss
-      interval += fetch_metrics(on_device, step - len(on_device), task.name)
-      on_device = []
-    if log_now:
-      now = time.perf_counter()
-      rate = (step - interval_step) / max(now - interval_start, 1e-9)
-      means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-      means["steps_per_sec"] = rate
-      writer.write_scalars(step, means)
-      logging.info(
-        "[%s] step %d/%d  loss %.4f  lr %.2e  |g| %.3g  %.2f steps/s  "
-        "ETA %.0f s",
-        task.name,
-        step,
-        total_steps,
-        means["loss"],
-        means["learning_rate"],
-        means["grad_norm"],
-        rate,
-        (total_steps - step) / max(rate, 1e-9),
+  with stop_requests() as stop_requested:
+    while step < total_steps:
+      batch = sharding.put_global_batch(next(task.train_iterator), mesh)
+      state, metrics = step_fn(state, frozen, batch, step_rng)
+      on_device.append(metrics)
+      step += 1
+      stopping = stop_requested(step)
+      log_now = itstime(step, train_cfg.log_every, total_steps)
+      save_now = stopping or itstime(
+        step, train_cfg.checkpoint_every, total_steps
       )
-      interval, interval_start, interval_step = [], now, step
-    if save_now:
-      ckpt.save(step, state, task.train_iterator.get_state())
-    if itstime(step, train_cfg.eval_every, total_steps):
-      params = partition.join(state["params"], frozen)
-      results = evaluate(task.evaluators, params, splits=("valid",))
-      writer.write_scalars(step, results)
-      maybe_update_best(results, params, step)
+      if log_now or save_now:  # a checkpoint never follows a NaN/inf loss
+        interval += fetch_metrics(on_device, step - len(on_device), task.name)
+        on_device = []
+      if log_now:
+        now = time.perf_counter()
+        rate = (step - interval_step) / max(now - interval_start, 1e-9)
+        means = {
+          k: float(np.mean([m[k] for m in interval])) for k in interval[0]
+        }
+        means["steps_per_sec"] = rate
+        writer.write_scalars(step, means)
+        logging.info(
+          "[%s] step %d/%d  loss %.4f  lr %.2e  |g| %.3g  %.2f steps/s  "
+          "ETA %.0f s",
+          task.name,
+          step,
+          total_steps,
+          means["loss"],
+          means["learning_rate"],
+          means["grad_norm"],
+          rate,
+          (total_steps - step) / max(rate, 1e-9),
+        )
+        interval, interval_start, interval_step = [], now, step
+      if save_now:
+        ckpt.save(step, state, task.train_iterator.get_state())
+      if stopping:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        raise TrainingStopped(task.name, step, phase_dir / "checkpoints")
+      if itstime(step, train_cfg.eval_every, total_steps):
+        params = partition.join(state["params"], frozen)
+        results = evaluate(task.evaluators, params, splits=("valid",))
+        writer.write_scalars(step, results)
+        maybe_update_best(results, params, step)
   ckpt.wait()
   ckpt.close()
 

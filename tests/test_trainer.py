@@ -109,6 +109,103 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
 
 
+class _SigtermAt:
+  """The toy iterator, sending this process a SIGTERM as it hands out batch
+  `at` (1-based), in the training loop's own thread."""
+
+  def __init__(self, inner, at: int):
+    self.inner, self.at, self.count = inner, at, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.count += 1
+    batch = next(self.inner)
+    if self.count == self.at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, state):
+    self.inner.set_state(state)
+
+
+def test_sigterm_checkpoints_the_step_and_the_rerun_matches_an_uninterrupted_run(
+  tmp_path,
+):
+  """A SIGTERM (preemption, `timeout`) stops training after the step in
+  flight with a checkpoint of that step (checkpoint_every=5 would have
+  saved only step 5); the same run then resumes there and ends with the
+  params of a run never stopped."""
+  cfg = toy_task.config(steps=12)
+  devices = jax.devices()[:1]
+  reference = toy_task.run(cfg, tmp_path / "ref", devices)
+  before = signal.getsignal(signal.SIGTERM)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  task = toy_task.make_task(cfg.toy.train.batch_size)
+  task.train_iterator = _SigtermAt(task.train_iterator, at=7)
+  with pytest.raises(train.TrainingStopped, match="at step 7;") as stopped:
+    train.train(
+      task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=tmp_path / "run"
+    )
+  assert stopped.value.step == 7
+  assert signal.getsignal(signal.SIGTERM) == before  # handler restored
+  saved = sorted(
+    int(p.name)
+    for p in (tmp_path / "run" / "toy" / "checkpoints").iterdir()
+    if p.name.isdigit()
+  )
+  assert saved == [5, 7]
+  assert not (tmp_path / "run" / "metrics").exists()  # no final evaluation
+  resumed = toy_task.run(cfg, tmp_path / "run", devices)
+  assert resumed.steps_this_run == 12 - 7
+  for ref, got in zip(
+    jax.tree.leaves(reference.params),
+    jax.tree.leaves(resumed.params),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.slow
+def test_main_exits_143_with_what_to_rerun_on_sigterm(tmp_path):
+  """The command line: a SIGTERM mid-phase prints how to continue and exits
+  with 128 + SIGTERM, after checkpointing the step it reached."""
+  workdir = tmp_path / "w"
+  log = tmp_path / "main.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "ilm_jax.main",
+        "--config=configs/ml1m.py:tiny",
+        f"--workdir={workdir}",
+        "--config.phases=cf",
+        "--config.cf.train.steps=1000000",
+      ],
+      cwd=REPO,
+      env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=str(REPO)),
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
+  deadline = time.time() + 240
+  while "Training mf from step 0" not in log.read_text():
+    assert proc.poll() is None and time.time() < deadline, log.read_text()
+    time.sleep(0.2)
+  time.sleep(2.0)  # some steps
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()
+  text = log.read_text()
+  assert "STOPPED: mf: stopped by SIGTERM at step" in text
+  assert "Run the same command again to continue from it." in text
+  step = int(text.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert (workdir / "mf" / "checkpoints" / str(step)).is_dir()
+
+
 def test_frozen_params_unchanged_and_have_no_optimizer_state(tmp_path):
   cfg = toy_task.config(steps=10)
   # The trainer runs init_params under jit (train.init_on_mesh), whose
