@@ -426,8 +426,12 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
 def _gpu(config: ml_collections.ConfigDict) -> None:
   """Phase 2 on one GPU from a `cpu` run's phase-0/1 outputs (same data,
   CF tables and 4-query Q-Former), at a real budget, evaluating every test
-  user: launch/gpu_phase2.sh. The budget is sized for at most 8 minutes
-  on one H100/H200-class GPU and not yet measured there."""
+  user: launch/gpu_phase2.sh. Sized for about 8 minutes on one
+  H100/H200-class GPU; on one H200 (docs/results/ilm.md, session 33) the
+  bare step took 47.5 ms (about 95 s for the 2,000 steps), compiling the
+  five one-task batch shapes about 150 s, and the loop, then held by the
+  host's prompt building (since fixed), ran 4.5 steps/s; the whole budget
+  and the evaluators' time on all users are not measured yet."""
   _cpu(config)
   config.ilm.llm.update(
     dtype="bfloat16", param_dtype="bfloat16", frozen_matmul=""
