@@ -4,8 +4,9 @@
 # writes the same metrics files and results.md as the cpu run.
 #   launch/gpu_phase2.sh WORKDIR [CONFIG] [EXTRA FLAGS...]
 # CONFIG defaults to configs/ml1m.py:gpu (bf16, 128,000 prompts, all 6,040
-# users; sized for at most 8 minutes on one H100/H200-class GPU). Tests run
-# it on CPU with configs/ml1m.py:tiny.
+# users; sized for about 8 minutes on one H100/H200-class GPU). Tests run
+# it on CPU with configs/ml1m.py:tiny. A SIGTERM checkpoints phase 2's step
+# and exits 143; rerunning the same command resumes.
 set -euo pipefail
 workdir=${1:?usage: launch/gpu_phase2.sh WORKDIR [CONFIG] [EXTRA FLAGS...]}
 config=${2:-configs/ml1m.py:gpu}
@@ -28,7 +29,23 @@ for needed in cf/export/metadata.json $qformer/export/params; do
 done
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+# A SIGTERM to this script (a scheduler's preemption notice, `timeout`)
+# goes on to phase 2, which checkpoints the step it reached and exits 143;
+# the script waits for that checkpoint and exits with the same status.
+pid="" term=0
+trap 'term=1; [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null || true' TERM
 python -m ilm_jax.main --config="$config" --workdir="$workdir" \
-  --config.phases=ilm,eval "$@"
+  --config.phases=ilm,eval "$@" &
+pid=$!
+[ "$term" = 0 ] || kill -TERM "$pid" 2>/dev/null || true
+while :; do
+  wait "$pid" && status=0 || status=$?
+  kill -0 "$pid" 2>/dev/null || break  # else a trapped signal ended wait
+done
+if [ "$status" -ne 0 ]; then
+  echo "gpu_phase2: phase 2 exited with status $status; rerun the same" \
+    "command to resume from its last checkpoint." >&2
+  exit "$status"
+fi
 echo "gpu_phase2: phase 2 and the tables in $(( $(date +%s) - start )) s;" \
   "see $workdir/results.md and $workdir/metrics/."
