@@ -58,6 +58,9 @@ def main(argv):
   config = _CONFIG.value
   batch_size = config.ilm.train.batch_size
   phase2 = ilm_phase.make_task(config, _WORKDIR.value)
+  # One untimed pass first, so both variants meet the tokenizer's caches
+  # equally warm.
+  _ms_per_prompt(phase2.examples, batch_size, _BATCHES.value)
   compiled = llm_tokenizer._compiled_chat_template
   try:  # before: compile the template for every prompt
     llm_tokenizer._compiled_chat_template = compiled.__wrapped__

@@ -110,6 +110,7 @@ class TrainingStopped(Exception):
   Attributes:
     phase: the task's name.
     step: the step checkpointed; rerunning the same command resumes there.
+    checkpoints: the directory holding that checkpoint.
   """
 
   def __init__(self, phase: str, step: int, checkpoints: pathlib.Path):
@@ -119,6 +120,22 @@ class TrainingStopped(Exception):
     )
     self.phase = phase
     self.step = step
+    self.checkpoints = checkpoints
+
+
+def _preemption_sync_point(step: int) -> bool:
+  """JAX's multi-process preemption sync point; False (with one warning)
+  where the preemption service is off, as orbax treats it."""
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError as e:
+    if not _preemption_sync_point.warned:
+      logging.warning("No preemption sync point (%s): SIGTERM not handled.", e)
+      _preemption_sync_point.warned = True
+    return False
+
+
+_preemption_sync_point.warned = False
 
 
 @contextlib.contextmanager
@@ -127,30 +144,44 @@ def stop_requests():
 
   One process: a SIGTERM handler (installed for the block, the previous one
   restored after) records the signal; training stops after the step in
-  flight. Several processes: JAX's preemption sync point, which every
-  process calls each step and which turns true at the same step on all of
-  them (`multihost_utils.reached_preemption_sync_point`). Outside the main
-  thread no handler can be installed and stop() stays false.
+  flight. Outside the main thread no handler can be installed and stop()
+  stays false.
+
+  Several processes: JAX's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`), which every process
+  calls at every step and which turns true at the same step on all of them.
+  Its contract holds within one training loop: a notice that arrives
+  outside one (setup, the first step's compilation, the final evaluation,
+  between phases) may be honoured at the wrong step of the next phase or
+  not at all, so on a pod run one phase per process when preemptions are
+  expected.
   """
   if jax.process_count() > 1:
-    yield multihost_utils.reached_preemption_sync_point
+    yield _preemption_sync_point
     return
   received = []
 
   def on_sigterm(signum, frame):
     del frame
-    received.append(signum)
-    logging.warning("SIGTERM: stopping after this step with a checkpoint.")
+    received.append(signum)  # logged by the loop: no I/O in a handler
 
   try:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
   except ValueError:  # not the main thread
+    previous = None
+    installed = False
+  else:
+    installed = True
+  if not installed:
     yield lambda step: False
     return
   try:
     yield lambda step: bool(received)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    # None: a handler not installed from Python; restore the default.
+    signal.signal(
+      signal.SIGTERM, signal.SIG_DFL if previous is None else previous
+    )
 
 
 @dataclasses.dataclass
@@ -646,6 +677,33 @@ def train(
       checkpoint.save_params(best_path, params_now, record=best)
       metric_writer.write_json(best_record, best)
 
+  pending_validation = phase_dir / "pending_validation.json"
+
+  def validate(at_step):
+    params = partition.join(state["params"], frozen)
+    results = evaluate(task.evaluators, params, splits=("valid",))
+    writer.write_scalars(at_step, results)
+    maybe_update_best(results, params, at_step)
+    pending_validation.unlink(missing_ok=True)
+
+  def stop(at_step, validated=False):
+    if not validated and itstime(at_step, train_cfg.eval_every, total_steps):
+      # This step's validation (and best-params candidacy) runs first
+      # thing when the run resumes, not within the scheduler's grace time.
+      metric_writer.write_json(pending_validation, dict(step=at_step))
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    raise TrainingStopped(task.name, at_step, phase_dir / "checkpoints")
+
+  # A run stopped at a validation step validates it before going on.
+  if pending_validation.exists():
+    if json.loads(pending_validation.read_text()).get("step") == step:
+      logging.info("Validation of step %d, pending since the stop.", step)
+      validate(step)
+    else:
+      pending_validation.unlink(missing_ok=True)
+
   # --- Loop.
   first_step = step
   if step < total_steps:
@@ -662,6 +720,12 @@ def train(
       on_device.append(metrics)
       step += 1
       stopping = stop_requested(step)
+      if stopping:
+        logging.warning(
+          "[%s] SIGTERM: checkpointing step %d, then stopping.",
+          task.name,
+          step,
+        )
       log_now = itstime(step, train_cfg.log_every, total_steps)
       save_now = stopping or itstime(
         step, train_cfg.checkpoint_every, total_steps
@@ -693,15 +757,15 @@ def train(
       if save_now:
         ckpt.save(step, state, task.train_iterator.get_state())
       if stopping:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        raise TrainingStopped(task.name, step, phase_dir / "checkpoints")
+        stop(step)
       if itstime(step, train_cfg.eval_every, total_steps):
-        params = partition.join(state["params"], frozen)
-        results = evaluate(task.evaluators, params, splits=("valid",))
-        writer.write_scalars(step, results)
-        maybe_update_best(results, params, step)
+        validate(step)
+    # A SIGTERM during the last step's evaluation or checkpoint: that step
+    # is saved; stop before the final evaluation.
+    if step > first_step and stop_requested(step):
+      if not itstime(step, train_cfg.checkpoint_every, total_steps):
+        ckpt.save(step, state, task.train_iterator.get_state())
+      stop(step, validated=True)
   ckpt.wait()
   ckpt.close()
 

@@ -11,14 +11,26 @@ set -euo pipefail
 workdir=${1:?usage: launch/gpu_phase2.sh WORKDIR [CONFIG] [EXTRA FLAGS...]}
 config=${2:-configs/ml1m.py:gpu}
 shift $(( $# < 2 ? $# : 2 ))
-# Phase 1's output is WORKDIR/qformer[_<variant>]/export (layout.py).
-qformer=qformer
+# Phase 1's output is WORKDIR/qformer[_<variant>]/export (layout.py); phase
+# 2 reads it unless the adapter has no Q-Former or starts it at random.
+variant="" init=phase1 adapter=qformer previous=""
 for flag in "$@"; do
-  case $flag in
-    --config.qformer.variant=?*) qformer=qformer_${flag#*=} ;;
+  case $previous in  # "--flag value" as well as "--flag=value"
+    --config.qformer.variant | --config.ilm.model.qformer_init | \
+      --config.ilm.model.adapter) flag=$previous=$flag ;;
   esac
+  case $flag in
+    --config.qformer.variant=*) variant=${flag#*=} ;;
+    --config.ilm.model.qformer_init=*) init=${flag#*=} ;;
+    --config.ilm.model.adapter=*) adapter=${flag#*=} ;;
+  esac
+  previous=$flag
 done
-for needed in cf/export/metadata.json $qformer/export/params; do
+qformer=""
+if [ "$adapter" = qformer ] && [ "$init" = phase1 ]; then
+  qformer=qformer${variant:+_$variant}/export/params
+fi
+for needed in cf/export/metadata.json ${qformer:+"$qformer"}; do
   if [ ! -e "$workdir/$needed" ]; then
     echo "gpu_phase2: $workdir/$needed is missing: run the cf and qformer" \
       "phases first (python -m ilm_jax.main --config=configs/ml1m.py:cpu" \
@@ -32,8 +44,10 @@ start=$(date +%s)
 # A SIGTERM to this script (a scheduler's preemption notice, `timeout`)
 # goes on to phase 2, which checkpoints the step it reached and exits 143;
 # the script waits for that checkpoint and exits with the same status.
+# Ctrl-C and a hang-up do the same: a background job ignores SIGINT.
 pid="" term=0
-trap 'term=1; [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null || true' TERM
+trap 'term=1; [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null || true' \
+  TERM INT HUP
 python -m ilm_jax.main --config="$config" --workdir="$workdir" \
   --config.phases=ilm,eval "$@" &
 pid=$!
@@ -42,6 +56,9 @@ while :; do
   wait "$pid" && status=0 || status=$?
   kill -0 "$pid" 2>/dev/null || break  # else a trapped signal ended wait
 done
+# If phase 2 ended just after a trapped signal cut `wait` short, its own
+# status is still held for one more `wait` (127: none left).
+wait "$pid" 2>/dev/null && status=0 || { last=$?; [ "$last" = 127 ] || status=$last; }
 if [ "$status" -ne 0 ]; then
   echo "gpu_phase2: phase 2 exited with status $status; rerun the same" \
     "command to resume from its last checkpoint." >&2

@@ -133,34 +133,67 @@ class _SigtermAt:
     self.inner.set_state(state)
 
 
+@dataclasses.dataclass
+class _StepsSeen:
+  """A validation evaluator that records the head's sum at each call."""
+
+  split: str = "valid"
+  name: str = "steps_seen"
+  calls: list = dataclasses.field(default_factory=list)
+
+  def run(self, params):
+    value = float(jnp.sum(params["head"]["w"]))
+    self.calls.append(value)
+    yield "head_sum", value
+
+
+@pytest.fixture
+def sigterm_guard():
+  """SIGTERM raises in the test instead of killing pytest, should the
+  trainer ever fail to install its own handler."""
+
+  def fail(signum, frame):
+    raise AssertionError("SIGTERM reached the test's guard handler")
+
+  previous = signal.signal(signal.SIGTERM, fail)
+  yield fail
+  signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_run(cfg, workdir, at, evaluator=None):
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  task = toy_task.make_task(cfg.toy.train.batch_size)
+  task.train_iterator = _SigtermAt(task.train_iterator, at=at)
+  task.evaluators = [evaluator] if evaluator else []
+  with pytest.raises(train.TrainingStopped, match=f"at step {at};") as stopped:
+    train.train(task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=workdir)
+  return stopped.value
+
+
+def _saved_steps(workdir):
+  return sorted(
+    int(p.name)
+    for p in (workdir / "toy" / "checkpoints").iterdir()
+    if p.name.isdigit()
+  )
+
+
 def test_sigterm_checkpoints_the_step_and_the_rerun_matches_an_uninterrupted_run(
-  tmp_path,
+  tmp_path, sigterm_guard
 ):
   """A SIGTERM (preemption, `timeout`) stops training after the step in
   flight with a checkpoint of that step (checkpoint_every=5 would have
   saved only step 5); the same run then resumes there and ends with the
   params of a run never stopped."""
   cfg = toy_task.config(steps=12)
-  devices = jax.devices()[:1]
-  reference = toy_task.run(cfg, tmp_path / "ref", devices)
-  before = signal.getsignal(signal.SIGTERM)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  task = toy_task.make_task(cfg.toy.train.batch_size)
-  task.train_iterator = _SigtermAt(task.train_iterator, at=7)
-  with pytest.raises(train.TrainingStopped, match="at step 7;") as stopped:
-    train.train(
-      task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=tmp_path / "run"
-    )
-  assert stopped.value.step == 7
-  assert signal.getsignal(signal.SIGTERM) == before  # handler restored
-  saved = sorted(
-    int(p.name)
-    for p in (tmp_path / "run" / "toy" / "checkpoints").iterdir()
-    if p.name.isdigit()
-  )
-  assert saved == [5, 7]
+  reference = toy_task.run(cfg, tmp_path / "ref", jax.devices()[:1])
+  stopped = _stopped_run(cfg, tmp_path / "run", at=7)
+  assert stopped.step == 7
+  assert stopped.checkpoints == tmp_path / "run" / "toy" / "checkpoints"
+  assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # restored
+  assert _saved_steps(tmp_path / "run") == [5, 7]
   assert not (tmp_path / "run" / "metrics").exists()  # no final evaluation
-  resumed = toy_task.run(cfg, tmp_path / "run", devices)
+  resumed = toy_task.run(cfg, tmp_path / "run", jax.devices()[:1])
   assert resumed.steps_this_run == 12 - 7
   for ref, got in zip(
     jax.tree.leaves(reference.params),
@@ -168,6 +201,73 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_an_uninterrupted_run
     strict=True,
   ):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.parametrize("at", [8, 12])
+def test_a_validation_step_stopped_by_sigterm_is_validated_on_resume(
+  tmp_path, sigterm_guard, at
+):
+  """Validation every 4 steps: a stop at step 8 (or the last, 12) skips
+  that validation to stop promptly and runs it first on resume, so every
+  validation step is evaluated once, on that step's params."""
+  cfg = toy_task.config(steps=12)
+  cfg.toy.train.eval_every = 4
+  reference = _StepsSeen()
+  task = toy_task.make_task(cfg.toy.train.batch_size)
+  task.evaluators = [reference]
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  train.train(
+    task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=tmp_path / "ref"
+  )
+  assert len(reference.calls) == 3 + 1  # steps 4, 8, 12, then the final one
+
+  before = _StepsSeen()
+  _stopped_run(cfg, tmp_path / "run", at=at, evaluator=before)
+  assert (tmp_path / "run" / "toy" / "pending_validation.json").exists()
+  after = _StepsSeen()
+  task = toy_task.make_task(cfg.toy.train.batch_size)
+  task.evaluators = [after]
+  train.train(
+    task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=tmp_path / "run"
+  )
+  assert before.calls + after.calls == reference.calls
+  assert not (tmp_path / "run" / "toy" / "pending_validation.json").exists()
+
+
+def test_sigterm_during_the_last_validation_stops_before_the_final_evaluation(
+  tmp_path, sigterm_guard
+):
+  """A SIGTERM that lands while the last step is being validated (after
+  the loop's last look at the signal) still stops the run before its final
+  evaluation, with that step checkpointed and not validated again."""
+  cfg = toy_task.config(steps=12)
+  cfg.toy.train.eval_every = 4
+
+  class SigtermOnThirdCall(_StepsSeen):
+    def run(self, params):
+      if len(self.calls) == 2:  # steps 4, 8 done: this is step 12's
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield from super().run(params)
+
+  evaluator = SigtermOnThirdCall()
+  task = toy_task.make_task(cfg.toy.train.batch_size)
+  task.evaluators = [evaluator]
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  with pytest.raises(train.TrainingStopped, match="at step 12;"):
+    train.train(
+      task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=tmp_path
+    )
+  assert len(evaluator.calls) == 3  # no final evaluation
+  assert 12 in _saved_steps(tmp_path)
+  assert not (tmp_path / "toy" / "pending_validation.json").exists()
+  resumed = _StepsSeen()
+  task = toy_task.make_task(cfg.toy.train.batch_size)
+  task.evaluators = [resumed]
+  result = train.train(
+    task, cfg.toy, mesh=mesh, mesh_config=cfg.mesh, workdir=tmp_path
+  )
+  assert result.steps_this_run == 0
+  assert resumed.calls == evaluator.calls[-1:]  # the final evaluation only
 
 
 @pytest.mark.slow

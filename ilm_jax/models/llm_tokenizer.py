@@ -234,6 +234,12 @@ class LlmTokenizer:
 
     Returns:
       The prompt text; encode it with add_special_tokens=False.
+
+    Raises:
+      ValueError: the tokenizer has no chat template.
+      jinja2.TemplateSyntaxError: the template does not parse (not cached:
+        each call reports it again).
+      jinja2.TemplateError: the template's own raise_exception(message).
     """
     if self.chat_template is None:
       raise ValueError("This tokenizer has no chat template.")
