@@ -99,6 +99,11 @@ def test_gpu_phase2_names_the_missing_cf_export_first(tmp_path):
   assert f"{tmp_path}/cf/export/metadata.json is missing" in refused.stderr
 
 
+def _default_signals():
+  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_gpu_phase2_passes_sigterm_on_and_waits_for_the_checkpoint(
   tmp_path, signum
@@ -128,6 +133,9 @@ def test_gpu_phase2_passes_sigterm_on_and_waits_for_the_checkpoint(
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    # As from a terminal: a shell that inherits an ignored SIGINT (a test
+    # run started in the background, nohup) cannot trap it.
+    preexec_fn=_default_signals,
   )
   deadline = time.time() + 30
   while not (marks.exists() and "started" in marks.read_text()):
