@@ -167,12 +167,10 @@ def stop_requests():
 
   try:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-  except ValueError:  # not the main thread
-    previous = None
-    installed = False
-  else:
     installed = True
-  if not installed:
+  except ValueError:  # not the main thread: no handler, never stops
+    installed = False
+  if not installed:  # yielded outside the except: no chained context
     yield lambda step: False
     return
   try:
