@@ -437,8 +437,9 @@ def _gpu(config: ml_collections.ConfigDict) -> None:
     dtype="bfloat16", param_dtype="bfloat16", frozen_matmul=""
   )
   # Mixed-task batches, all padded to max_len (160): one step shape to
-  # compile instead of five (about 30 s each on the H200's host, session
-  # 33), for at most ~25% more step FLOPs on the shorter tasks.
+  # compile instead of five (164 s for the first 50 steps in session 33,
+  # 62 s in session 34); the padded steps still ran at the bare 160-token
+  # step's rate (21 steps/s for text-only and the MLP projector).
   config.ilm.data.one_task_batches = False
   config.ilm.optim.update(learning_rate=3e-4, warmup_steps=100)
   # 2,000 steps of 64 prompts: 128,000 prompts, 25x the cpu run's.
@@ -446,9 +447,9 @@ def _gpu(config: ml_collections.ConfigDict) -> None:
     steps=2000, batch_size=64, log_every=50, checkpoint_every=500
   )
   config.ilm.evals.rank.update(num_users=0, batch_size=64)  # all users
-  # On here: about as long as rank (~35 s), and SASRec's masked row
-  # (history items excluded) is the fairer pair for a list whose first
-  # title the user already watched for half of the users (session 34).
+  # On here (not yet timed; rank's seen templates take 23-27 s): SASRec's
+  # masked row (history items excluded) is the fairer pair for lists whose
+  # first title half of the users already watched (session 34).
   config.ilm.evals.rank_masked.update(enabled=True, num_users=0, batch_size=64)
   config.ilm.evals.rank_prior.update(num_users=0, batch_size=64)
   config.ilm.evals.describe.update(num_items=200, batch_size=64)
