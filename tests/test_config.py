@@ -214,6 +214,7 @@ def test_warmup_longer_than_training_is_rejected_unless_nothing_trains():
 
 def test_tied_fields_must_agree():
   config = ml1m.get_config("cpu")
+  config.cf.tables = "mf"
   config.qformer.model.num_queries = 8
   config.qformer.model.cf_dim = 32
   with pytest.raises(config_validation.ConfigError) as error:
@@ -329,7 +330,9 @@ def test_allocator_hint_only_on_cpu_with_glibc_malloc(
 
 def test_cf_tables_must_exist_and_fit_the_q_former():
   config = ml1m.get_config("cpu")
-  config.cf.tables = "sasrec"  # cpu: SASRec's d is 64 like MF's
+  assert config.cf.tables == "sasrec"  # the main command's (session 35)
+  config_validation.validate(config)
+  config.cf.tables = "mf"  # cpu: SASRec's d is 64 like MF's
   config_validation.validate(config)
   config = ml1m.get_config()  # full: SASRec d 128, cf_dim 64
   config.cf.tables = "sasrec"
@@ -349,6 +352,7 @@ def test_cf_tables_must_exist_and_fit_the_q_former():
 
 def test_sequence_user_states_need_sasrec_tables():
   config = ml1m.get_config("cpu")
+  config.cf.tables = "mf"
   config.ilm.data.user_state = "sequence"
   with pytest.raises(
     config_validation.ConfigError,
@@ -372,9 +376,13 @@ def test_sequence_user_states_need_sasrec_tables():
     config_validation.validate(config)
 
 
-def test_lora_is_off_by_default_and_checked_before_any_work():
+def test_lora_is_off_at_full_size_on_at_cpu_size_and_checked_early():
+  # The paper's frozen LLM at full size; the cpu size (the README's main
+  # command, and the gpu size after it) trains LoRA rank 8 (session 35).
+  assert ml1m.get_config().ilm.llm.lora.rank == 0
+  assert ml1m.get_config().cf.tables == "mf"  # the paper's CF modality
   config = ml1m.get_config("cpu")
-  assert config.ilm.llm.lora.rank == 0  # the paper's frozen LLM
+  assert config.ilm.llm.lora.rank == 8
   config.ilm.llm.lora.update(rank=8, targets=("q", "qkv"))
   with pytest.raises(
     config_validation.ConfigError,

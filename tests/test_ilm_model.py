@@ -183,6 +183,36 @@ def test_text_only_prompt_adapter_trains_only_its_learned_prompt():
 
 
 @pytest.mark.slow
+def test_phase2_freezes_exactly_the_q_former_leaves_the_loss_never_uses():
+  """ml1m's phase-2 `frozen` regexes against the loss's own gradients: a
+  Q-Former leaf is frozen iff the ILM loss gives it an all-zero gradient
+  (the phase-1 heads and the text branch), so no unused leaf holds Adam
+  moments or decays, and no used one is held fixed. Attention key biases
+  are used but have a zero gradient in exact arithmetic (softmax ignores
+  a shift shared by every key), so they are left out of the comparison."""
+  model = _model("qformer")
+  params = _params(model)
+  grads = jax.jit(jax.grad(lambda p: model.loss(p, _batch(), None)[0]))(params)
+  frozen = optim.frozen_mask(params, ml1m.base_config().ilm.optim)
+  unused, frozen_paths = set(), set()
+  for path, grad, is_frozen in zip(
+    tree_utils.leaf_paths(params),
+    jax.tree.leaves(grads),
+    jax.tree.leaves(frozen),
+    strict=True,
+  ):
+    if path.startswith("qformer/") and not path.endswith("/key/bias"):
+      if not np.any(np.asarray(grad)):
+        unused.add(path)
+      if is_frozen:
+        frozen_paths.add(path)
+  assert "qformer/embeddings/word_embeddings/embedding" in unused
+  assert "qformer/layers_1/text_ffn/intermediate/kernel" in unused
+  assert "qformer/temperature" in unused
+  assert frozen_paths == unused
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_training_leaves_every_frozen_parameter_bitwise_unchanged(
   tmp_path, lora_rank
