@@ -412,19 +412,20 @@ def _cpu(config: ml_collections.ConfigDict) -> None:
   # 35): SASRec's tables as the CF modality (CoLLM's and LLaRA's source;
   # phases 1 and 2 read them) and LoRA rank 8 on the frozen LLM's q and v.
   # With the paper's MF tables and no LoRA the ILM hit 2 of 500 users (not
-  # above chance, p = 0.43); with these, 8 of 500 (p = 1.4e-4). Add
+  # above chance, p = 0.43; session 13, another CPU kind); with these, 8 of
+  # 500 (p = 1.4e-4), still level with the zero-shot LLM's 5. Add
   # --config.cf.tables=mf --config.ilm.llm.lora.rank=0 for the paper's.
   config.cf.tables = "sasrec"
   config.ilm.llm.lora.rank = 8
-  # 640 steps of 8 prompts (5,120 prompts) and 500 ranked users: the
-  # whole main command took 23 minutes alone on a 2-core machine (phase 2
-  # 19 minutes: about 1.1 steps/s, then the evaluators; docs/results/
-  # ilm.md, session 13). At 1,280 prompts and 100 users the ILM hit 3
+  # 640 steps of 8 prompts (5,120 prompts) and 500 ranked users: phase 2
+  # took 19 minutes with MF and no LoRA on the faster 2-core CPU kind
+  # (session 13), 85 with these settings on an AVX2-only one (session 35;
+  # docs/results/ilm.md). At 1,280 prompts and 100 users the ILM hit 3
   # users, too few for any paired test to separate rows.
   config.ilm.optim.update(learning_rate=3e-4, warmup_steps=16)
   config.ilm.train.update(steps=640, batch_size=8, checkpoint_every=160)
   # Sequential only (the results table's task): about 3 users/s per
-  # template set on CPU.
+  # template set on the faster CPU kind, 0.7-0.8 on an AVX2-only one.
   config.ilm.evals.rank.update(tasks=("sequential",), num_users=500)
   # Off to keep the main command short; turn on with
   # --config.ilm.evals.rank_masked.enabled=True (about as long as rank).
