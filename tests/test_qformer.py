@@ -517,3 +517,19 @@ def test_feature_normalisation_has_finite_gradient_at_zero():
   grad = jax.grad(lambda x: qformer._normalize(x).sum())(jnp.zeros((2, 4)))
   assert bool(jnp.isfinite(grad).all())
   np.testing.assert_allclose(qformer._normalize(jnp.array([0.0, 2.0])), [0, 1])
+
+
+def test_removed_default_config_names_a_replacement_that_exists():
+  # The shared case itm_duplicate_items_texts.py still calls the removed
+  # helper; its error must point at a working replacement.
+  with pytest.raises(AttributeError, match="was removed") as raised:
+    qformer.default_qformer_config  # noqa: B018
+  (replacement,) = [
+    word for word in str(raised.value).split() if word.startswith("configs.")
+  ]
+  config = eval(replacement, {"configs": sys.modules["configs"]})  # noqa: S307
+  assert set(config) == set(tiny_config())
+  assert "losses" in config  # what phase1_losses reads beside the sizes
+  with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+    qformer.no_such_name  # noqa: B018
+  assert not hasattr(qformer, "default_qformer_config")

@@ -682,3 +682,30 @@ def phase1_losses(params, batch, rng, config, deterministic=False):
     method=QFormer.phase1,
     rngs={"dropout": dropout_rng},
   )
+
+
+# Public names this module had and no longer has, with what replaces them:
+# scripts written against the old API get a pointer instead of a bare
+# AttributeError.
+_REMOVED_NAMES = {
+  "default_qformer_config": (
+    "the Q-Former's defaults live only in the experiment config; use "
+    "configs.ml1m.base_config().qformer.model (an ml_collections "
+    "ConfigDict: change fields with .update(...), then pass it to "
+    "init_params and phase1_losses)"
+  ),
+}
+
+
+def __getattr__(name: str):
+  """Module attribute lookup fallback (PEP 562): explains removed names.
+
+  Raises:
+    AttributeError: always; for a name in `_REMOVED_NAMES` the message
+      says what replaces it.
+  """
+  if name in _REMOVED_NAMES:
+    raise AttributeError(
+      f"ilm_jax.models.qformer.{name} was removed: {_REMOVED_NAMES[name]}."
+    )
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
